@@ -1,0 +1,109 @@
+"""Windows + (S, T) draws -> one batch in the sorted layout (design.md §2).
+
+Runs in data-loader workers, in numpy only. Each row is reordered to
+[S | T in prediction order | padding] and trimmed to the longest S ∪ T in the batch, so
+dropped tokens cost nothing. Tokens keep their original positions for RoPE.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from kernels import INVALID_GROUP
+
+from .objectives import SplitSpec
+
+IGNORE_LABEL = -100  # label of padding target rows (torch cross_entropy's ignore_index)
+
+
+@dataclass
+class TaskBatch:
+    tokens: np.ndarray         # [B, N] int64, sorted layout, pad_id beyond S ∪ T
+    positions: np.ndarray      # [B, N] int64 original positions (0 for padding)
+    groups: np.ndarray         # [B, N] int32: 0 for S, 1..G for T, INVALID for padding
+    target_index: np.ndarray   # [B, Nt] int64 row of each target in the sorted layout
+    target_groups: np.ndarray  # [B, Nt] int32, INVALID for padding
+    labels: np.ndarray         # [B, Nt] int64 token to predict, IGNORE_LABEL for padding
+    target_mask: np.ndarray    # [B, Nt] bool
+    n_source: np.ndarray       # [B] int64
+    n_target: np.ndarray       # [B] int64
+    task_id: np.ndarray        # [B] int64 index into objectives.TASKS
+    segments: np.ndarray | None = None  # [B, N] int64 segment id of each token, if given
+
+    def to_torch(self, device=None, non_blocking: bool = False) -> "TaskBatch":
+        """Same batch with every array as a torch tensor on `device`."""
+        import torch
+
+        def convert(value):
+            if value is None:
+                return None
+            tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+            return tensor.to(device, non_blocking=non_blocking) if device is not None else tensor
+
+        return TaskBatch(**{f.name: convert(getattr(self, f.name)) for f in fields(self)})
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+def collate(windows, specs: list[SplitSpec], pad_id: int, segments=None) -> TaskBatch:
+    """Build a TaskBatch. `windows`: a [B, L] array or a list of 1-D token arrays (one per spec,
+    lengths may differ); `segments`: optional segment ids aligned with `windows`."""
+    if len(windows) != len(specs) or len(specs) == 0:
+        raise ValueError(f"collate needs one spec per window and at least one window; "
+                         f"got {len(windows)} windows and {len(specs)} specs")
+    lengths = np.array([len(w) for w in windows])
+    for b, (window_len, spec) in enumerate(zip(lengths, specs)):
+        if len(spec.order) != window_len:
+            raise ValueError(f"sample {b}: spec.order has {len(spec.order)} positions but the window has {window_len}")
+        if spec.n_target < 1 or spec.n_source + spec.n_target > window_len:
+            raise ValueError(f"sample {b}: n_source={spec.n_source}, n_target={spec.n_target} invalid for length {window_len}")
+        if len(spec.target_groups) != spec.n_target:
+            raise ValueError(f"sample {b}: target_groups has {len(spec.target_groups)} entries, n_target={spec.n_target}")
+        if spec.n_target and (spec.target_groups[0] < 1 or np.any(np.diff(spec.target_groups) < 0)):
+            raise ValueError(f"sample {b}: target_groups must be >= 1 and non-decreasing")
+    batch, max_len = len(specs), int(lengths.max())
+    n_source = np.array([s.n_source for s in specs], dtype=np.int64)
+    n_target = np.array([s.n_target for s in specs], dtype=np.int64)
+    n_keep = n_source + n_target
+    width, n_targets_max = int(n_keep.max()), int(n_target.max())
+
+    # Pad windows and orders to [B, max_len]; padding is never read past n_keep.
+    padded_tokens = np.full((batch, max_len), pad_id, dtype=np.int64)
+    order = np.zeros((batch, max_len), dtype=np.int64)
+    for b, (window, spec) in enumerate(zip(windows, specs)):
+        padded_tokens[b, :lengths[b]] = window
+        order[b, :lengths[b]] = spec.order
+    order = order[:, :width]
+    column = np.arange(width)[None, :]
+    kept = column < n_keep[:, None]
+    is_target = kept & (column >= n_source[:, None])
+
+    target_groups = np.full((batch, n_targets_max), INVALID_GROUP, dtype=np.int32)
+    target_mask = np.arange(n_targets_max)[None, :] < n_target[:, None]
+    target_groups[target_mask] = np.concatenate([s.target_groups for s in specs])
+
+    tokens = np.where(kept, np.take_along_axis(padded_tokens, order, axis=1), pad_id)
+    positions = np.where(kept, order, 0)
+    groups = np.full((batch, width), INVALID_GROUP, dtype=np.int32)
+    groups[kept & ~is_target] = 0
+    groups[is_target] = target_groups[target_mask]  # row-major order matches on both sides
+
+    target_index = np.where(target_mask, n_source[:, None] + np.arange(n_targets_max)[None, :], 0)
+    labels = np.where(target_mask, np.take_along_axis(tokens, target_index, axis=1), IGNORE_LABEL)
+
+    sorted_segments = None
+    if segments is not None:
+        padded_segments = np.zeros((batch, max_len), dtype=np.int64)
+        for b, seg in enumerate(segments):
+            padded_segments[b, :lengths[b]] = seg
+        sorted_segments = np.where(kept, np.take_along_axis(padded_segments, order, axis=1), 0)
+
+    return TaskBatch(
+        tokens=tokens, positions=positions, groups=groups,
+        target_index=target_index, target_groups=target_groups, labels=labels.astype(np.int64),
+        target_mask=target_mask, n_source=n_source, n_target=n_target,
+        task_id=np.array([s.task_id for s in specs], dtype=np.int64), segments=sorted_segments,
+    )

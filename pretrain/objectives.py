@@ -1,0 +1,320 @@
+"""(Source, target) samplers: one draw of q(S, T) and a prediction order per sample.
+
+Every preset is a way of filling the sorted layout of design.md §2:
+
+    order = [ S positions (ascending) | T positions in prediction order | dropped positions ]
+
+with `target_groups` (1..G, non-decreasing) saying which targets are predicted jointly.
+The model then maximises sum_g log p(x_{T_g} | x_S, x_{T_<g}), the maximum-likelihood form of
+big learning (seed 000 eq. 6, seed 001 eq. 15). MLM, causal LM and XLNet's permutation LM are
+particular choices of q(S, T) and of the grouping.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Task ids index this tuple (TaskBatch.task_id, per-task loss statistics).
+TASKS = ("biglearn", "mlm", "clm", "plm", "prefix_lm", "span", "semi_ar")
+PRESETS = TASKS + ("mixture",)
+
+
+@dataclass
+class BigLearnConfig:
+    """S ratio ~ Beta(source_alpha, source_beta); T ratio of the rest ~ Beta(target_alpha, target_beta)."""
+    source_alpha: float = 0.5
+    source_beta: float = 3.0
+    target_alpha: float = 3.0
+    target_beta: float = 0.5
+
+
+@dataclass
+class MLMConfig:
+    ratio: float = 0.15  # fraction of tokens predicted, all in one group (conditionally independent)
+
+
+@dataclass
+class PLMConfig:
+    """XLNet partial prediction: the last 1/k of a random permutation is predicted."""
+    k: int = 6
+    span: bool = False  # XLNet/HF-style span targets instead of single tokens
+    max_span: int = 5
+
+
+@dataclass
+class PrefixLMConfig:
+    min_prefix_ratio: float = 0.0  # prefix length ~ U[min, max] x L, at least 1 token each side
+    max_prefix_ratio: float = 1.0
+
+
+@dataclass
+class SpanConfig:
+    """T5-style noise spans: lengths ~ Poisson(mean_span) covering `ratio` of the tokens."""
+    ratio: float = 0.15
+    mean_span: float = 3.0
+
+
+@dataclass
+class SemiARConfig:
+    """A big-learning (S, T) draw whose targets are predicted in `chunks` joint steps."""
+    chunks: int = 4
+
+
+@dataclass
+class SegmentRule:
+    """Modality-level incompleteness (seed 001 Remark 5): the whole segment is forced into S,
+    into T, or dropped with these probabilities; otherwise it joins the preset's random split."""
+    p_source: float = 0.0
+    p_target: float = 0.0
+    p_drop: float = 0.0
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "biglearn"  # one of PRESETS
+    biglearn: BigLearnConfig = field(default_factory=BigLearnConfig)
+    mlm: MLMConfig = field(default_factory=MLMConfig)
+    plm: PLMConfig = field(default_factory=PLMConfig)
+    prefix_lm: PrefixLMConfig = field(default_factory=PrefixLMConfig)
+    span: SpanConfig = field(default_factory=SpanConfig)
+    semi_ar: SemiARConfig = field(default_factory=SemiARConfig)
+    mixture: dict[str, float] = field(default_factory=dict)  # preset name -> weight, per sample
+    segments: list[SegmentRule] = field(default_factory=list)  # one rule per segment, if any
+
+
+@dataclass
+class SplitSpec:
+    """One sample's (S, T) draw in the sorted layout (design.md §2, §4)."""
+    order: np.ndarray  # int32 [L]: S ascending, T in prediction order, then the dropped rest
+    n_source: int
+    n_target: int
+    target_groups: np.ndarray  # int32 [n_target], 1..G non-decreasing
+    task_id: int
+
+
+# --------------------------------------------------------------------------- validation
+
+def _check_beta(name: str, value: float) -> None:
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"objective.{name} must be a positive number; got {value!r}")
+
+
+def _check_ratio(name: str, value: float, *, allow_zero: bool = False, allow_one: bool = True) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    high_ok = value <= 1 if allow_one else value < 1
+    if not (np.isfinite(value) and low_ok and high_ok):
+        raise ValueError(f"objective.{name} must be a ratio in {'[' if allow_zero else '('}0, 1{']' if allow_one else ')'}; got {value!r}")
+
+
+def validate(config: ObjectiveConfig) -> None:
+    """Raise ValueError naming the first bad field."""
+    if config.name not in PRESETS:
+        raise ValueError(f"objective.name must be one of {PRESETS}; got {config.name!r}")
+    for key in ("source_alpha", "source_beta", "target_alpha", "target_beta"):
+        _check_beta(f"biglearn.{key}", getattr(config.biglearn, key))
+    _check_ratio("mlm.ratio", config.mlm.ratio)
+    if int(config.plm.k) != config.plm.k or config.plm.k < 1:
+        raise ValueError(f"objective.plm.k must be an integer >= 1; got {config.plm.k!r}")
+    if config.plm.max_span < 1:
+        raise ValueError(f"objective.plm.max_span must be >= 1; got {config.plm.max_span!r}")
+    _check_ratio("prefix_lm.min_prefix_ratio", config.prefix_lm.min_prefix_ratio, allow_zero=True)
+    _check_ratio("prefix_lm.max_prefix_ratio", config.prefix_lm.max_prefix_ratio, allow_zero=True)
+    if config.prefix_lm.min_prefix_ratio > config.prefix_lm.max_prefix_ratio:
+        raise ValueError("objective.prefix_lm.min_prefix_ratio must not exceed max_prefix_ratio")
+    _check_ratio("span.ratio", config.span.ratio)
+    if not config.span.mean_span >= 1:
+        raise ValueError(f"objective.span.mean_span must be >= 1; got {config.span.mean_span!r}")
+    if int(config.semi_ar.chunks) != config.semi_ar.chunks or config.semi_ar.chunks < 1:
+        raise ValueError(f"objective.semi_ar.chunks must be an integer >= 1; got {config.semi_ar.chunks!r}")
+    if config.name == "mixture":
+        if not config.mixture:
+            raise ValueError("objective.mixture must name at least one preset with a weight")
+        for preset, weight in config.mixture.items():
+            if preset not in TASKS:
+                raise ValueError(f"objective.mixture: unknown preset {preset!r}; choose from {TASKS}")
+            if not (np.isfinite(weight) and weight >= 0):
+                raise ValueError(f"objective.mixture.{preset} must be a weight >= 0; got {weight!r}")
+        if sum(config.mixture.values()) <= 0:
+            raise ValueError("objective.mixture weights must not all be zero")
+    for i, rule in enumerate(config.segments):
+        for key in ("p_source", "p_target", "p_drop"):
+            _check_ratio(f"segments[{i}].{key}", getattr(rule, key), allow_zero=True)
+        if rule.p_source + rule.p_target + rule.p_drop > 1 + 1e-9:
+            raise ValueError(f"objective.segments[{i}]: p_source + p_target + p_drop must be <= 1")
+
+
+# --------------------------------------------------------------------------- presets
+# Each takes n >= 1 free positions 0..n-1 and returns (source, targets in prediction order,
+# target groups). Positions not returned are dropped (absent from the sample).
+
+def _biglearn(n, rng, cfg: BigLearnConfig):
+    n_source = min(n - 1, int(round(rng.beta(cfg.source_alpha, cfg.source_beta) * n)))
+    rest = n - n_source
+    n_target = min(rest, max(1, int(round(rng.beta(cfg.target_alpha, cfg.target_beta) * rest))))
+    perm = rng.permutation(n)
+    source = np.sort(perm[:n_source])
+    targets = perm[n_source:n_source + n_target]  # random prediction order
+    return source, targets, np.arange(1, n_target + 1)
+
+
+def _mlm(n, rng, cfg: MLMConfig):
+    n_target = min(n, max(1, int(round(cfg.ratio * n))))
+    perm = rng.permutation(n)
+    targets = np.sort(perm[:n_target])
+    return np.sort(perm[n_target:]), targets, np.ones(n_target, dtype=np.int64)
+
+
+def _clm(n, rng, cfg=None):
+    return np.arange(0), np.arange(n), np.arange(1, n + 1)
+
+
+def _span_targets(n, rng, max_span: int, k: int):
+    """XLNet/HF span selection: a span of length U[1, max_span] per context of span_len * k."""
+    is_target = np.zeros(n, dtype=bool)
+    cursor = 0
+    while cursor < n:
+        span_len = int(rng.integers(1, max_span + 1))
+        context = max(span_len, int(span_len * k))
+        start = cursor + int(rng.integers(0, context - span_len + 1))
+        is_target[start:min(n, start + span_len)] = True
+        cursor += context
+    if not is_target.any():
+        is_target[rng.integers(n)] = True
+    return np.flatnonzero(is_target)
+
+
+def _plm(n, rng, cfg: PLMConfig):
+    if cfg.span:
+        targets = rng.permutation(_span_targets(n, rng, cfg.max_span, cfg.k))
+        source = np.setdiff1d(np.arange(n), targets)
+    else:
+        n_target = min(n, max(1, int(round(n / cfg.k))))
+        perm = rng.permutation(n)
+        source, targets = np.sort(perm[:n - n_target]), perm[n - n_target:]
+    return source, targets, np.arange(1, len(targets) + 1)
+
+
+def _prefix_lm(n, rng, cfg: PrefixLMConfig):
+    if n == 1:
+        return _clm(n, rng)
+    low = max(1, int(np.floor(cfg.min_prefix_ratio * n)))
+    high = min(n - 1, max(low, int(np.floor(cfg.max_prefix_ratio * n))))
+    n_source = int(rng.integers(low, high + 1))
+    return np.arange(n_source), np.arange(n_source, n), np.arange(1, n - n_source + 1)
+
+
+def _span(n, rng, cfg: SpanConfig):
+    n_noise = min(n, max(1, int(round(cfg.ratio * n))))
+    lengths = []
+    while sum(lengths) < n_noise:
+        lengths.append(max(1, int(rng.poisson(cfg.mean_span))))
+    lengths[-1] -= sum(lengths) - n_noise
+    # Random placement: split the n - n_noise kept tokens into len(lengths) + 1 gaps.
+    cuts = np.sort(rng.integers(0, n - n_noise + 1, size=len(lengths)))
+    gaps = np.diff(np.concatenate([[0], cuts]))
+    starts = np.cumsum(gaps) + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    spans = [np.arange(s, s + length) for s, length in zip(starts, lengths)]
+    span_order = rng.permutation(len(spans))  # spans in random order, left to right inside
+    targets = np.concatenate([spans[i] for i in span_order])
+    source = np.setdiff1d(np.arange(n), targets)
+    return source, targets, np.arange(1, n_noise + 1)
+
+
+def _semi_ar(n, rng, cfg: SemiARConfig, biglearn: BigLearnConfig):
+    source, targets, _ = _biglearn(n, rng, biglearn)
+    chunks = min(cfg.chunks, len(targets))
+    groups = 1 + (np.arange(len(targets)) * chunks) // len(targets)
+    return source, targets, groups
+
+
+def _draw(name: str, n: int, rng: np.random.Generator, config: ObjectiveConfig):
+    if name == "biglearn":
+        return _biglearn(n, rng, config.biglearn)
+    if name == "mlm":
+        return _mlm(n, rng, config.mlm)
+    if name == "clm":
+        return _clm(n, rng)
+    if name == "plm":
+        return _plm(n, rng, config.plm)
+    if name == "prefix_lm":
+        return _prefix_lm(n, rng, config.prefix_lm)
+    if name == "span":
+        return _span(n, rng, config.span)
+    return _semi_ar(n, rng, config.semi_ar, config.biglearn)
+
+
+# --------------------------------------------------------------------------- sampler
+
+class ObjectiveSampler:
+    """Draws one SplitSpec per sample from q(S, T); reproducible given the numpy Generator."""
+
+    def __init__(self, config: ObjectiveConfig | str = "biglearn"):
+        if isinstance(config, str):
+            config = ObjectiveConfig(name=config)
+        validate(config)
+        self.config = config
+        if config.name == "mixture":
+            names = [k for k, w in config.mixture.items() if w > 0]
+            weights = np.array([config.mixture[k] for k in names], dtype=np.float64)
+            self._mixture = (names, weights / weights.sum())
+        else:
+            self._mixture = None
+
+    def __call__(self, length: int, rng: np.random.Generator, segment_lengths=None) -> SplitSpec:
+        if length < 2:
+            raise ValueError(f"length must be >= 2 to split a sample into source and target; got {length}")
+        if self._mixture is None:
+            name = self.config.name
+        else:
+            names, probs = self._mixture
+            name = names[int(rng.choice(len(names), p=probs))]
+        if not self.config.segments:
+            source, targets, groups = _draw(name, length, rng, self.config)
+            return _spec(length, source, targets, groups, TASKS.index(name))
+        return self._segmented(name, length, rng, segment_lengths)
+
+    def _segmented(self, name, length, rng, segment_lengths) -> SplitSpec:
+        rules = self.config.segments
+        if segment_lengths is None or len(segment_lengths) != len(rules):
+            raise ValueError(f"segment_lengths must give one length per objective.segments rule "
+                             f"({len(rules)}); got {segment_lengths!r}")
+        if sum(segment_lengths) != length or min(segment_lengths) < 0:
+            raise ValueError(f"segment_lengths {list(segment_lengths)} must be >= 0 and sum to length {length}")
+        bounds = np.concatenate([[0], np.cumsum(segment_lengths)])
+        for _ in range(100):  # redraw the rare case where every segment avoided T
+            forced_source, forced_target, free = [], [], []
+            for rule, start, stop in zip(rules, bounds[:-1], bounds[1:]):
+                fate = rng.random()
+                positions = np.arange(start, stop)
+                if fate < rule.p_source:
+                    forced_source.append(positions)
+                elif fate < rule.p_source + rule.p_target:
+                    forced_target.append(positions)
+                elif fate >= rule.p_source + rule.p_target + rule.p_drop:
+                    free.append(positions)
+            free = np.concatenate(free) if free else np.arange(0)
+            forced_target = np.concatenate(forced_target) if forced_target else np.arange(0)
+            if len(free) == 0 and len(forced_target) == 0:
+                continue
+            if len(free):
+                source, targets, groups = _draw(name, len(free), rng, self.config)
+                source, targets = free[source], free[targets]
+            else:
+                source, targets, groups = np.arange(0), np.arange(0), np.arange(0)
+            # Forced targets are predicted after the free ones, left to right, one group each.
+            last = int(groups[-1]) if len(groups) else 0
+            groups = np.concatenate([groups, last + np.arange(1, len(forced_target) + 1)])
+            targets = np.concatenate([targets, forced_target])
+            source = np.sort(np.concatenate([source] + forced_source))
+            return _spec(length, source, targets, groups, TASKS.index(name))
+        raise ValueError("objective.segments: rules left no target in 100 draws; raise some p_target or lower p_drop")
+
+
+def _spec(length, source, targets, groups, task_id) -> SplitSpec:
+    used = np.zeros(length, dtype=bool)
+    used[source] = True
+    used[targets] = True
+    order = np.concatenate([source, targets, np.flatnonzero(~used)]).astype(np.int32)
+    return SplitSpec(order=order, n_source=len(source), n_target=len(targets),
+                     target_groups=np.asarray(groups, dtype=np.int32), task_id=task_id)

@@ -1,0 +1,109 @@
+"""The dense rule and the torch reference against brute force (design.md §2)."""
+import numpy as np
+import pytest
+import torch
+
+from kernels import INVALID_GROUP, group_attention, reference_attention, visibility
+
+
+def random_groups(rng, batch, n, with_padding=True):
+    """Sorted layouts: S (group 0), targets in non-decreasing groups, INVALID padding."""
+    rows = []
+    for _ in range(batch):
+        n_source = int(rng.integers(0, n + 1))
+        n_pad = int(rng.integers(0, n - n_source + 1)) if with_padding else 0
+        n_target = n - n_source - n_pad
+        targets = np.sort(rng.integers(1, max(2, n_target + 1), size=n_target))
+        rows.append(np.concatenate([np.zeros(n_source), targets, np.full(n_pad, INVALID_GROUP)]))
+    return torch.tensor(np.array(rows), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_visibility_matches_brute_force(strict):
+    rng = np.random.default_rng()
+    for _ in range(20):
+        q_groups, k_groups = random_groups(rng, 3, 7), random_groups(rng, 3, 9)
+        got = visibility(q_groups, k_groups, strict=strict)
+        for b in range(3):
+            for i in range(7):
+                for j in range(9):
+                    qi, kj = int(q_groups[b, i]), int(k_groups[b, j])
+                    expected = qi != INVALID_GROUP and kj != INVALID_GROUP and (kj < qi if strict else kj <= qi)
+                    assert bool(got[b, i, j]) == expected
+
+
+def naive_attention(q, k, v, q_groups, k_groups, strict):
+    """Loop over rows: softmax over visible keys, zeros where none is visible."""
+    batch, heads, n_q, _ = q.shape
+    rep = heads // k.shape[1]
+    out = torch.zeros(batch, heads, n_q, v.shape[-1], dtype=q.dtype)
+    mask = visibility(q_groups, k_groups, strict=strict)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(n_q):
+                seen = mask[b, i]
+                if seen.any():
+                    scores = (k[b, h // rep, seen] @ q[b, h, i]) / q.shape[-1] ** 0.5
+                    out[b, h, i] = torch.softmax(scores, 0) @ v[b, h // rep, seen]
+    return out
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("strict", [False, True])
+def test_reference_matches_naive_loop(n_kv_heads, strict):
+    rng = np.random.default_rng()
+    q = torch.randn(2, 4, 11, 8, dtype=torch.float64)
+    k = torch.randn(2, n_kv_heads, 13, 8, dtype=torch.float64)
+    v = torch.randn(2, n_kv_heads, 13, 8, dtype=torch.float64)
+    q_groups, k_groups = random_groups(rng, 2, 11), random_groups(rng, 2, 13)
+    got = group_attention(q, k, v, q_groups, k_groups, strict=strict, backend="torch")
+    torch.testing.assert_close(got, naive_attention(q, k, v, q_groups, k_groups, strict))
+
+
+def test_reference_query_chunks_agree(monkeypatch):
+    """Chunked evaluation (bounded memory) gives the same numbers as one chunk."""
+    import kernels.reference as reference
+    rng = np.random.default_rng()
+    q, k, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64) for _ in range(3))
+    groups = random_groups(rng, 2, 37)
+    whole = reference_attention(q, k, v, groups, groups, strict=False)
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 2 * 2 * 37 * 5)  # 5 query rows per chunk
+    torch.testing.assert_close(reference_attention(q, k, v, groups, groups, strict=False), whole)
+
+
+def test_rows_that_see_nothing_are_zero_and_finite_grads():
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    groups = torch.tensor([[0, 0, 1, 2, INVALID_GROUP]], dtype=torch.int32)
+    out = group_attention(q, k, v, groups, groups, strict=True, backend="torch")
+    assert torch.all(out[:, :, :2] == 0) and torch.all(out[:, :, 4] == 0)  # group 0 and padding
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_reference_gradcheck():
+    rng = np.random.default_rng()
+    groups = random_groups(rng, 2, 6)
+    q = torch.randn(2, 2, 6, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 1, 6, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 1, 6, 4, dtype=torch.float64, requires_grad=True)
+    for strict in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: group_attention(q, k, v, groups, groups, strict=strict, backend="torch"), (q, k, v))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(k_groups=torch.tensor([[0, 2, 1, 3]], dtype=torch.int32)), "non-decreasing"),
+    (dict(q_groups=torch.zeros(1, 4, dtype=torch.int64)), "int32"),
+    (dict(q_groups=torch.zeros(1, 3, dtype=torch.int32)), "q_groups"),
+    (dict(k=torch.randn(1, 3, 4, 8)), "n_kv_heads"),
+    (dict(backend="cuda-magic"), "backend"),
+])
+def test_bad_input_is_rejected(bad, message):
+    args = dict(q=torch.randn(1, 2, 4, 8), k=torch.randn(1, 2, 4, 8), v=torch.randn(1, 2, 4, 8),
+                q_groups=torch.zeros(1, 4, dtype=torch.int32), k_groups=torch.zeros(1, 4, dtype=torch.int32))
+    args.update(bad)
+    if "k" in bad:
+        args["v"] = torch.randn_like(bad["k"])
+    backend = args.pop("backend", "torch")
+    with pytest.raises(ValueError, match=message):
+        group_attention(**args, strict=False, backend=backend)
