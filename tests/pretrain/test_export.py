@@ -1,0 +1,25 @@
+import numpy as np
+import pytest
+import torch
+
+from pretrain.collate import collate
+from pretrain.export import export_model, load_exported
+from pretrain.model import BigLearner, ModelConfig
+from pretrain.objectives import ObjectiveSampler
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_export_round_trip_gives_identical_logits(tmp_path, tie):
+    rng = np.random.default_rng()
+    model = BigLearner(ModelConfig(vocab_size=41, d_model=32, n_layers=2, n_heads=4, tie_embeddings=tie,
+                                   attention_backend="torch")).eval()
+    export_model(model, tmp_path, {"tokenizer_sha256": "feed"})
+    loaded, meta = load_exported(tmp_path)
+    assert meta["tokenizer_sha256"] == "feed" and meta["model"]["vocab_size"] == 41
+    batch = collate(rng.integers(0, 41, (2, 12)), [ObjectiveSampler("biglearn")(12, rng) for _ in range(2)], 0).to_torch()
+    torch.testing.assert_close(loaded(batch), model(batch))
+
+
+def test_loading_something_else_fails_clearly(tmp_path):
+    with pytest.raises(ValueError, match="not an exported model"):
+        load_exported(tmp_path)
