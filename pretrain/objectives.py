@@ -318,3 +318,30 @@ def _spec(length, source, targets, groups, task_id) -> SplitSpec:
     order = np.concatenate([source, targets, np.flatnonzero(~used)]).astype(np.int32)
     return SplitSpec(order=order, n_source=len(source), n_target=len(targets),
                      target_groups=np.asarray(groups, dtype=np.int32), task_id=task_id)
+
+
+# --------------------------------------------------------------------------- evaluation tasks
+# Fixed task families for evaluation matrices (pretrain.evaluate, bench/groundtruth.py).
+EVAL_TASKS = ("joint", "left_to_right", "mlm", "infill", "biglearn")
+
+
+def eval_split(task: str, length: int, rng: np.random.Generator) -> SplitSpec:
+    """One draw of an evaluation task:
+    joint: S empty, every token a target in a random order; left_to_right: causal LM;
+    mlm: 15% in one group; infill: S = prefix + suffix, T = the middle left to right
+    (10-50% of the tokens); biglearn: the default q(S, T)."""
+    if task not in EVAL_TASKS:
+        raise ValueError(f"evaluation task must be one of {EVAL_TASKS}; got {task!r}")
+    if length < 2:
+        raise ValueError(f"length must be >= 2; got {length}")
+    if task == "joint":
+        return _spec(length, np.arange(0), rng.permutation(length), np.arange(1, length + 1), TASKS.index("biglearn"))
+    if task == "infill":
+        middle = min(length - 2, max(1, int(round(rng.uniform(0.1, 0.5) * length)))) if length > 2 else 1
+        start = int(rng.integers(1, length - middle)) if length > 2 else 1
+        targets = np.arange(start, start + middle)
+        source = np.setdiff1d(np.arange(length), targets)
+        return _spec(length, source, targets, np.arange(1, middle + 1), TASKS.index("span"))
+    preset = {"left_to_right": "clm", "mlm": "mlm", "biglearn": "biglearn"}[task]
+    source, targets, groups = _draw(preset, length, rng, ObjectiveConfig(name=preset))
+    return _spec(length, source, targets, groups, TASKS.index(preset))

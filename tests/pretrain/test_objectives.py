@@ -5,8 +5,8 @@ import torch
 
 from kernels import visibility
 from pretrain.collate import collate
-from pretrain.objectives import (PRESETS, TASKS, BigLearnConfig, MLMConfig, ObjectiveConfig,
-                                 ObjectiveSampler, PLMConfig, SegmentRule)
+from pretrain.objectives import (EVAL_TASKS, PRESETS, TASKS, BigLearnConfig, MLMConfig, ObjectiveConfig,
+                                 ObjectiveSampler, PLMConfig, SegmentRule, eval_split)
 
 
 def check_spec(spec, length):
@@ -155,3 +155,21 @@ def test_bad_beta_and_lengths():
     for length in (0, 1):
         with pytest.raises(ValueError, match="length"):
             ObjectiveSampler("biglearn")(length, np.random.default_rng())
+
+
+@pytest.mark.parametrize("task", EVAL_TASKS)
+def test_eval_tasks_are_valid_and_have_their_shape(task):
+    rng = np.random.default_rng()
+    for _ in range(100):
+        length = int(rng.integers(2, 50))
+        spec = eval_split(task, length, rng)
+        check_spec(spec, length)
+        targets = spec.order[spec.n_source:spec.n_source + spec.n_target]
+        if task == "joint":
+            assert spec.n_source == 0 and spec.n_target == length and len(set(spec.target_groups)) == length
+        if task == "infill":
+            assert np.all(np.diff(targets) == 1)  # one middle span, left to right
+            if length > 2:
+                assert targets[0] > 0 and targets[-1] < length - 1  # prefix and suffix non-empty
+    with pytest.raises(ValueError, match="evaluation task"):
+        eval_split("bogus", 10, rng)
