@@ -1,0 +1,148 @@
+"""Data pipeline throughput: shard building, and reader + objective sampler + collator.
+
+Rows (one table, markdown):
+- shard build: tokens/s per tokenizer worker (tokenize + cut windows + write tar), on the
+  built-in stdlib corpus, and the wall-clock rate of the whole build (reading sources included);
+- reader: ready TaskBatches/s per worker (in-process) at L=512, B=8 for biglearn and plm,
+  and for biglearn with 2 worker processes;
+- sampler + collate only, on in-memory windows (plm);
+- Hugging Face DataCollatorForPermutationLanguageModeling on the same windows, and the speedups.
+
+    python bench/data.py            # full demo corpus (a few minutes on 2 cores)
+    python bench/data.py --quick    # 40 stdlib modules, fewer batches (~30 s)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipeline import ShardConfig, SourceConfig, Tokenizer, build_demo, build_shards  # noqa: E402
+from data_pipeline.shards import load_manifest, read_shard, shard_file  # noqa: E402
+from pretrain.collate import collate  # noqa: E402
+from pretrain.data import BatchStream  # noqa: E402
+from pretrain.objectives import ObjectiveSampler  # noqa: E402
+
+ROWS = ("shard build, tokens/s per worker", "shard build, wall tokens/s (all workers, reading included)",
+        "reader biglearn, batches/s per worker", "reader plm, batches/s per worker",
+        "reader biglearn, batches/s with 2 worker processes", "sampler+collate plm (in memory), batches/s",
+        "HF DataCollatorForPermutationLanguageModeling, batches/s",
+        "speedup: reader plm / HF", "speedup: sampler+collate plm / HF")
+
+
+def bench_build(tokenizer_dir: Path, out: Path, seq_len: int, workers: int, stdlib_limit) -> tuple[float, float]:
+    config = ShardConfig(seq_len=seq_len, shard_size_mb=0.125, val_fraction=0.05, num_workers=workers)
+    started = time.perf_counter()
+    manifest = json.loads(build_shards(["stdlib"], tokenizer_dir, out, config, SourceConfig(stdlib_limit=stdlib_limit),
+                                       progress=False).read_text())
+    wall = time.perf_counter() - started
+    tokens = sum(s["tokens"] for s in manifest["shards"])
+    return manifest["build"]["tokens_per_second_per_worker"], tokens / wall
+
+
+def bench_reader(manifest: Path, objective: str, n_batches: int, num_workers: int = 0) -> float:
+    stream = BatchStream(manifest, sampler=ObjectiveSampler(objective), batch_size=8, num_workers=num_workers, seed=0)
+    iterator = iter(stream)
+    for _ in range(3 if num_workers == 0 else 10):  # warm up (first block read, worker start)
+        next(iterator)
+    started = time.perf_counter()
+    for _ in range(n_batches):
+        next(iterator)
+    elapsed = time.perf_counter() - started
+    stream.close()
+    return n_batches / elapsed
+
+
+def load_windows(manifest_path: Path, n: int) -> list[np.ndarray]:
+    manifest = load_manifest(manifest_path)
+    windows = []
+    for entry in manifest["shards"]:
+        for sample in read_shard(shard_file(manifest, entry), np.dtype(manifest["token_dtype"])):
+            if len(sample.tokens) == manifest["seq_len"]:
+                windows.append(sample.tokens.astype(np.int64))
+            if len(windows) == n:
+                return windows
+    raise ValueError(f"{manifest_path}: fewer than {n} full windows")
+
+
+def bench_collate(windows, batches: list, pad_id: int) -> float:
+    sampler, rng = ObjectiveSampler("plm"), np.random.default_rng(0)
+    started = time.perf_counter()
+    for batch in batches:
+        collate([windows[i] for i in batch], [sampler(len(windows[i]), rng) for i in batch], pad_id)
+    return len(batches) / (time.perf_counter() - started)
+
+
+def bench_hf(tokenizer: Tokenizer, windows, batches: list) -> float:
+    import torch
+    from transformers import DataCollatorForPermutationLanguageModeling, XLNetTokenizer
+
+    processor = tokenizer.processor
+    vocab = [(processor.id_to_piece(i), processor.get_score(i)) for i in range(processor.get_piece_size())]
+    hf_tokenizer = XLNetTokenizer(vocab=vocab, unk_id=tokenizer.unk_id, unk_token="<unk>", pad_token="<pad>",
+                                  bos_token="<s>", eos_token="</s>", mask_token="<sentinel_0>")
+    collator = DataCollatorForPermutationLanguageModeling(tokenizer=hf_tokenizer, plm_probability=1 / 6,
+                                                          max_span_length=5)
+    examples = [torch.from_numpy(w) for w in windows]
+    collator([examples[i] for i in batches[0]])  # warm up
+    started = time.perf_counter()
+    for batch in batches:
+        collator([examples[i] for i in batch])
+    return len(batches) / (time.perf_counter() - started)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small corpus and few batches (for tests)")
+    parser.add_argument("--cache", default="runs/bench_data", help="where the demo tokenizer/shards are kept")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes for the build")
+    parser.add_argument("--batches", type=int, default=None, help="timed batches per reader row")
+    parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    args = parser.parse_args(argv)
+    limit = 40 if args.quick else None
+    n_batches = args.batches or (20 if args.quick else 300)
+    n_hf = 3 if args.quick else 20
+    seq_len = 512
+
+    cache = Path(args.cache) / ("quick" if args.quick else "full")
+    manifest = build_demo(cache, vocab_size=400 if args.quick else 8000, seq_len=seq_len, stdlib_limit=limit,
+                          num_workers=args.workers, progress=False)
+    tokenizer_dir = cache / "tokenizer"
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        results[ROWS[0]], results[ROWS[1]] = bench_build(tokenizer_dir, Path(tmp), seq_len, args.workers, limit)
+    results[ROWS[2]] = bench_reader(manifest, "biglearn", n_batches)
+    results[ROWS[3]] = bench_reader(manifest, "plm", n_batches)
+    results[ROWS[4]] = bench_reader(manifest, "biglearn", n_batches, num_workers=2)
+    windows = load_windows(manifest, 64)
+    rng = np.random.default_rng(0)
+    batches = [rng.choice(len(windows), 8, replace=False) for _ in range(max(n_batches, n_hf))]
+    pad_id = load_manifest(manifest)["pad_id"]
+    results[ROWS[5]] = bench_collate(windows, batches, pad_id)
+    results[ROWS[6]] = bench_hf(Tokenizer.load(tokenizer_dir), windows, batches[:n_hf])
+    results[ROWS[7]] = results[ROWS[3]] / results[ROWS[6]]
+    results[ROWS[8]] = results[ROWS[5]] / results[ROWS[6]]
+
+    print(f"data pipeline, L={seq_len}, B=8, corpus: stdlib docstrings{' (first 40 modules)' if args.quick else ''}, "
+          f"{args.workers} build workers, {os.cpu_count()} CPUs")
+    print("| measurement | value |\n|---|---|")
+    for row in ROWS:
+        value = results[row]
+        print(f"| {row} | {value:,.0f} |" if value >= 100 else f"| {row} | {value:.1f} |")
+    if args.json:
+        print(json.dumps(results))
+    assert all(math.isfinite(v) for v in results.values())
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Raw text -> sentencepiece tokenizer -> token windows in webdataset shards + manifest.json.
+
+Never imports torch (design.md §4): the shards are read by ``pretrain.data.BatchStream``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .shards import MANIFEST, ShardConfig, build_shards, load_manifest, shard_file
+from .sources import STDLIB, SourceConfig, SourceStats, iter_documents
+from .tokenizer import INFO_FILE, Tokenizer, TokenizerConfig, train_tokenizer
+
+__all__ = ["build_demo", "build_shards", "train_tokenizer", "iter_documents", "load_manifest",
+           "ShardConfig", "SourceConfig", "SourceStats", "Tokenizer", "TokenizerConfig", "STDLIB"]
+
+
+def _manifest_is_current(path: Path, config: ShardConfig, source: SourceConfig, tokenizer_sha: str) -> bool:
+    try:
+        manifest = load_manifest(path)
+    except ValueError:
+        return False
+    build = manifest["build"]
+    same = (manifest["tokenizer"]["sha256"] == tokenizer_sha and build["source"] == source.__dict__
+            and all(build[k] == v for k, v in config.__dict__.items() if k != "num_workers"))
+    return same and all(shard_file(manifest, s).is_file() and shard_file(manifest, s).stat().st_size == s["bytes"]
+                        for s in manifest["shards"])
+
+
+def build_demo(output_dir, vocab_size: int = 8000, seq_len: int = 512, val_fraction: float = 0.05,
+               shard_size_mb: float = 0.125, mode: str = "concat", num_workers: int | None = None,
+               stdlib_limit: int | None = None, progress: bool = True) -> Path:
+    """Tokenizer + shards from the built-in corpus (standard-library docstrings) in `output_dir`.
+
+    Work already done with the same settings is reused. Returns the path of manifest.json."""
+    output_dir = Path(output_dir)
+    source = SourceConfig(stdlib_limit=stdlib_limit)
+    tokenizer_dir = output_dir / "tokenizer"
+    tokenizer_config = TokenizerConfig(vocab_size=vocab_size)
+    try:
+        info = json.loads((tokenizer_dir / INFO_FILE).read_text())
+        wanted = {k: v for k, v in tokenizer_config.__dict__.items() if k != "num_threads"}
+        current = all(info["training"].get(k) == v for k, v in wanted.items())
+        current = current and info["training"]["sources"]["files"] == _stdlib_file_count(stdlib_limit)
+        tokenizer = Tokenizer.load(tokenizer_dir) if current else None
+    except (OSError, ValueError, KeyError):
+        tokenizer = None
+    if tokenizer is None:
+        tokenizer = train_tokenizer([STDLIB], tokenizer_dir, tokenizer_config, source, progress=progress)
+    shard_config = ShardConfig(seq_len=seq_len, mode=mode, val_fraction=val_fraction, shard_size_mb=shard_size_mb)
+    if num_workers is not None:
+        shard_config.num_workers = num_workers
+    manifest = output_dir / MANIFEST
+    if _manifest_is_current(manifest, shard_config, source, tokenizer.sha256):
+        return manifest
+    return build_shards([STDLIB], tokenizer_dir, output_dir, shard_config, source, progress=progress)
+
+
+def _stdlib_file_count(limit: int | None) -> int:
+    from .sources import stdlib_files
+    n = len(stdlib_files())
+    return n if limit is None else min(n, limit)

@@ -1,0 +1,377 @@
+"""Shard format and builder: documents -> token windows -> webdataset .tar shards + manifest.json.
+
+Format (docs/data.md): each sample of a shard is one tar member ``<key>.tokens.u16`` (or
+``.u32`` when the vocabulary exceeds 65536 ids) holding the window's tokens as a raw
+little-endian array. Keys are ``<shard stem>-<index:07d>``, unique over the dataset. The build
+is restartable: every shard is written to a temporary name, fsynced and renamed, with a small
+``<stem>.info.json`` sidecar; a re-run skips shards whose sidecar matches the documents and
+build settings, and ``manifest.json`` is written last, atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import shutil
+import tarfile
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from .sources import SourceConfig, SourceStats, iter_documents
+from .tokenizer import INFO_FILE, MODEL_FILE, Tokenizer, atomic_write_bytes, file_sha256
+
+FORMAT = "biglearn-token-shards"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MODES = ("concat", "documents")
+SPLITS = ("train", "val")
+
+
+class ShardError(Exception):
+    """A shard that cannot be read as a tar file (truncated, missing, wrong size)."""
+
+
+@dataclass
+class ShardConfig:
+    seq_len: int = 512
+    mode: str = "concat"        # "concat": eos-joined stream cut into windows; "documents": whole docs packed + padded
+    val_fraction: float = 0.01  # share of documents (by content hash) in the validation split
+    shard_size_mb: float = 64.0  # target token payload per shard, MiB
+    num_workers: int = os.cpu_count() or 1  # tokenizer processes; 0 tokenizes in this process
+
+    def __post_init__(self):
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2; got {self.seq_len!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1); got {self.val_fraction!r}")
+        if not self.shard_size_mb > 0:
+            raise ValueError(f"shard_size_mb must be > 0; got {self.shard_size_mb!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0; got {self.num_workers!r}")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def member_suffix(dtype) -> str:
+    return ".tokens.u16" if np.dtype(dtype).itemsize == 2 else ".tokens.u32"
+
+
+def split_of(text: str, val_fraction: float) -> str:
+    """Deterministic split from the document's content hash (duplicates share a split)."""
+    h = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+    return "val" if h < val_fraction * 2.0 ** 64 else "train"
+
+
+# --------------------------------------------------------------------------- windows
+
+def _cut(tokens: np.ndarray, seq_len: int) -> list[np.ndarray]:
+    """Chunks of seq_len; a 1-token remainder borrows a token from the chunk before it, because a
+    window needs at least one source and one target token."""
+    bounds = list(range(0, len(tokens), seq_len)) + [len(tokens)]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        bounds[-2] -= 1
+    return [tokens[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def make_windows(documents: list[list[int]], seq_len: int, eos_id: int, mode: str) -> list[np.ndarray]:
+    """Token windows of 2..seq_len tokens from documents, each followed by eos; no token is lost.
+
+    concat: the eos-joined stream cut every seq_len tokens (the last window may be shorter).
+    documents: whole documents packed greedily in order, never cut unless longer than seq_len;
+    windows are stored unpadded and the collator pads them. Documents that encode to no token
+    are left out (they would be a lone eos)."""
+    docs = [np.append(np.asarray(d, dtype=np.int64), eos_id) for d in documents if len(d)]
+    if mode == "concat":
+        return _cut(np.concatenate(docs), seq_len) if docs else []
+    windows, current, used = [], [], 0
+    for doc in docs:
+        if len(doc) > seq_len:  # a long document starts a new window and is cut
+            if current:
+                windows.append(np.concatenate(current))
+                current, used = [], 0
+            *full, doc = _cut(doc, seq_len)
+            windows.extend(full)
+        if used + len(doc) > seq_len:
+            windows.append(np.concatenate(current))
+            current, used = [], 0
+        current.append(doc)
+        used += len(doc)
+    if current:
+        windows.append(np.concatenate(current))
+    return windows
+
+
+# --------------------------------------------------------------------------- tar I/O
+
+def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible bytes
+    return info, io.BytesIO(data)
+
+
+def write_shard(path, stem: str, windows, dtype) -> dict:
+    """Write windows as one shard (temp name, fsync, rename). Returns samples/tokens/bytes/sha256."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    suffix = member_suffix(dtype)
+    try:
+        with open(tmp, "wb") as f:
+            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+                for i, window in enumerate(windows):
+                    tar.addfile(*_tar_member(f"{stem}-{i:07d}{suffix}", np.asarray(window).astype(dtype).tobytes()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    return {"samples": len(windows), "tokens": int(sum(len(w) for w in windows)),
+            "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+class Sample(NamedTuple):
+    index: int               # member index in the shard
+    key: str
+    tokens: np.ndarray | None  # None for a bad sample
+    error: str | None
+
+
+def decode_sample(name: str, data: bytes, dtype, seq_len: int | None = None,
+                  vocab_size: int | None = None) -> tuple[str, np.ndarray]:
+    """(key, tokens) of one tar member; ValueError naming the member when it is malformed."""
+    suffix = member_suffix(dtype)
+    if not name.endswith(suffix):
+        raise ValueError(f"member {name!r} is not a {suffix} token array")
+    itemsize = np.dtype(dtype).itemsize
+    if len(data) % itemsize:
+        raise ValueError(f"member {name!r}: {len(data)} bytes is not a whole number of {itemsize}-byte tokens")
+    tokens = np.frombuffer(data, dtype=dtype)
+    if len(tokens) < 2 or (seq_len is not None and len(tokens) > seq_len):
+        raise ValueError(f"member {name!r}: {len(tokens)} tokens, expected 2..{seq_len}")
+    if vocab_size is not None and int(tokens.max()) >= vocab_size:
+        raise ValueError(f"member {name!r}: token id {int(tokens.max())} >= vocab_size {vocab_size}")
+    return name[:-len(suffix)], tokens
+
+
+def read_shard(path, dtype, *, seq_len=None, vocab_size=None, expected_bytes=None,
+               start: int = 0) -> Iterator[Sample]:
+    """Samples of one shard in stored order, from member index `start` on.
+
+    A malformed sample comes back with tokens=None and the reason; a shard that is missing,
+    has the wrong size or is not a readable tar raises ShardError (possibly after some samples)."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise ShardError(f"{path}: cannot read shard ({error})") from None
+    if expected_bytes is not None and size != expected_bytes:
+        raise ShardError(f"{path}: {size} bytes, manifest says {expected_bytes} (truncated or replaced)")
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            index = 0
+            while (member := tar.next()) is not None:  # headers; skipped members' data is seeked over
+                tar.members = []  # keep memory flat on large shards (tarfile caches every header)
+                if not member.isfile():
+                    continue
+                if index >= start:
+                    try:
+                        data = tar.extractfile(member).read()
+                        key, tokens = decode_sample(member.name, data, dtype, seq_len, vocab_size)
+                        yield Sample(index, key, tokens, None)
+                    except ValueError as error:
+                        yield Sample(index, member.name, None, str(error))
+                index += 1
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise ShardError(f"{path}: unreadable tar ({error})") from None
+
+
+# --------------------------------------------------------------------------- manifest
+
+def load_manifest(path) -> dict:
+    """Parse and check a manifest.json; shard paths are resolved relative to its directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: cannot read manifest ({error})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    for key in ("seq_len", "pad_id", "vocab_size", "token_dtype", "shards", "tokenizer"):
+        if key not in manifest:
+            raise ValueError(f"{path}: manifest lacks field {key!r}")
+    manifest["root"] = str(path.parent.resolve())
+    return manifest
+
+
+def shard_file(manifest: dict, entry: dict) -> Path:
+    return Path(manifest["root"]) / entry["path"]
+
+
+# --------------------------------------------------------------------------- builder
+
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer.load(tokenizer_dir)
+
+
+def _build_one(task: dict) -> dict:
+    """Tokenize one shard's documents and write it (runs in a pool worker)."""
+    tokenizer = _worker_tokenizer
+    started = time.perf_counter()
+    ids = tokenizer.encode_batch(task["documents"])
+    windows = make_windows(ids, task["seq_len"], tokenizer.eos_id, task["mode"])
+    out = Path(task["output_dir"])
+    info = write_shard(out / f"{task['stem']}.tar", task["stem"], windows, np.dtype(task["dtype"]))
+    info.update(path=f"{task['stem']}.tar", split=task["split"], documents=len(task["documents"]),
+                docs_sha256=task["docs_sha256"], fingerprint=task["fingerprint"],
+                seconds=time.perf_counter() - started)
+    atomic_write_bytes(out / f"{task['stem']}.info.json", json.dumps(info).encode())
+    return info
+
+
+def _finished(output_dir: Path, task: dict) -> dict | None:
+    """Sidecar of an already written shard with the same documents and settings, else None."""
+    try:
+        info = json.loads((output_dir / f"{task['stem']}.info.json").read_text())
+        tar_bytes = (output_dir / f"{task['stem']}.tar").stat().st_size
+    except (OSError, ValueError):
+        return None
+    same = (info.get("docs_sha256") == task["docs_sha256"] and info.get("fingerprint") == task["fingerprint"]
+            and info.get("bytes") == tar_bytes)
+    return info if same else None
+
+
+def _shard_tasks(documents, config: ShardConfig, target_tokens: int, chars_per_token: float, base: dict):
+    """Group documents into shard tasks per split, in input order."""
+    pending = {split: ([], hashlib.sha256(), 0.0) for split in SPLITS}
+    counters = dict.fromkeys(SPLITS, 0)
+
+    def task(split):
+        docs, digest, _ = pending[split]
+        stem = f"{split}-{counters[split]:06d}"
+        counters[split] += 1
+        pending[split] = ([], hashlib.sha256(), 0.0)
+        return {**base, "stem": stem, "split": split, "documents": docs, "docs_sha256": digest.hexdigest()}
+
+    for text in documents:
+        split = split_of(text, config.val_fraction)
+        docs, digest, estimate = pending[split]
+        docs.append(text)
+        digest.update(hashlib.sha256(text.encode("utf-8")).digest())
+        pending[split] = (docs, digest, estimate + len(text) / chars_per_token + 1)
+        if pending[split][2] >= target_tokens:
+            yield task(split)
+    for split in SPLITS:
+        if pending[split][0]:
+            yield task(split)
+
+
+def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None = None,
+                 source_config: SourceConfig | None = None, progress: bool = True) -> Path:
+    """Tokenize `inputs` into shards under `output_dir`; returns the path of manifest.json."""
+    from tqdm import tqdm
+
+    config = config or ShardConfig()
+    source_config = source_config or SourceConfig()
+    tokenizer = Tokenizer.load(tokenizer_dir)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(".*.tmp"):  # leftovers of an interrupted build, never final names
+        stale.unlink()
+    if Path(tokenizer_dir).resolve() != output_dir.resolve():  # the dataset carries its tokenizer
+        for name in (MODEL_FILE, INFO_FILE):
+            shutil.copyfile(Path(tokenizer_dir) / name, output_dir / f".{name}.tmp")
+            os.replace(output_dir / f".{name}.tmp", output_dir / name)
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    fingerprint = {"format_version": FORMAT_VERSION, "seq_len": config.seq_len, "mode": config.mode,
+                   "tokenizer_sha256": tokenizer.sha256, "dtype": dtype.str}
+    base = {"output_dir": str(output_dir), "seq_len": config.seq_len, "mode": config.mode,
+            "dtype": dtype.str, "fingerprint": fingerprint}
+    target_tokens = max(1, int(config.shard_size_mb * 2 ** 20 / dtype.itemsize))
+    stats = SourceStats()
+    tasks = _shard_tasks(iter_documents(inputs, source_config, stats), config, target_tokens,
+                         tokenizer.info.get("chars_per_token", 4.0), base)
+
+    entries, skipped, busy_seconds, total_tokens = [], 0, 0.0, 0
+    bar = tqdm(desc="shards", unit="shard", disable=not progress)
+
+    def finish(info):
+        nonlocal busy_seconds, total_tokens
+        entries.append(info)
+        busy_seconds += info.get("seconds", 0.0) if info.get("fresh") else 0.0
+        total_tokens += info["tokens"]
+        bar.update(1)
+        bar.set_postfix(tokens=total_tokens, reused=skipped)
+
+    started = time.perf_counter()
+    if config.num_workers == 0:
+        _init_worker(str(tokenizer_dir))
+        pool = None
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(config.num_workers, _init_worker, (str(tokenizer_dir),))
+    try:
+        in_flight: deque = deque()
+        for task in tasks:
+            done = _finished(output_dir, task)
+            if done is not None:
+                skipped += 1
+                in_flight.append(done)
+            elif pool is None:
+                in_flight.append({**_build_one(task), "fresh": True})
+            else:
+                in_flight.append(pool.apply_async(_build_one, (task,)))
+            while in_flight and (isinstance(in_flight[0], dict) or len(in_flight) > 2 * config.num_workers):
+                head = in_flight.popleft()
+                finish(head if isinstance(head, dict) else {**head.get(), "fresh": True})
+        while in_flight:
+            head = in_flight.popleft()
+            finish(head if isinstance(head, dict) else {**head.get(), "fresh": True})
+    finally:
+        if pool is not None:
+            pool.terminate()
+        bar.close()
+    if not entries:
+        raise ValueError(f"no usable documents in inputs {[str(i) for i in inputs]}: {stats.report()}")
+    elapsed = time.perf_counter() - started
+
+    entries.sort(key=lambda e: (SPLITS.index(e["split"]), e["path"]))
+    fresh_tokens = sum(e["tokens"] for e in entries if e.get("fresh"))
+    shards = [{k: e[k] for k in ("path", "split", "samples", "tokens", "documents", "bytes", "sha256")}
+              for e in entries]
+    manifest = {
+        "format": FORMAT, "version": FORMAT_VERSION,
+        "seq_len": config.seq_len, "mode": config.mode, "token_dtype": dtype.str,
+        "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size,
+        "tokenizer": {"path": MODEL_FILE, "info": INFO_FILE, "sha256": tokenizer.sha256,
+                      "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "unk_id": tokenizer.unk_id,
+                      "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "sentinel_ids": tokenizer.sentinel_ids},
+        "splits": {split: {"shards": sum(s["split"] == split for s in shards),
+                           "samples": sum(s["samples"] for s in shards if s["split"] == split),
+                           "tokens": sum(s["tokens"] for s in shards if s["split"] == split)} for split in SPLITS},
+        "shards": shards,
+        "sources": stats.to_dict(),
+        "build": {**asdict(config), "inputs": [str(i) for i in inputs], "source": asdict(source_config),
+                  "reused_shards": skipped, "seconds": elapsed, "tokens_written": fresh_tokens,
+                  "tokens_per_second_per_worker": fresh_tokens / busy_seconds if busy_seconds else None},
+    }
+    path = output_dir / MANIFEST
+    atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
+    return path

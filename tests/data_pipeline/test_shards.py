@@ -1,0 +1,151 @@
+import io
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+
+from data_pipeline import build_shards, load_manifest
+from data_pipeline.shards import ShardConfig, ShardError, make_windows, read_shard, split_of, write_shard
+from data_pipeline.sources import SourceConfig, iter_documents
+from data_pipeline.tokenizer import Tokenizer
+
+EOS = 3
+
+
+def _random_docs(rng, n):
+    return [list(rng.integers(4, 100, size=rng.integers(0, 40))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_concat_windows_cut_the_eos_joined_stream(seed):
+    rng = np.random.default_rng(seed)
+    docs, seq_len = _random_docs(rng, 30), int(rng.integers(2, 20))
+    windows = make_windows(docs, seq_len, EOS, "concat")
+    stream = [t for d in docs if d for t in d + [EOS]]
+    assert np.concatenate(windows).tolist() == stream  # every token, in order
+    assert all(2 <= len(w) <= seq_len for w in windows)
+    assert all(len(w) == seq_len for w in windows[:-2])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_document_windows_keep_documents_whole(seed):
+    rng = np.random.default_rng(seed)
+    docs, seq_len = _random_docs(rng, 30), int(rng.integers(3, 25))
+    windows = make_windows(docs, seq_len, EOS, "documents")
+    stream = [t for d in docs if d for t in d + [EOS]]
+    assert np.concatenate(windows).tolist() == stream
+    assert all(2 <= len(w) <= seq_len for w in windows)
+    # A document that fits in a window is never cut: it starts and ends inside one window.
+    ends = np.cumsum([len(w) for w in windows])
+    position = 0
+    for doc in (d for d in docs if d):
+        start, stop = position, position + len(doc) + 1
+        if len(doc) + 1 <= seq_len:
+            assert np.searchsorted(ends, start, side="right") == np.searchsorted(ends, stop - 1, side="right")
+        position = stop
+
+
+def test_split_by_hash_is_deterministic_and_close_to_the_fraction():
+    texts = [f"document number {i}" for i in range(4000)]
+    splits = [split_of(t, 0.1) for t in texts]
+    assert splits == [split_of(t, 0.1) for t in texts]
+    assert 0.08 < splits.count("val") / len(texts) < 0.12
+    assert all(split_of(t, 0.0) == "train" for t in texts[:100])
+
+
+def test_manifest_describes_every_shard(tiny_demo):
+    manifest = load_manifest(tiny_demo)
+    tokenizer = Tokenizer.load(tiny_demo.parent)
+    assert manifest["tokenizer"]["sha256"] == tokenizer.sha256
+    assert (manifest["pad_id"], manifest["vocab_size"], manifest["seq_len"]) == (0, 400, 64)
+    assert manifest["tokenizer"]["sentinel_ids"] == tokenizer.sentinel_ids
+    for split in ("train", "val"):
+        shards = [s for s in manifest["shards"] if s["split"] == split]
+        assert manifest["splits"][split]["samples"] == sum(s["samples"] for s in shards) > 0
+    for entry in manifest["shards"]:
+        samples = list(read_shard(tiny_demo.parent / entry["path"], np.uint16, seq_len=64, vocab_size=400,
+                                  expected_bytes=entry["bytes"]))
+        assert len(samples) == entry["samples"] and all(s.error is None for s in samples)
+        assert sum(len(s.tokens) for s in samples) == entry["tokens"]
+        assert [s.key for s in samples] == [f"{entry['path'][:-4]}-{i:07d}" for i in range(entry["samples"])]
+    # Train and val hold different documents, chosen by content hash.
+    docs = list(iter_documents(["stdlib"], SourceConfig(stdlib_limit=60)))
+    n_val = sum(split_of(d, 0.1) == "val" for d in docs)
+    assert sum(s["documents"] for s in manifest["shards"] if s["split"] == "val") == n_val
+
+
+@pytest.fixture
+def small_corpus(tmp_path):
+    rng = np.random.default_rng(1)
+    words = "the reader streams shards of token windows and every rank sees its own part".split()
+    (tmp_path / "corpus.txt").write_text("\n\n".join(" ".join(rng.choice(words, rng.integers(5, 60)))
+                                                   for _ in range(200)))
+    return tmp_path / "corpus.txt"
+
+
+def _build(corpus, tokenizer_dir, out, **kw):
+    config = ShardConfig(seq_len=32, shard_size_mb=0.002, val_fraction=0.2, num_workers=kw.pop("num_workers", 0), **kw)
+    return build_shards([corpus], tokenizer_dir, out, config, SourceConfig(txt_split="blank_line"), progress=False)
+
+
+def test_rerun_skips_finished_shards_and_is_reproducible(tmp_path, small_corpus, tiny_demo):
+    tokenizer_dir = tiny_demo.parent / "tokenizer"
+    first = json.loads(_build(small_corpus, tokenizer_dir, tmp_path / "a").read_text())
+    assert len(first["shards"]) > 3 and first["build"]["reused_shards"] == 0
+    again = json.loads(_build(small_corpus, tokenizer_dir, tmp_path / "a").read_text())
+    assert again["build"]["reused_shards"] == len(first["shards"]) and again["shards"] == first["shards"]
+    parallel = json.loads(_build(small_corpus, tokenizer_dir, tmp_path / "b", num_workers=2).read_text())
+    assert parallel["shards"] == first["shards"]  # same bytes (sha256) from worker processes
+    whole = json.loads(_build(small_corpus, tokenizer_dir, tmp_path / "a", mode="documents").read_text())
+    assert whole["build"]["reused_shards"] == 0  # other settings: nothing reused
+
+
+def test_interrupted_build_leaves_no_partial_shard(tmp_path, small_corpus, tiny_demo, monkeypatch):
+    tokenizer_dir = tiny_demo.parent / "tokenizer"
+    calls = {"n": 0}
+    original = tarfile.TarFile.addfile
+
+    def failing_addfile(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 150:
+            raise KeyboardInterrupt  # the build dies in the middle of a shard
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", failing_addfile)
+    with pytest.raises(KeyboardInterrupt):
+        _build(small_corpus, tokenizer_dir, tmp_path / "out")
+    monkeypatch.setattr(tarfile.TarFile, "addfile", original)
+    out = tmp_path / "out"
+    assert not (out / "manifest.json").exists()
+    assert not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    finished = sorted(p for p in os.listdir(out) if p.endswith(".tar"))
+    for name in finished:  # every shard under its final name is complete
+        assert tarfile.open(out / name).getnames()
+    manifest = json.loads(_build(small_corpus, tokenizer_dir, out).read_text())
+    assert manifest["build"]["reused_shards"] == len(finished) > 0
+    reference = json.loads(_build(small_corpus, tokenizer_dir, tmp_path / "ref").read_text())
+    assert manifest["shards"] == reference["shards"]
+
+
+def test_read_shard_reports_bad_samples_and_truncation(tmp_path):
+    windows = [np.arange(5, 15), np.arange(20, 23)]
+    info = write_shard(tmp_path / "s.tar", "s", windows, np.uint16)
+    with tarfile.open(tmp_path / "s.tar", "a") as tar:  # append garbage: odd byte count, then a foreign file
+        for name, data in (("s-0000002.tokens.u16", b"\x01\x02\x03"), ("s-0000003.txt", b"hello")):
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+    samples = list(read_shard(tmp_path / "s.tar", np.uint16, seq_len=16))
+    assert [s.tokens.tolist() for s in samples[:2]] == [w.tolist() for w in windows]
+    assert [s.tokens for s in samples[2:]] == [None, None] and "whole number" in samples[2].error
+    assert list(read_shard(tmp_path / "s.tar", np.uint16, start=1))[0].key == "s-0000001"
+    data = (tmp_path / "s.tar").read_bytes()
+    (tmp_path / "t.tar").write_bytes(data[:700])
+    with pytest.raises(ShardError, match="t.tar"):
+        list(read_shard(tmp_path / "t.tar", np.uint16, expected_bytes=info["bytes"]))
+    with pytest.raises(ShardError, match="t.tar"):
+        list(read_shard(tmp_path / "t.tar", np.uint16))  # no size to compare: tar itself fails
+    with pytest.raises(ShardError, match="missing"):
+        list(read_shard(tmp_path / "missing.tar", np.uint16))

@@ -1,0 +1,89 @@
+import gzip
+import json
+import sys
+
+import pytest
+import zstandard
+
+from data_pipeline.sources import SourceConfig, SourceStats, iter_documents, stdlib_files
+
+DOCS = ["First document.\nIt has two lines.", "Second — with a dash and ünïcode.", "Third one"]
+
+
+def _read(inputs, **config):
+    stats = SourceStats()
+    return list(iter_documents(inputs, SourceConfig(**config), stats)), stats
+
+
+@pytest.mark.parametrize("compression", ["", ".gz", ".zst"])
+def test_txt_and_jsonl_formats_give_the_same_documents(tmp_path, compression):
+    def write(name, data: bytes):
+        path = tmp_path / (name + compression)
+        if compression == ".gz":
+            data = gzip.compress(data)
+        elif compression == ".zst":
+            data = zstandard.ZstdCompressor().compress(data)
+        path.write_bytes(data)
+        return path
+
+    blank = write("corpus.txt", "\n\n".join(DOCS).encode())
+    jsonl = write("corpus.jsonl", "".join(json.dumps({"body": d, "id": i}) + "\n" for i, d in enumerate(DOCS)).encode())
+    assert _read([blank], txt_split="blank_line")[0] == DOCS
+    assert _read([jsonl], text_field="body")[0] == DOCS
+    whole, stats = _read([blank], txt_split="file")
+    assert whole == ["\n\n".join(DOCS)] and stats.files == 1 and stats.documents == 1
+
+
+def test_directories_are_searched_recursively_in_sorted_order(tmp_path):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "2.txt").write_text("two")
+    (tmp_path / "a.txt").write_text("one")
+    (tmp_path / "notes.md").write_text("not a corpus file")
+    docs, stats = _read([tmp_path])
+    assert docs == ["one", "two"] and stats.skipped_files == 1
+
+
+def test_bad_input_is_counted_not_fatal(tmp_path):
+    (tmp_path / "good.txt").write_text("fine text")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("   \n\n ")
+    lines = [json.dumps({"text": "ok"}), "{not json", json.dumps({"other": 1}), json.dumps({"text": ""}),
+             json.dumps([1, 2])]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines) + "\n")
+    docs, stats = _read([tmp_path])
+    assert sorted(docs) == ["fine text", "ok"]
+    assert (stats.non_utf8_documents, stats.empty_documents, stats.bad_json_lines, stats.missing_text_field) == (1, 2, 1, 2)
+    assert "latin1.txt" in stats.report() and "mixed.jsonl:2" in stats.report()
+
+
+def test_unicode_normalisation_is_configurable(tmp_path):
+    (tmp_path / "x.txt").write_text("ﬁne e\u0301")  # ligature + combining accent
+    assert _read([tmp_path], normalize="NFKC")[0] == ["fine é"]
+    assert _read([tmp_path], normalize="NFC")[0] == ["ﬁne é"]
+    assert _read([tmp_path], normalize="none")[0] == ["ﬁne e\u0301"]
+    with pytest.raises(ValueError, match="normalize"):
+        SourceConfig(normalize="NFX")
+
+
+def test_unknown_inputs_raise_naming_the_path(tmp_path):
+    with pytest.raises(ValueError, match="nope"):
+        _read([tmp_path / "nope"])
+    (tmp_path / "data.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="data.csv"):
+        _read([tmp_path / "data.csv"])
+
+
+def test_stdlib_corpus_is_parsed_not_imported_and_deterministic():
+    files = stdlib_files()
+    limit = next(i for i, f in enumerate(files) if f.name == "antigravity.py") + 1  # opens a browser on import
+    assert "antigravity" not in sys.modules
+    first, stats = _read(["stdlib"], stdlib_limit=limit)
+    second, _ = _read(["stdlib"], stdlib_limit=limit)
+    assert first == second and stats.files == limit and "antigravity" not in sys.modules
+    # Every document is made of the docstrings of one module: spot-check one against ast.
+    import ast
+    abc = next(f for f in files[:limit] if f.name == "abc.py")
+    expected = "\n\n".join(d for n in ast.walk(ast.parse(abc.read_bytes()))
+                           if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                           and (d := ast.get_docstring(n)))
+    assert expected.strip() in first
