@@ -1,0 +1,1 @@
+"""Launch tooling: SLURM/DeepSpeed scripts, hostfile generation, preflight checks."""
