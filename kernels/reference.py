@@ -28,11 +28,23 @@ def visibility(q_groups: torch.Tensor, k_groups: torch.Tensor, *, strict: bool) 
     return seen & (qg != INVALID_GROUP) & (kg != INVALID_GROUP)
 
 
+def visible_prefix(q_groups: torch.Tensor, k_groups: torch.Tensor, *, strict: bool) -> torch.Tensor:
+    """int64 [B, Nq]: how many keys row i sees. Keys are sorted by group, so the visible keys of
+    every row are a prefix of the row (the rule above, as a count); INVALID rows see none."""
+    n_visible = torch.searchsorted(k_groups.contiguous(), q_groups.contiguous(), right=not strict)
+    # An INVALID row would count INVALID keys as "<=" itself; an INVALID key is never counted
+    # for a valid row, because INVALID is the largest group and keys are sorted.
+    return n_visible.masked_fill_(q_groups == INVALID_GROUP, 0)
+
+
 def reference_attention(q, k, v, q_groups, k_groups, *, strict: bool, scale: float | None = None):
     """Softmax attention under the group rule; rows that see no key return zeros.
 
-    q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D]. Keys must be sorted by group (non-decreasing),
-    which lets each query chunk stop at the last key any of its rows can see.
+    q: [B, H, Nq, D]; k, v: [B, Hkv, Nk, D]. Keys must be sorted by group (non-decreasing), so
+    each row sees a prefix of the keys whose length never decreases along the row: the mask is
+    one comparison against that length, and a query chunk stops at the longest prefix of its
+    rows. (Smaller chunks skip more of the staircase but were slower on CPU: the SDPA calls get
+    small and the sliced K/V gradients are re-assembled; measured in docs/benchmarks.md.)
     """
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads, n_keys = k.shape[1], k.shape[2]
@@ -40,27 +52,28 @@ def reference_attention(q, k, v, q_groups, k_groups, *, strict: bool, scale: flo
         k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
         v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
     scale = head_dim**-0.5 if scale is None else scale
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * n_heads * n_keys))
-    out = q.new_zeros(batch, n_heads, n_queries, v.shape[-1])
-    for start in range(0, n_queries, chunk):
+    n_visible = visible_prefix(q_groups, k_groups, strict=strict)  # [B, Nq]
+    if n_queries == 0:
+        return q.new_zeros(batch, n_heads, 0, v.shape[-1])
+    chunk = min(n_queries, max(1, _CHUNK_ELEMENTS // max(1, batch * n_heads * n_keys)))
+    starts = list(range(0, n_queries, chunk))
+    # Longest prefix per chunk, read in one host sync. Rows are non-decreasing in prefix length
+    # except for INVALID rows (zero), so a max is needed rather than the chunk's last row.
+    padded = F.pad(n_visible, (0, len(starts) * chunk - n_queries))
+    bounds = padded.view(batch, len(starts), chunk).amax(dim=(0, 2)).tolist()
+    pieces = []
+    for start, bound in zip(starts, bounds):
         stop = min(n_queries, start + chunk)
-        qg = q_groups[:, start:stop]
-        valid = qg != INVALID_GROUP
-        if not bool(valid.any()):
-            continue  # padding-only chunk: output stays zero
-        # Keys are sorted, so every visible key lies in the prefix whose groups are <= the
-        # chunk's largest valid group; the rest of the row is skipped.
-        top = int(torch.where(valid, qg, qg.new_tensor(-1)).max())
-        n_visible = int((k_groups <= top).sum(dim=1).max())
-        if n_visible == 0:
+        if bound == 0:  # no row of this chunk sees a key (padding, or strict rows of group 0)
+            pieces.append(q.new_zeros(batch, n_heads, stop - start, v.shape[-1]))
             continue
-        mask = visibility(qg, k_groups[:, :n_visible], strict=strict)[:, None]  # [B,1,c,n]
-        sees_any = mask.any(dim=-1, keepdim=True)
-        # An all-False row would give NaN in softmax; let it see everything, then zero it.
-        safe_mask = mask | ~sees_any
+        rows_visible = n_visible[:, start:stop, None]  # [B, c, 1]
+        sees_any = rows_visible > 0
+        # A row that sees nothing would give NaN in softmax: let it see the chunk's keys, then zero it.
+        mask = torch.arange(bound, device=q.device) < torch.where(sees_any, rows_visible, bound)
         o = F.scaled_dot_product_attention(
-            q[:, :, start:stop], k[:, :, :n_visible], v[:, :, :n_visible],
-            attn_mask=safe_mask, scale=scale,
+            q[:, :, start:stop], k[:, :, :bound], v[:, :, :bound],
+            attn_mask=None if bool(mask.all()) else mask[:, None], scale=scale,
         )
-        out[:, :, start:stop] = torch.where(sees_any, o, torch.zeros((), dtype=o.dtype, device=o.device))
-    return out
+        pieces.append(o if bool(sees_any.all()) else o * sees_any[:, None].to(o.dtype))
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)
