@@ -1,0 +1,223 @@
+"""Training configuration: Hydra composes configs/, dataclass schemas validate the result.
+
+The schemas below are the single source of truth for every key. Hydra (compose API) reads
+configs/train.yaml and the groups model/, objective/, data/, deepspeed/, trainer/, eval/ and
+experiment/; `load_config` merges the composed tree into `TrainConfig`, so an unknown or
+mistyped key, a wrong type or an invalid value fails at start with the key's full name.
+The model and objective schemas are pretrain.model.ModelConfig and
+pretrain.objectives.ObjectiveConfig, reused as they are.
+
+We use Hydra's compose API rather than @hydra.main on purpose: under `deepspeed` or
+`torchrun` every rank parses the same overrides, and compose neither changes directory, nor
+creates outputs/ folders, nor configures logging, so nothing depends on the rank.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from . import objectives
+from .model import ModelConfig
+from .objectives import ObjectiveConfig
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+GROUPS = ("model", "objective", "data", "deepspeed", "trainer", "eval", "experiment")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+ACCELERATORS = ("auto", "cuda", "cpu")
+DATA_KINDS = ("demo", "manifest")
+EVAL_TASKS = ("joint", "left_to_right", "mlm", "infill", "biglearn")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "demo"  # "demo": build tokenizer + shards from the stdlib corpus; "manifest": use `manifest`
+    manifest: str | None = None  # manifest written by data_pipeline (kind=manifest)
+    demo_dir: str = "runs/demo_data"  # where kind=demo builds its data (reused when already built)
+    demo_vocab_size: int = 2048
+    demo_seq_len: int = 128
+    demo_max_files: int = 0  # > 0: build the demo corpus from this many stdlib files only (faster)
+    batch_size: int = 8  # micro-batch per rank
+    num_workers: int = 0
+    seed: int = 0
+    shuffle: bool = True
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int = 1
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU
+    offload_param: bool = False  # ZeRO-Infinity style parameter offload (stage 3 only)
+    precision: str = "auto"  # auto = bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU
+    accelerator: str = "auto"  # auto = cuda when available, else cpu (gloo)
+    reduce_bucket_size: int = 50_000_000
+    stage3_prefetch_bucket_size: int = 50_000_000
+    initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000  # optimizer steps
+    max_minutes: float = 0.0  # > 0: stop (with a checkpoint) after this much wall time
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1
+    seed: int = 0
+    deterministic: bool = False  # torch deterministic algorithms (exact-resume tests)
+    log_every: int = 10
+    eval_every: int = 500  # 0: evaluate only at the end
+    save_every: int = 1000  # 0: save only at the end and on signals
+    keep_last: int = 3  # complete checkpoints kept
+    max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
+    export_at_end: bool = True  # consolidated fp32 weights in run_dir/export
+    tensorboard: bool = True
+    progress: bool = True  # tqdm bar on rank 0
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = look the GPU up (no MFU on CPU)
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=lambda: list(EVAL_TASKS))
+    batches: int = 8  # validation batches per task (the same windows every time)
+    batch_size: int = 0  # 0 = data.batch_size
+    seed: int = 1234  # fixes the (S, T) draws, so evaluations are comparable across steps and runs
+    mlm_ratio: float = 0.15
+    infill_ratio: float = 0.25  # length of the infilled middle, as a fraction of the window
+    plot: bool = True
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run_name: str = "run"
+    run_dir: str | None = None  # default: runs/slurm-<SLURM_JOB_ID>, else runs/<run_name>
+    resume: str = "auto"  # auto: newest complete checkpoint in run_dir if any; never; or a checkpoint path
+
+
+def _check(condition: bool, key: str, message: str, value) -> None:
+    if not condition:
+        raise ValueError(f"{key} {message}; got {value!r}")
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Checks across fields that the dataclasses cannot express; ValueError names the key."""
+    objectives.validate(config.objective)
+    d, ds, t, e = config.data, config.deepspeed, config.trainer, config.eval
+    _check(d.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}", d.kind)
+    if d.kind == "manifest":
+        _check(bool(d.manifest), "data.manifest", "must name a manifest file when data.kind=manifest", d.manifest)
+    _check(d.demo_max_files >= 0, "data.demo_max_files", "must be >= 0 (0 = every file)", d.demo_max_files)
+    for key in ("batch_size", "demo_vocab_size", "demo_seq_len"):
+        _check(getattr(d, key) >= 1, f"data.{key}", "must be >= 1", getattr(d, key))
+    _check(d.num_workers >= 0, "data.num_workers", "must be >= 0", d.num_workers)
+    _check(ds.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3", ds.zero_stage)
+    _check(ds.precision in PRECISIONS, "deepspeed.precision", f"must be one of {PRECISIONS}", ds.precision)
+    _check(ds.accelerator in ACCELERATORS, "deepspeed.accelerator", f"must be one of {ACCELERATORS}", ds.accelerator)
+    _check(not ds.offload_param or ds.zero_stage == 3, "deepspeed.offload_param", "needs deepspeed.zero_stage=3", ds.offload_param)
+    _check(not ds.offload_optimizer or ds.zero_stage >= 1, "deepspeed.offload_optimizer", "needs deepspeed.zero_stage >= 1",
+           ds.offload_optimizer)
+    for key in ("max_steps", "warmup_steps", "grad_accum", "log_every", "keep_last", "max_bad_steps"):
+        _check(getattr(t, key) >= 1, f"trainer.{key}", "must be >= 1", getattr(t, key))
+    for key in ("eval_every", "save_every", "max_minutes", "grad_clip", "weight_decay", "peak_tflops"):
+        _check(getattr(t, key) >= 0, f"trainer.{key}", "must be >= 0", getattr(t, key))
+    _check(math.isfinite(t.lr) and t.lr > 0, "trainer.lr", "must be a positive number", t.lr)
+    _check(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
+    for key in ("beta1", "beta2"):
+        _check(0 <= getattr(t, key) < 1, f"trainer.{key}", "must be in [0, 1)", getattr(t, key))
+    for task in e.tasks:
+        _check(task in EVAL_TASKS, "eval.tasks", f"entries must be among {EVAL_TASKS}", task)
+    _check(e.batches >= 1, "eval.batches", "must be >= 1", e.batches)
+    _check(e.batch_size >= 0, "eval.batch_size", "must be >= 0 (0 = data.batch_size)", e.batch_size)
+    _check(0 < e.mlm_ratio <= 1, "eval.mlm_ratio", "must be in (0, 1]", e.mlm_ratio)
+    _check(0 < e.infill_ratio < 1, "eval.infill_ratio", "must be in (0, 1)", e.infill_ratio)
+    _check(config.resume != "", "resume", "must be 'auto', 'never' or a checkpoint path", config.resume)
+    _check(bool(config.run_name) and "/" not in config.run_name, "run_name", "must be a non-empty name without '/'",
+           config.run_name)
+    return config
+
+
+def schema() -> DictConfig:
+    """TrainConfig as an OmegaConf node with every key and its default."""
+    base = OmegaConf.structured(TrainConfig)
+    # Building the schema instantiates ModelConfig(), whose __post_init__ fills n_kv_heads and
+    # ffn_hidden from the default d_model/n_heads: reset them so they follow the merged values.
+    for f in fields(ModelConfig):
+        if f.default is None:
+            base.model[f.name] = None
+    return base
+
+
+def to_schema(tree: DictConfig | dict) -> TrainConfig:
+    """Merge a composed config tree into the schemas and validate. ValueError names the key."""
+    try:
+        # Plain containers: a typed tree (Hydra composes onto train_schema) would carry keys added
+        # with "+key=value" through the merge unchecked.
+        plain = OmegaConf.to_container(tree, resolve=True) if isinstance(tree, DictConfig) else tree
+        merged = OmegaConf.merge(schema(), plain)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or "?"
+        first_line = str(err).splitlines()[0]
+        raise ValueError(f"config key {key}: {first_line}") from None
+    return validate(config)
+
+
+def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | str = CONFIG_DIR,
+            config_name: str = "train") -> DictConfig:
+    """Hydra composition of configs/ with command-line style overrides (key=value, group=option)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.errors import HydraException
+
+    # train.yaml starts its defaults list with this node, so every schema key can be overridden
+    # (not only those the yaml files mention) and the yaml files are checked against it.
+    ConfigStore.instance().store(name="train_schema", node=schema())
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None, job_name="biglearn"):
+            return hydra_compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        # Hydra's message already names the key or group option (e.g. "Key 'd_modle' is not in struct").
+        raise ValueError(f"config error: {err}") from None
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | str = CONFIG_DIR) -> TrainConfig:
+    return to_schema(compose(overrides, config_dir))
+
+
+def resolve_run_dir(config: TrainConfig, environ=os.environ) -> Path:
+    """run_dir when given, else runs/slurm-<job id> under SLURM (a requeued job keeps its id, so it
+    resumes in place), else runs/<run_name>. Never time-based: every rank must derive the same path."""
+    if config.run_dir:
+        return Path(config.run_dir)
+    if environ.get("SLURM_JOB_ID"):
+        return Path("runs") / f"slurm-{environ['SLURM_JOB_ID']}"
+    return Path("runs") / config.run_name
+
+
+def to_yaml(config: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def to_dict(config: TrainConfig) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+def available_options(config_dir: Path | str = CONFIG_DIR) -> dict[str, list[str]]:
+    """{group: [option, ...]} for --help."""
+    root = Path(config_dir)
+    return {group: sorted(p.stem for p in (root / group).glob("*.yaml")) for group in GROUPS if (root / group).is_dir()}

@@ -1,0 +1,91 @@
+"""`make demo`: data, training, evaluation and a plot in a few minutes, on a CPU or a GPU.
+
+1. builds a sentencepiece tokenizer and token shards from the built-in corpus (the Python
+   standard library's docstrings; data_pipeline.build_demo, reused when already built);
+2. trains the tiny model with the big-learning objective (configs/experiment/demo.yaml: about
+   2.5 minutes on a CPU; experiment/demo_gpu.yaml, a wider model for longer, with a GPU);
+3. evaluates the validation matrix (NLL per token and perplexity of joint, left-to-right, MLM,
+   infilling and random big-learning tasks) against the same model untrained;
+4. writes the loss curves and the matrix to run_dir/training.png and prints where everything is.
+
+Extra arguments are trainer overrides, e.g. `python -m pretrain.demo trainer.max_minutes=1`.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# One OpenMP thread unless the user says otherwise, set before torch loads its OpenMP runtime:
+# on a small shared CPU, 2 spinning threads per process ran the tiny config 20x slower than one
+# (docs/benchmarks.md, Trainer). torchrun makes the same choice for its workers.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for pretrain.train")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+
+    from .config import load_config
+    from .evaluate import eval_batches, evaluate, format_matrix, plot_run, validation_windows
+    from .model import BigLearner
+    from .train import TrainingError, train
+
+    experiment = "demo_gpu" if torch.cuda.is_available() else "demo"
+    try:
+        config = load_config([f"experiment={experiment}", *args.overrides])
+    except ValueError as err:
+        print(f"pretrain.demo: {err}", file=sys.stderr)
+        return 2
+    print(f"demo: experiment={experiment} (configs/experiment/{experiment}.yaml), "
+          f"{'GPU' if torch.cuda.is_available() else 'CPU'}, up to {config.trainer.max_minutes:g} min of training")
+    try:
+        summary = train(config)
+    except (ValueError, TrainingError) as err:
+        print(f"pretrain.demo: error: {err}", file=sys.stderr)
+        return 1
+    if summary.get("stopped") == "signal":
+        print(f"demo: interrupted; checkpoint in {summary['checkpoint']}; run `make demo` again to continue")
+        return 0
+
+    # The same fixed validation draws, scored by the model before any training.
+    from .checkpoint import load_for_inference
+
+    trained, meta = load_for_inference(summary["checkpoint"])
+    torch.manual_seed(config.trainer.seed)
+    untrained = BigLearner(trained.config).eval()
+    windows = validation_windows(meta["manifest"], config.eval.batches, config.eval.batch_size or config.data.batch_size)
+    from data_pipeline import load_manifest
+    batches = eval_batches(windows, config.eval, int(load_manifest(meta["manifest"])["pad_id"]))
+    baseline = evaluate(untrained.loss, batches, torch.device("cpu"))
+    matrix = summary["eval"]
+    plot = plot_run(summary["run_dir"], matrix, baseline)
+    run_dir = summary["run_dir"]
+    print(f"""
+demo finished: {summary['step']} steps, {summary['tokens_seen']:,} tokens, {summary['minutes']:.1f} min
+
+validation matrix (fixed seeded (S, T) draws; lower is better):
+{format_matrix(matrix, baseline)}
+
+where everything is:
+  run directory      {run_dir}
+  metrics (JSON)     {run_dir}/metrics.jsonl
+  TensorBoard        tensorboard --logdir {run_dir}/tensorboard
+  plot               {plot}
+  checkpoint         {summary['checkpoint']}   (make demo again resumes; resume=never starts over)
+  exported weights   {summary.get('export')}   (pretrain.export.load_exported / checkpoint.load_for_inference)
+  data + tokenizer   {meta['manifest']}
+
+next:
+  python -m pretrain.evaluate ckpt={run_dir}
+  python -m pretrain.train experiment=demo trainer.max_minutes=10 run_dir={run_dir}_longer
+""")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

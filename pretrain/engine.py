@@ -1,0 +1,139 @@
+"""DeepSpeed engine from the validated config: process group, ZeRO config, optimizer, schedule.
+
+CPU runs (no CUDA, or deepspeed.accelerator=cpu) use DeepSpeed's CPU accelerator
+(DS_ACCELERATOR=cpu, set before deepspeed is imported), the gloo backend and torch's AdamW
+("torch_adam": true), in fp32 or bf16.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.nn as nn
+
+from .config import TrainConfig
+from .model import BigLearner
+
+
+def use_cpu(config: TrainConfig) -> bool:
+    if config.deepspeed.accelerator == "auto":
+        return not torch.cuda.is_available()
+    if config.deepspeed.accelerator == "cuda" and not torch.cuda.is_available():
+        raise ValueError("deepspeed.accelerator=cuda but torch sees no CUDA device")
+    return config.deepspeed.accelerator == "cpu"
+
+
+def precision(config: TrainConfig, on_cpu: bool) -> str:
+    """bf16 | fp16 | fp32 after resolving "auto"."""
+    chosen = config.deepspeed.precision
+    if chosen == "auto":
+        if on_cpu:
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if on_cpu and chosen == "fp16":
+        raise ValueError("deepspeed.precision=fp16 is not supported on CPU; use fp32 or bf16")
+    return chosen
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(on_cpu: bool) -> tuple[int, int, int]:
+    """Join (or create, for a plain `python -m pretrain.train`) the process group.
+    Returns (rank, world_size, local_rank). Must run before deepspeed is imported on CPU."""
+    if on_cpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "RANK" not in os.environ:  # single process without a launcher
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not on_cpu:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def deepspeed_config(config: TrainConfig, world_size: int, on_cpu: bool) -> dict:
+    """The DeepSpeed JSON config for this run (also written to run_dir/deepspeed_config.json)."""
+    ds, t = config.deepspeed, config.trainer
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update(reduce_bucket_size=ds.reduce_bucket_size, contiguous_gradients=True, overlap_comm=not on_cpu)
+    if ds.zero_stage == 3:
+        zero.update(stage3_prefetch_bucket_size=ds.stage3_prefetch_bucket_size,
+                    stage3_gather_16bit_weights_on_model_save=False)
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": not on_cpu}
+    if ds.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": not on_cpu}
+    dtype = precision(config, on_cpu)
+    result = {
+        "train_micro_batch_size_per_gpu": config.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": config.data.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": ds.initial_scale_power,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay},
+        },
+        # Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps.
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {"total_num_steps": t.max_steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
+                       "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio},
+        },
+        "steps_per_print": 10 ** 9,  # the trainer logs; DeepSpeed's own step prints stay off
+        "wall_clock_breakdown": False,
+    }
+    if on_cpu or not ds.offload_optimizer:
+        # torch AdamW: no compiled DeepSpeed op needed. GPU offload keeps DeepSpeed's CPU Adam.
+        result["optimizer"]["params"]["torch_adam"] = True
+        result["optimizer"]["params"]["adam_w_mode"] = True
+    return result
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay matrices only; norms, biases and the query-stream start vector keep theirs."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class LossModel(nn.Module):
+    """forward(batch) -> BigLearner.loss(batch), so the loss runs inside the engine's forward.
+
+    ZeRO-3 gathers a module's own parameters in its forward hook; BigLearner.query_start is used
+    by loss() without BigLearner.forward being called, so it is registered as an external
+    parameter of this module."""
+
+    def __init__(self, model: BigLearner):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model.loss(batch)
+
+
+def build_engine(config: TrainConfig, model: BigLearner, world_size: int, on_cpu: bool):
+    """deepspeed.initialize around LossModel(model); returns (engine, ds_config)."""
+    import deepspeed
+
+    ds_config = deepspeed_config(config, world_size, on_cpu)
+    wrapped = LossModel(model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=wrapped, model_parameters=param_groups(wrapped, config.trainer.weight_decay), config=ds_config)
+    if config.deepspeed.zero_stage == 3:
+        deepspeed.zero.register_external_parameter(engine.module, model.query_start)
+    return engine, ds_config

@@ -1,0 +1,256 @@
+"""Evaluation matrix: NLL per token and perplexity of five conditional tasks on validation data.
+
+Every task is a fixed (S, T) draw per window, seeded by (eval.seed, batch, task), so numbers
+are comparable across steps, runs and world sizes:
+
+    joint          S empty, every token predicted, in a random order   (log p(x), one order)
+    left_to_right  S empty, every token predicted left to right        (a causal LM's NLL)
+    mlm            15% of the tokens predicted jointly from the rest   (BERT's task)
+    infill         S = prefix + suffix, T = the middle, left to right  (infilling)
+    biglearn       a random big-learning draw, random order            (the training task)
+
+Standalone: `python -m pretrain.evaluate ckpt=RUN_DIR_OR_CHECKPOINT_OR_EXPORT [key=value ...]`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .collate import TaskBatch, collate
+from .config import EVAL_TASKS, EvalConfig
+from .infer import split_spec
+from .objectives import MLMConfig, ObjectiveConfig, ObjectiveSampler
+
+METRICS = "metrics.jsonl"
+PLOT = "training.png"
+_SEED_TAG = 7919  # keeps these draws apart from the training sampler's streams
+
+
+def task_spec(task: str, length: int, rng: np.random.Generator, config: EvalConfig):
+    """One window's (S, T) draw for an evaluation task (a SplitSpec)."""
+    if task == "joint":
+        return split_spec(length, [], rng.permutation(length))
+    if task == "left_to_right":
+        return split_spec(length, [], np.arange(length), task="clm")
+    if task == "mlm":
+        return ObjectiveSampler(ObjectiveConfig(name="mlm", mlm=MLMConfig(ratio=config.mlm_ratio)))(length, rng)
+    if task == "infill":
+        middle = min(length - 2, max(1, round(config.infill_ratio * length)))
+        start = int(rng.integers(1, length - middle))  # prefix and suffix both non-empty
+        source = np.concatenate([np.arange(start), np.arange(start + middle, length)])
+        return split_spec(length, source, np.arange(start, start + middle), task="span")
+    if task == "biglearn":
+        return ObjectiveSampler("biglearn")(length, rng)
+    raise ValueError(f"eval.tasks: unknown task {task!r}; choose from {EVAL_TASKS}")
+
+
+def validation_windows(manifest, n_batches: int, batch_size: int) -> list[list[np.ndarray]]:
+    """The first n_batches x batch_size windows of the validation split, in file order.
+    Read through BatchStream with the causal-LM layout, whose labels are the window itself."""
+    from .data import BatchStream
+
+    stream = BatchStream(manifest, split="val", sampler=ObjectiveSampler("clm"), batch_size=batch_size,
+                         rank=0, world_size=1, num_workers=0, shuffle=False)
+    windows = []
+    for batch in stream:
+        windows.append([batch.labels[b, :batch.n_target[b]].copy() for b in range(batch.batch_size)])
+        if len(windows) == n_batches:
+            break
+    if not windows:
+        raise ValueError(f"{manifest}: the validation split has fewer than {batch_size} windows")
+    return windows
+
+
+def eval_batches(windows: list[list[np.ndarray]], config: EvalConfig, pad_id: int) -> dict[str, list[TaskBatch]]:
+    """{task: [TaskBatch]} with draws seeded by (config.seed, batch index, task index)."""
+    out = {}
+    for task_index, task in enumerate(config.tasks):
+        batches = []
+        for batch_index, batch_windows in enumerate(windows):
+            rng = np.random.default_rng([config.seed, _SEED_TAG, batch_index, EVAL_TASKS.index(task)])
+            specs = [task_spec(task, len(w), rng, config) for w in batch_windows]
+            batches.append(collate(batch_windows, specs, pad_id))
+        out[task] = batches
+    return out
+
+
+@torch.no_grad()
+def evaluate(loss_fn, batches: dict[str, list[TaskBatch]], device, rank: int = 0, world_size: int = 1) -> dict:
+    """{task: {"nll": per token, "ppl": exp(nll), "tokens": predicted tokens}}.
+
+    loss_fn(TaskBatch) -> (loss, {"nll_sum", "count"}): a DeepSpeed engine or BigLearner.loss.
+    Rank r scores batches r, r + world, ...; every rank runs the same number of forward passes
+    (ZeRO-3 gathers parameters collectively), the extra ones weighted 0, then sums are all-reduced."""
+    totals = torch.zeros(len(batches), 2, dtype=torch.float64, device=device)
+    for t, task_batches in enumerate(batches.values()):
+        rounds = math.ceil(len(task_batches) / world_size)
+        for i in range(rounds):
+            index = i * world_size + rank
+            real = index < len(task_batches)
+            _, stats = loss_fn(task_batches[index if real else 0].to_torch(device))
+            if real:
+                totals[t, 0] += stats["nll_sum"].sum().double()
+                totals[t, 1] += stats["count"].sum().double()
+    if world_size > 1:
+        torch.distributed.all_reduce(totals)
+    result = {}
+    for (task, _), (nll_sum, count) in zip(batches.items(), totals.tolist()):
+        nll = nll_sum / max(count, 1.0)
+        result[task] = {"nll": nll, "ppl": math.exp(min(nll, 700.0)), "tokens": int(count)}
+    return result
+
+
+def read_metrics(run_dir) -> list[dict]:
+    path = Path(run_dir) / METRICS
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_run(run_dir, matrix: dict | None = None, baseline: dict | None = None, out: Path | None = None) -> Path:
+    """PNG with the training/validation loss curves and the final evaluation matrix."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    matrix = matrix or (evals[-1]["tasks"] if evals else None)
+    fig, (curves, table) = plt.subplots(1, 2, figsize=(13, 4.8))
+    if train:
+        steps = [r["step"] for r in train]
+        curves.plot(steps, [r["loss"] for r in train], label="train (all tasks)", color="black", lw=1.5)
+        tasks = sorted({k for r in train for k in r.get("task_loss", {})})
+        for task in tasks if len(tasks) > 1 else []:  # a single objective is the black curve already
+            points = [(r["step"], r["task_loss"][task]) for r in train if task in r.get("task_loss", {})]
+            curves.plot(*zip(*points), label=f"train {task}", lw=0.8, alpha=0.7)
+    for task in sorted({k for r in evals for k in r["tasks"]}):
+        points = [(r["step"], r["tasks"][task]["nll"]) for r in evals if task in r["tasks"]]
+        curves.plot(*zip(*points), "o--", label=f"val {task}", ms=3, lw=0.8)
+    curves.set(xlabel="optimizer step", ylabel="NLL per predicted token (nats)", title="Loss curves")
+    curves.grid(alpha=0.3)
+    if train or evals:
+        curves.legend(fontsize=7)
+    if matrix:
+        tasks = list(matrix)
+        rows = [[matrix[t]["nll"] for t in tasks], [matrix[t]["ppl"] for t in tasks]]
+        labels = ["NLL / token", "perplexity"]
+        if baseline:
+            rows.insert(1, [baseline[t]["nll"] for t in tasks])
+            labels.insert(1, "NLL untrained")
+        values = np.array(rows)
+        # One colour scale for every cell: NLL, and log(perplexity) = NLL for the perplexity row.
+        nats = np.where(np.array(labels)[:, None] == "perplexity", np.log(values.clip(1e-300)), values)
+        shade = (nats - nats.min()) / max(np.ptp(nats), 1e-9)
+        table.imshow(shade, cmap="viridis", aspect="auto")
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                table.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center",
+                           color="white" if shade[i, j] < 0.5 else "black", fontsize=9)
+        table.set_xticks(range(len(tasks)), tasks, rotation=20)
+        table.set_yticks(range(len(labels)), labels)
+        step = evals[-1]["step"] if evals else "?"
+        table.set_title(f"Validation matrix (step {step})")
+    else:
+        table.axis("off")
+    fig.tight_layout()
+    out = Path(out) if out else Path(run_dir) / PLOT
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def format_matrix(matrix: dict, baseline: dict | None = None) -> str:
+    lines = [f"{'task':<14}{'NLL/token':>11}{'perplexity':>12}" + (f"{'untrained NLL':>15}" if baseline else "")]
+    for task, row in matrix.items():
+        line = f"{task:<14}{row['nll']:>11.4f}{row['ppl']:>12.2f}"
+        lines.append(line + (f"{baseline[task]['nll']:>15.4f}" if baseline else ""))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command line
+
+@dataclass
+class EvaluateArgs:
+    ckpt: str = "???"  # run dir, checkpoints/ dir, step_* tag or exported model dir
+    manifest: str | None = None  # default: the manifest the run trained on
+    batches: int | None = None
+    batch_size: int | None = None
+    seed: int | None = None
+    tasks: list[str] | None = None
+    device: str = "auto"
+    out: str | None = None  # JSON file for the matrix (default: print only)
+    plot: str | None = None  # PNG path: loss curves of the run (when ckpt is a run) + the matrix
+
+
+def parse_args(argv) -> EvaluateArgs:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    parser = argparse.ArgumentParser(
+        prog="python -m pretrain.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__.split("Standalone")[0] + "\nArguments are key=value pairs:\n" + "\n".join(
+            f"  {name:<11} {doc}" for name, doc in (
+                ("ckpt", "run dir, checkpoints/ dir, step_* checkpoint or exported model dir (required)"),
+                ("manifest", "manifest.json whose val split is used (default: the run's)"),
+                ("batches", "validation batches per task (default: the run's eval.batches)"),
+                ("batch_size", "windows per batch (default: the run's)"),
+                ("seed", "seed of the (S, T) draws (default: the run's eval.seed)"),
+                ("tasks", f"subset of {list(EVAL_TASKS)}, e.g. tasks=[joint,mlm]"),
+                ("device", "cpu, cuda or auto"),
+                ("out", "write the matrix as JSON here"),
+                ("plot", "write a PNG (loss curves of the run, if any, and the matrix)"))),
+        epilog="example: python -m pretrain.evaluate ckpt=runs/demo batches=4 plot=runs/demo/eval.png")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(EvaluateArgs), OmegaConf.from_dotlist(args.overrides))
+        parsed = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        parser.error(f"argument {getattr(err, 'full_key', '?')}: {str(err).splitlines()[0]}")
+    return parsed
+
+
+def main(argv=None) -> int:
+    from data_pipeline import load_manifest
+
+    from .checkpoint import load_for_inference
+    from .config import TrainConfig, to_schema
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    try:
+        model, meta = load_for_inference(args.ckpt, device)
+        run_config = to_schema(meta["config"]) if "config" in meta else TrainConfig()
+        manifest = args.manifest or meta.get("manifest")
+        if not manifest:
+            raise ValueError(f"{args.ckpt} does not record its manifest: pass manifest=PATH")
+        config = replace(run_config.eval, **{k: v for k, v in (("batches", args.batches), ("seed", args.seed),
+                                                                ("tasks", args.tasks)) if v is not None})
+        batch_size = args.batch_size or config.batch_size or run_config.data.batch_size
+        windows = validation_windows(manifest, config.batches, batch_size)
+        pad_id = int(load_manifest(manifest)["pad_id"])
+        matrix = evaluate(model.loss, eval_batches(windows, config, pad_id), device)
+    except ValueError as err:
+        print(f"pretrain.evaluate: error: {err}", file=sys.stderr)
+        return 2
+    print(format_matrix(matrix))
+    if args.out:
+        Path(args.out).write_text(json.dumps(matrix, indent=2))
+    if args.plot:
+        run_dir = Path(meta.get("run_dir", args.ckpt))
+        print(f"plot: {plot_run(run_dir if run_dir.is_dir() else args.ckpt, matrix, out=Path(args.plot))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
