@@ -23,14 +23,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import objectives
 from .model import ModelConfig
-from .objectives import ObjectiveConfig
+from .objectives import EVAL_TASKS, ObjectiveConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "objective", "data", "deepspeed", "trainer", "eval", "experiment")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ACCELERATORS = ("auto", "cuda", "cpu")
 DATA_KINDS = ("demo", "manifest")
-EVAL_TASKS = ("joint", "left_to_right", "mlm", "infill", "biglearn")
 
 
 @dataclass

@@ -24,31 +24,12 @@ import numpy as np
 import torch
 
 from .collate import TaskBatch, collate
-from .config import EVAL_TASKS, EvalConfig
-from .infer import split_spec
-from .objectives import MLMConfig, ObjectiveConfig, ObjectiveSampler
+from .config import EvalConfig
+from .objectives import EVAL_TASKS, ObjectiveSampler, eval_split
 
 METRICS = "metrics.jsonl"
 PLOT = "training.png"
 _SEED_TAG = 7919  # keeps these draws apart from the training sampler's streams
-
-
-def task_spec(task: str, length: int, rng: np.random.Generator, config: EvalConfig):
-    """One window's (S, T) draw for an evaluation task (a SplitSpec)."""
-    if task == "joint":
-        return split_spec(length, [], rng.permutation(length))
-    if task == "left_to_right":
-        return split_spec(length, [], np.arange(length), task="clm")
-    if task == "mlm":
-        return ObjectiveSampler(ObjectiveConfig(name="mlm", mlm=MLMConfig(ratio=config.mlm_ratio)))(length, rng)
-    if task == "infill":
-        middle = min(length - 2, max(1, round(config.infill_ratio * length)))
-        start = int(rng.integers(1, length - middle))  # prefix and suffix both non-empty
-        source = np.concatenate([np.arange(start), np.arange(start + middle, length)])
-        return split_spec(length, source, np.arange(start, start + middle), task="span")
-    if task == "biglearn":
-        return ObjectiveSampler("biglearn")(length, rng)
-    raise ValueError(f"eval.tasks: unknown task {task!r}; choose from {EVAL_TASKS}")
 
 
 def validation_windows(manifest, n_batches: int, batch_size: int) -> list[list[np.ndarray]]:
@@ -75,7 +56,8 @@ def eval_batches(windows: list[list[np.ndarray]], config: EvalConfig, pad_id: in
         batches = []
         for batch_index, batch_windows in enumerate(windows):
             rng = np.random.default_rng([config.seed, _SEED_TAG, batch_index, EVAL_TASKS.index(task)])
-            specs = [task_spec(task, len(w), rng, config) for w in batch_windows]
+            specs = [eval_split(task, len(w), rng, mlm_ratio=config.mlm_ratio, infill_ratio=config.infill_ratio)
+                     for w in batch_windows]
             batches.append(collate(batch_windows, specs, pad_id))
         out[task] = batches
     return out

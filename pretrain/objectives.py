@@ -325,23 +325,28 @@ def _spec(length, source, targets, groups, task_id) -> SplitSpec:
 EVAL_TASKS = ("joint", "left_to_right", "mlm", "infill", "biglearn")
 
 
-def eval_split(task: str, length: int, rng: np.random.Generator) -> SplitSpec:
+def eval_split(task: str, length: int, rng: np.random.Generator, *, mlm_ratio: float = 0.15,
+               infill_ratio: float = 0.25) -> SplitSpec:
     """One draw of an evaluation task:
     joint: S empty, every token a target in a random order; left_to_right: causal LM;
-    mlm: 15% in one group; infill: S = prefix + suffix, T = the middle left to right
-    (10-50% of the tokens); biglearn: the default q(S, T)."""
+    mlm: `mlm_ratio` of the tokens in one group; infill: S = prefix + suffix, T = a middle of
+    `infill_ratio` x L tokens, left to right; biglearn: the default q(S, T)."""
     if task not in EVAL_TASKS:
         raise ValueError(f"evaluation task must be one of {EVAL_TASKS}; got {task!r}")
     if length < 2:
         raise ValueError(f"length must be >= 2; got {length}")
     if task == "joint":
         return _spec(length, np.arange(0), rng.permutation(length), np.arange(1, length + 1), TASKS.index("biglearn"))
+    if task == "left_to_right":
+        return _spec(length, *_clm(length, rng), TASKS.index("clm"))
+    if task == "mlm":
+        return _spec(length, *_mlm(length, rng, MLMConfig(ratio=mlm_ratio)), TASKS.index("mlm"))
     if task == "infill":
-        middle = min(length - 2, max(1, int(round(rng.uniform(0.1, 0.5) * length)))) if length > 2 else 1
-        start = int(rng.integers(1, length - middle)) if length > 2 else 1
+        if length == 2:  # no room for both a prefix and a suffix
+            return _spec(length, np.arange(1), np.arange(1, 2), np.ones(1), TASKS.index("span"))
+        middle = min(length - 2, max(1, int(round(infill_ratio * length))))
+        start = int(rng.integers(1, length - middle))  # prefix and suffix both non-empty
         targets = np.arange(start, start + middle)
-        source = np.setdiff1d(np.arange(length), targets)
-        return _spec(length, source, targets, np.arange(1, middle + 1), TASKS.index("span"))
-    preset = {"left_to_right": "clm", "mlm": "mlm", "biglearn": "biglearn"}[task]
-    source, targets, groups = _draw(preset, length, rng, ObjectiveConfig(name=preset))
-    return _spec(length, source, targets, groups, TASKS.index(preset))
+        return _spec(length, np.setdiff1d(np.arange(length), targets), targets, np.arange(1, middle + 1),
+                     TASKS.index("span"))
+    return _spec(length, *_biglearn(length, rng, BigLearnConfig()), TASKS.index("biglearn"))

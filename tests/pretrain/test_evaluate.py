@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.config import EVAL_TASKS, EvalConfig
-from pretrain.evaluate import eval_batches, evaluate, task_spec, validation_windows
+from pretrain.config import EvalConfig
+from pretrain.evaluate import eval_batches, evaluate, validation_windows
+from pretrain.objectives import EVAL_TASKS, eval_split
 from pretrain.infer import score
 from pretrain.model import BigLearner, ModelConfig
 
@@ -29,29 +30,6 @@ def parts(spec):
     source = spec.order[:spec.n_source]
     targets = spec.order[spec.n_source:spec.n_source + spec.n_target]
     return source, targets, spec.target_groups
-
-
-def test_tasks_match_their_definitions():
-    config = EvalConfig()
-    for seed in range(20):
-        length = int(np.random.default_rng(seed).integers(8, 80))
-        rng = np.random.default_rng(seed)
-        source, targets, groups = parts(task_spec("joint", length, rng, config))
-        assert len(source) == 0 and sorted(targets) == list(range(length))
-        assert list(groups) == list(range(1, length + 1))  # one token per step: a full chain-rule order
-        source, targets, groups = parts(task_spec("left_to_right", length, rng, config))
-        assert len(source) == 0 and list(targets) == list(range(length)) and list(groups) == list(range(1, length + 1))
-        source, targets, groups = parts(task_spec("mlm", length, rng, config))
-        assert len(targets) == max(1, round(0.15 * length)) and set(groups) == {1}
-        assert sorted(np.concatenate([source, targets])) == list(range(length))
-        source, targets, groups = parts(task_spec("infill", length, rng, config))
-        middle = max(1, round(0.25 * length))
-        start = targets[0]
-        assert list(targets) == list(range(start, start + middle)) and 0 < start and start + middle < length
-        assert sorted(source) == [p for p in range(length) if not start <= p < start + middle]
-        assert list(groups) == list(range(1, middle + 1))
-        source, targets, groups = parts(task_spec("biglearn", length, rng, config))
-        assert len(set(source) | set(targets)) == len(source) + len(targets) and len(targets) >= 1
 
 
 def test_draws_are_fixed_by_the_seed():
@@ -81,7 +59,8 @@ def test_matrix_equals_exact_scores_of_each_order():
         for batch_index, batch_windows in enumerate(windows):
             draw = np.random.default_rng([config.seed, 7919, batch_index, EVAL_TASKS.index(task)])
             for window in batch_windows:
-                source, targets, _ = parts(task_spec(task, len(window), draw, config))
+                source, targets, _ = parts(eval_split(task, len(window), draw,
+                                                 mlm_ratio=config.mlm_ratio, infill_ratio=config.infill_ratio))
                 total -= float(score(model, window, source, targets))
                 count += len(targets)
         assert matrix[task]["tokens"] == count

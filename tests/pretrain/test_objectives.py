@@ -157,19 +157,27 @@ def test_bad_beta_and_lengths():
             ObjectiveSampler("biglearn")(length, np.random.default_rng())
 
 
-@pytest.mark.parametrize("task", EVAL_TASKS)
-def test_eval_tasks_are_valid_and_have_their_shape(task):
-    rng = np.random.default_rng()
-    for _ in range(100):
-        length = int(rng.integers(2, 50))
-        spec = eval_split(task, length, rng)
-        check_spec(spec, length)
-        targets = spec.order[spec.n_source:spec.n_source + spec.n_target]
-        if task == "joint":
-            assert spec.n_source == 0 and spec.n_target == length and len(set(spec.target_groups)) == length
-        if task == "infill":
-            assert np.all(np.diff(targets) == 1)  # one middle span, left to right
-            if length > 2:
-                assert targets[0] > 0 and targets[-1] < length - 1  # prefix and suffix non-empty
+def test_eval_tasks_match_their_definitions():
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        length = int(rng.integers(8, 80))
+        for task in EVAL_TASKS:
+            check_spec(eval_split(task, length, rng), length)
+        parts = lambda spec: (spec.order[:spec.n_source], spec.order[spec.n_source:spec.n_source + spec.n_target],
+                              spec.target_groups)
+        source, targets, groups = parts(eval_split("joint", length, rng))
+        assert len(source) == 0 and sorted(targets) == list(range(length))
+        assert list(groups) == list(range(1, length + 1))  # one token per step: a full chain-rule order
+        source, targets, groups = parts(eval_split("left_to_right", length, rng))
+        assert len(source) == 0 and list(targets) == list(range(length)) and list(groups) == list(range(1, length + 1))
+        source, targets, groups = parts(eval_split("mlm", length, rng, mlm_ratio=0.2))
+        assert len(targets) == max(1, round(0.2 * length)) and set(groups) == {1}
+        source, targets, groups = parts(eval_split("infill", length, rng, infill_ratio=0.3))
+        middle, start = max(1, round(0.3 * length)), targets[0]
+        assert list(targets) == list(range(start, start + middle)) and 0 < start and start + middle < length
+        assert list(groups) == list(range(1, middle + 1))
+    for length in (2, 3):  # shortest windows still give valid draws
+        for task in EVAL_TASKS:
+            check_spec(eval_split(task, length, rng), length)
     with pytest.raises(ValueError, match="evaluation task"):
         eval_split("bogus", 10, rng)
