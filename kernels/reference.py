@@ -70,10 +70,11 @@ def reference_attention(q, k, v, q_groups, k_groups, *, strict: bool, scale: flo
         rows_visible = n_visible[:, start:stop, None]  # [B, c, 1]
         sees_any = rows_visible > 0
         # A row that sees nothing would give NaN in softmax: let it see the chunk's keys, then zero it.
-        mask = torch.arange(bound, device=q.device) < torch.where(sees_any, rows_visible, bound)
+        rows_visible = torch.where(sees_any, rows_visible, bound)
+        mask = None  # every row sees all `bound` keys: no mask, SDPA's fastest path
+        if not bool((rows_visible == bound).all()):
+            mask = (torch.arange(bound, device=q.device) < rows_visible)[:, None]  # [B, 1, c, bound]
         o = F.scaled_dot_product_attention(
-            q[:, :, start:stop], k[:, :, :bound], v[:, :, :bound],
-            attn_mask=None if bool(mask.all()) else mask[:, None], scale=scale,
-        )
+            q[:, :, start:stop], k[:, :, :bound], v[:, :, :bound], attn_mask=mask, scale=scale)
         pieces.append(o if bool(sees_any.all()) else o * sees_any[:, None].to(o.dtype))
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)

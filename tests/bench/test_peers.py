@@ -1,0 +1,69 @@
+"""bench/peers.py: the --quick run has every row, finite; helpers checked against closed forms."""
+import json
+import math
+import runpy
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "peers.py"
+peers = runpy.run_path(str(BENCH))
+
+
+def test_quick_peers_has_every_row_and_a_plot(tmp_path, capsys):
+    out = tmp_path / "peers.json"
+    rows = peers["main"](["--quick", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    compared = [r for r in rows if r["table"] == "peers"]
+    assert sorted((r["system"], r["seq_len"]) for r in compared) == [("hf-xlnet", 32), ("ours", 32)]
+    objective = [r for r in rows if r["table"] == "objective"]
+    assert [r["preset"] for r in objective] == ["clm", "mlm", "plm", "biglearn"]
+    for row in compared + objective:
+        assert "error" not in row, row.get("error")
+        for key in ("tokens_per_s", "predicted_per_s", "step_s", "cpu_s", "peak_mem_bytes"):
+            assert math.isfinite(row[key]) and row[key] > 0, key
+        assert 1 <= row["predicted_per_step"] <= row["batch_size"] * row["seq_len"]
+    assert objective[0]["vs_clm"] == 1.0
+    assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert "nan" not in printed.lower() and "hf-xlnet" in printed
+
+
+def test_scaling_exponents_match_a_power_law():
+    """step time ~ L^1.5 and memory ~ L^1 give those exponents and per-token ratios 2^0.5."""
+    rng = np.random.default_rng()
+    a_time, a_mem = rng.uniform(1, 2), rng.uniform(0.5, 1.5)
+    rows = [{"system": "ours", "seq_len": n, "batch_size": 8, "step_s": 0.01 * n**a_time,
+             "cpu_s": 0.02 * n**a_time, "peak_mem_bytes": 1e6 * n**a_mem} for n in (128, 256, 512, 1024)]
+    got = peers["scaling_rows"](rows)
+    assert [r["seq_len"] for r in got] == [128, 256, 512, 1024]
+    for r in got:
+        assert r["time_exponent"] == pytest.approx(a_time) and r["mem_exponent"] == pytest.approx(a_mem)
+        assert r["cpu_time_exponent"] == pytest.approx(a_time)
+    for r in got[1:]:
+        assert r["per_token_vs_prev"] == pytest.approx(2 ** (a_time - 1))
+        assert r["mem_vs_prev"] == pytest.approx(2**a_mem)
+
+
+def test_both_systems_predict_the_same_share_of_tokens():
+    """Our plm preset (span=True) and HF's PLM collator draw the same q(S, T): ~1/6 predicted, in
+    spans of mean length 3 (U[1, 5]); compared over fresh random draws."""
+    import torch
+
+    length, batch = 600, 48
+    hf = peers["xlnet_collator"](8000)([torch.randint(5, 8000, (length,)) for _ in range(batch)])
+    hf_targets = (hf["labels"] != -100).numpy()
+    throughput = runpy.run_path(str(BENCH.parent / "throughput.py"))
+    ours = throughput["batch_maker"]("plm", length, batch, 8000, int(np.random.default_rng().integers(1 << 30)))(0)
+    our_targets = np.zeros((batch, length), dtype=bool)
+    for b in range(batch):
+        rows = ours.target_index[b][ours.target_mask[b]]
+        our_targets[b, ours.positions[b, rows].numpy()] = True
+
+    def mean_run_length(mask):
+        starts = mask & ~np.pad(mask, ((0, 0), (1, 0)))[:, :-1]
+        return mask.sum() / starts.sum()
+
+    assert hf_targets.mean() == pytest.approx(our_targets.mean(), rel=0.12)
+    assert mean_run_length(hf_targets) == pytest.approx(mean_run_length(our_targets), rel=0.12)
