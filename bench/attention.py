@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import INVALID_GROUP, reference_attention, two_stream_attention, visibility  # noqa: E402
+from kernels import INVALID_GROUP, two_stream_attention, visibility  # noqa: E402
 
 LAYOUTS = ("causal", "mlm", "plm", "biglearn")
 MEMORY_TOKENS = 16384  # the metadata-size table is always for B*L = 16k tokens

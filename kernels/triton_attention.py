@@ -21,8 +21,6 @@ under grouped-query attention), skipping query tiles that cannot see the key til
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl

@@ -17,13 +17,6 @@ TINY = ["deepspeed=cpu", "model.d_model=32", "model.n_layers=2", "model.n_heads=
         "eval.batches=1", "eval.plot=false", "trainer.eval_every=0", "trainer.log_every=1"]
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    import data_pipeline
-    return data_pipeline.build_demo(tmp_path_factory.getbasetemp() / "tiny_demo_data", vocab_size=512, seq_len=32,
-                                    stdlib_limit=40, progress=False)
-
-
 def train(run_dir, manifest, *overrides, expect=0):
     result = subprocess.run([sys.executable, "-m", "pretrain.train", *TINY, "data.kind=manifest",
                              f"data.manifest={manifest}", f"run_dir={run_dir}", *overrides],

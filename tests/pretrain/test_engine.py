@@ -84,12 +84,6 @@ def test_flop_count_matches_a_brute_force_count():
 
 # --------------------------------------------------------------------------- 2 processes
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    import data_pipeline
-    return data_pipeline.build_demo(tmp_path_factory.getbasetemp() / "tiny_demo_data", vocab_size=512, seq_len=32,
-                                    stdlib_limit=40, progress=False)
-
 
 def _free_port() -> int:
     with socket.socket() as s:

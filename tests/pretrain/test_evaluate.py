@@ -19,13 +19,6 @@ from pretrain.model import BigLearner, ModelConfig
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    import data_pipeline
-    return data_pipeline.build_demo(tmp_path_factory.getbasetemp() / "tiny_demo_data", vocab_size=512, seq_len=32,
-                                    stdlib_limit=40, progress=False)
-
-
 def parts(spec):
     source = spec.order[:spec.n_source]
     targets = spec.order[spec.n_source:spec.n_source + spec.n_target]

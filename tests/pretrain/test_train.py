@@ -19,14 +19,6 @@ TINY = ["deepspeed=cpu", "model.d_model=32", "model.n_layers=2", "model.n_heads=
         "eval.batches=1", "eval.plot=false", "trainer.export_at_end=false", "trainer.eval_every=0"]
 
 
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    import data_pipeline
-    # Same path in every test module of a session: build_demo reuses finished work.
-    return data_pipeline.build_demo(tmp_path_factory.getbasetemp() / "tiny_demo_data", vocab_size=512, seq_len=32,
-                                    stdlib_limit=40, progress=False)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
