@@ -118,6 +118,10 @@ class Block(nn.Module):
         gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
         return x + self.dropout(self.w_down(F.silu(gate) * up))
 
+    def _attend_residual(self, x, o):
+        """Attention output projection + residual, then the MLP sub-block."""
+        return self._mlp(x + self.dropout(self.wo(o.transpose(1, 2).flatten(2))))
+
     def forward(self, h, g, groups, target_groups, rope_content, rope_query, last: bool):
         c = self.config
         normed_h = self.attn_norm(h)
@@ -128,10 +132,56 @@ class Block(nn.Module):
         q_content = None if last else apply_rope(self._heads(self.wq(normed_h), c.n_heads), *rope_content)
         o_content, o_query = kernels.two_stream_attention(
             q_content, q_query, k, v, groups, target_groups, backend=c.attention_backend, check_sorted=False)
-        g = self._mlp(g + self.dropout(self.wo(o_query.transpose(1, 2).flatten(2))))
+        g = self._attend_residual(g, o_query)
         if not last:
-            h = self._mlp(h + self.dropout(self.wo(o_content.transpose(1, 2).flatten(2))))
+            h = self._attend_residual(h, o_content)
         return h, g
+
+    def decode(self, h, g, cache_k, cache_v, write_index, new_groups, key_groups, query_groups,
+               rope_new, rope_query, last: bool):
+        """One layer of incremental decoding (design.md §3 with a key/value cache).
+
+        h: new content rows [B, m, d] or None; their keys/values are written into the cache at
+        columns write_index [B, m] BEFORE attending, so they see themselves and everything
+        cached with a group <= theirs. g: query rows [B, nq, d] or None, seeing cached keys of
+        groups strictly below query_groups. Cached rows never change: a content row only sees
+        groups <= its own, all of which were decoded before it.
+        """
+        c = self.config
+        if h is not None:
+            normed_h = self.attn_norm(h)
+            k, v = self._heads(self.wkv(normed_h), 2 * c.n_kv_heads).split(c.n_kv_heads, dim=1)
+            index = write_index[:, None, :, None].expand(-1, c.n_kv_heads, -1, c.head_dim)
+            cache_k.scatter_(2, index, apply_rope(k, *rope_new))
+            cache_v.scatter_(2, index, v)
+            if not last:  # the last layer's content output is never read
+                q_content = apply_rope(self._heads(self.wq(normed_h), c.n_heads), *rope_new)
+                o_content = kernels.group_attention(q_content, cache_k, cache_v, new_groups, key_groups, strict=False,
+                                                    backend=c.attention_backend, check_sorted=False)
+                h = self._attend_residual(h, o_content)
+        if g is not None:
+            q_query = apply_rope(self._heads(self.wq(self.attn_norm(g)), c.n_heads), *rope_query)
+            o_query = kernels.group_attention(q_query, cache_k, cache_v, query_groups, key_groups, strict=True,
+                                              backend=c.attention_backend, check_sorted=False)
+            g = self._attend_residual(g, o_query)
+        return h, g
+
+
+@dataclass
+class KVCache:
+    """Content-stream keys/values of every layer for incremental decoding.
+
+    Sample b's rows fill columns [0, length[b]) in decoding order; columns past that hold group
+    INVALID, so each row of `groups` stays non-decreasing (the sorted layout, design.md §2).
+    """
+    keys: list[torch.Tensor]    # n_layers x [B, Hkv, capacity, head_dim], RoPE applied
+    values: list[torch.Tensor]  # n_layers x [B, Hkv, capacity, head_dim]
+    groups: torch.Tensor        # [B, capacity] int32
+    length: torch.Tensor        # [B] int64 filled columns
+
+    @property
+    def capacity(self) -> int:
+        return int(self.groups.shape[1])
 
 
 class BigLearner(nn.Module):
@@ -200,6 +250,54 @@ class BigLearner(nn.Module):
             else:
                 h, g = block(h, g, groups, target_groups, rope_content, rope_query, last)
         return self.norm(g)
+
+    def new_cache(self, batch_size: int, capacity: int, device=None, dtype=None) -> KVCache:
+        """An empty KVCache for `capacity` content rows per sample."""
+        c = self.config
+        param = next(self.parameters())
+        device, dtype = device or param.device, dtype or param.dtype
+        shape = (batch_size, c.n_kv_heads, capacity, c.head_dim)
+        return KVCache(keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks],
+                       values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks],
+                       groups=torch.full((batch_size, capacity), kernels.INVALID_GROUP, device=device, dtype=torch.int32),
+                       length=torch.zeros(batch_size, device=device, dtype=torch.long))
+
+    @torch.no_grad()
+    def decode_step(self, cache: KVCache, tokens=None, positions=None, groups=None,
+                    query_positions=None, query_groups=None, segments=None):
+        """Append content rows to `cache`, then predict query rows against it.
+
+        tokens, positions, groups [B, m]: new content rows (groups INVALID for a sample's unused
+        trailing rows; valid groups must not be below any group already cached). query_positions,
+        query_groups [B, nq]: rows to predict (INVALID for unused ones). Returns logits
+        [B, nq, vocab], or None without query rows. Equals `forward` on the batch that holds the
+        cached rows as S and earlier target groups, with m + nq rows of work instead of all of them.
+        """
+        c = self.config
+        h = write_index = rope_new = None
+        if tokens is not None and tokens.shape[1] > 0:
+            groups = groups.to(torch.int32)
+            n_new = (groups != kernels.INVALID_GROUP).sum(1)
+            write_index = cache.length[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+            if int(write_index.max()) >= cache.capacity:
+                raise ValueError(f"KV cache is full: capacity {cache.capacity} rows, "
+                                 f"needed {int(write_index.max()) + 1}")
+            cache.groups.scatter_(1, write_index, groups)
+            cache.length += n_new
+            h = self.embed(tokens)
+            if self.segment_embed is not None and segments is not None:
+                h = h + self.segment_embed(segments)
+            rope_new = rope_tables(positions, c.head_dim, c.rope_base, h.dtype)
+        g = rope_query = None
+        if query_positions is not None and query_positions.shape[1] > 0:
+            param = self.query_start
+            g = param.expand(query_positions.shape[0], query_positions.shape[1], -1)
+            rope_query = rope_tables(query_positions, c.head_dim, c.rope_base, param.dtype)
+            query_groups = query_groups.to(torch.int32)
+        for i, block in enumerate(self.blocks):
+            h, g = block.decode(h, g, cache.keys[i], cache.values[i], write_index, groups, cache.groups,
+                                query_groups, rope_new, rope_query, last=i == len(self.blocks) - 1)
+        return None if g is None else self.head(self.norm(g))
 
     def forward(self, batch: TaskBatch) -> torch.Tensor:
         """Logits [B, Nt, vocab] for every target row (padding rows included)."""

@@ -1,0 +1,169 @@
+"""Fine-tuning: FT vs big-learn (seed 000 eq. 20-22), data checks, metrics, the Hydra sweep."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_pipeline.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
+from pretrain.finetune import (FinetuneConfig, DataConfig, LabelLayout, classification_metrics, config_from_dict,
+                               read_examples, run, summarize)
+from pretrain.infer import classify, load_model, main as infer_main
+
+ROOT = Path(__file__).resolve().parents[2]
+WORDS_A = "apple pear plum grape lemon melon cherry mango".split()
+WORDS_B = "train plane boat truck bike ship rocket tram".split()
+
+
+def write_task(path: Path, n: int, rng, fmt: str, pairs: bool = False):
+    """Label 'b' iff the text holds more vehicle words than fruit words (a learnable rule)."""
+    rows = []
+    for _ in range(n):
+        n_a, n_b = rng.integers(0, 6, 2)
+        while n_a == n_b:
+            n_a, n_b = rng.integers(0, 6, 2)
+        words = list(rng.choice(WORDS_A, n_a)) + list(rng.choice(WORDS_B, n_b))
+        rng.shuffle(words)
+        half = len(words) // 2
+        text, pair = (" ".join(words[:half]) or "x", " ".join(words[half:])) if pairs else (" ".join(words), None)
+        rows.append({"text": text, **({"text_pair": pair} if pairs else {}), "label": "b" if n_b > n_a else "a"})
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        keys = list(rows[0])
+        path.write_text("\t".join(keys) + "\n" + "".join("\t".join(r[k] for k in keys) + "\n" for r in rows))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tok")
+    corpus = directory / "corpus.txt"
+    rng = np.random.default_rng(0)
+    corpus.write_text("\n".join(" ".join(rng.choice(WORDS_A + WORDS_B, 8)) for _ in range(400)))
+    train_tokenizer([corpus], directory / "tokenizer",
+                    TokenizerConfig(vocab_size=40, n_sentinels=4, byte_fallback=False, num_threads=1))
+    return directory / "tokenizer"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir):
+    return Tokenizer.load(tokenizer_dir)
+
+
+def make_config(tmp_path, rng, **overrides):
+    write_task(tmp_path / "train.jsonl", 64, rng, "jsonl", pairs=True)
+    write_task(tmp_path / "dev.jsonl", 32, rng, "jsonl", pairs=True)
+    values = dict(data=DataConfig(train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"), max_len=24),
+                  model=dict(d_model=32, n_layers=2, n_heads=4, dropout=0.1, attention_backend="torch"),
+                  lr=3e-3, epochs=1, batch_size=16, out=str(tmp_path / "out"), seed=int(rng.integers(1000)))
+    return FinetuneConfig(**{**values, **overrides})
+
+
+def test_biglearn_with_beta_zero_equals_ft_exactly(tmp_path, tokenizer):
+    rng = np.random.default_rng()
+    ft = run(make_config(tmp_path, np.random.default_rng(1), strategy="ft"), tokenizer, progress=False)
+    seed = make_config(tmp_path, np.random.default_rng(1)).seed
+    big0 = run(make_config(tmp_path, np.random.default_rng(1), strategy="biglearn", beta=0.0), tokenizer, progress=False)
+    assert [h["loss_ft"] for h in ft["history"]] == [h["loss_ft"] for h in big0["history"]]
+    assert [h["loss"] for h in ft["history"]] == [h["loss"] for h in big0["history"]]
+    assert ft["dev_accuracy"] == big0["dev_accuracy"] and ft["seed"] == seed
+    # ... and a positive beta really trains on the big-learning term (the check above can fail).
+    big = run(make_config(tmp_path, np.random.default_rng(1), strategy="biglearn", beta=float(rng.uniform(0.3, 1))),
+              tokenizer, progress=False)
+    assert big["history"][0]["loss_ft"] == ft["history"][0]["loss_ft"]  # same start
+    assert big["history"][-1]["loss_ft"] != ft["history"][-1]["loss_ft"]
+    for h in big["history"]:
+        assert abs(h["loss"] - (h["loss_ft"] + big["beta"] * h["loss_biglearn"])) < 1e-5
+
+
+def test_finetuning_learns_a_simple_rule_and_exports_a_classifier(tmp_path, tokenizer, tokenizer_dir, capsys):
+    rng = np.random.default_rng()
+    cfg = make_config(tmp_path, rng, strategy="biglearn", beta=0.3, epochs=6, save_model=True)
+    result = run(cfg, tokenizer, progress=False)
+    assert result["dev_accuracy"] >= 0.8, result
+    model, meta = load_model(Path(cfg.out) / "model", tokenizer_sha256=tokenizer.sha256)
+    layout = LabelLayout(**meta["label_layout"])
+    examples = read_examples(cfg.data.dev, layout)
+    probs, _ = classify(model, [layout.encode(tokenizer, e.text, e.text_pair) for e in examples], 0,
+                        layout.label_token_ids)
+    accuracy = np.mean([layout.labels[int(p.argmax())] == e.label for p, e in zip(probs, examples)])
+    assert abs(accuracy - result["dev_accuracy"]) < 1e-9
+    # The CLI reads the label layout from the exported metadata and gives the same predictions.
+    infer_main(["classify", "--model", str(Path(cfg.out) / "model"), "--tokenizer", str(tokenizer_dir),
+                "--input", cfg.data.dev, "--device", "cpu"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["prediction"] for line in lines[:-1]] == [layout.labels[int(p.argmax())] for p in probs]
+    assert abs(lines[-1]["accuracy"] - accuracy) < 1e-9
+
+
+def test_label_slot_layout_and_tsv_reading(tmp_path, tokenizer):
+    rows = write_task(tmp_path / "d.tsv", 5, np.random.default_rng(), "tsv", pairs=True)
+    examples = read_examples(tmp_path / "d.tsv", DataConfig())
+    assert [(e.text, e.text_pair, e.label) for e in examples] == [(r["text"], r["text_pair"], r["label"]) for r in rows]
+    layout = LabelLayout.from_tokenizer(tokenizer, ["a", "b"], max_len=64)
+    sample = layout.encode(tokenizer, "apple boat", "plum", label="b")
+    assert sample[0] == tokenizer.sentinel_ids[1] and layout.separator_id == tokenizer.sentinel_ids[2]
+    assert list(sample[1:]) == tokenizer.encode("apple boat") + [layout.separator_id] + tokenizer.encode("plum")
+    assert len(LabelLayout.from_tokenizer(tokenizer, ["a", "b"], max_len=3).encode(tokenizer, "apple boat plum")) == 3
+
+
+def test_bad_inputs_name_the_problem(tmp_path, tokenizer):
+    rng = np.random.default_rng()
+    write_task(tmp_path / "t.jsonl", 4, rng, "jsonl")
+    layout = LabelLayout.from_tokenizer(tokenizer, ["a", "b"], 32)
+    (tmp_path / "bad.jsonl").write_text('{"text": "apple", "label": "a"}\n{"text": "pear", "label": "zzz"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: unknown label 'zzz'"):
+        read_examples(tmp_path / "bad.jsonl", layout)
+    (tmp_path / "empty.jsonl").write_text('{"text": "  ", "label": "a"}\n')
+    with pytest.raises(ValueError, match=r"empty.jsonl:1: empty"):
+        read_examples(tmp_path / "empty.jsonl", DataConfig())
+    with pytest.raises(ValueError, match="sentinel"):
+        LabelLayout.from_tokenizer(tokenizer, list("abcd"), 32)
+    cfg = make_config(tmp_path, rng)
+    (tmp_path / "dev.jsonl").write_text('{"text": "apple", "label": "c"}\n')
+    with pytest.raises(ValueError, match="unknown label 'c'"):
+        run(cfg, tokenizer, progress=False)
+    with pytest.raises(ValueError, match="beta"):
+        FinetuneConfig(strategy="ft", beta=0.5)
+    with pytest.raises(ValueError, match="strategy"):
+        FinetuneConfig(strategy="lora")
+    with pytest.raises(ValueError, match=r"finetune.data: unknown keys \['trian'\]"):
+        config_from_dict({"data": {"trian": "x"}})
+    with pytest.raises(ValueError, match="segments"):
+        config_from_dict({"objective": {"name": "biglearn", "segments": []}})
+
+
+def test_metrics_match_sklearn_and_summary_table():
+    from sklearn.metrics import accuracy_score, f1_score
+    rng = np.random.default_rng()
+    for n_labels in (2, 4):
+        gold, predicted = rng.integers(0, n_labels, 50), rng.integers(0, n_labels, 50)
+        metrics = classification_metrics(predicted, gold, n_labels)
+        assert abs(metrics["accuracy"] - accuracy_score(gold, predicted)) < 1e-12
+        expected = f1_score(gold, predicted, average="binary" if n_labels == 2 else "macro")
+        assert abs(metrics["f1"] - expected) < 1e-12
+    results = [{"beta": b, "dev_accuracy": a, "dev_f1": a} for b, a in
+               [(0, 0.5), (0, 0.7), (0, 0.6), (0.2, 0.8), (0.4, 0.9)]]
+    table = summarize(results)
+    assert "| FT (beta = 0) | 3 | 70.00 / 70.00 | 60.00 / 10.00 |" in table
+    assert "| big-learn (beta > 0) | 2 | 90.00 / 90.00 | 85.00 / 5.00 |" in table
+
+
+def test_hydra_multirun_writes_the_summary(tmp_path, tokenizer_dir):
+    rng = np.random.default_rng()
+    write_task(tmp_path / "train.tsv", 32, rng, "tsv")
+    write_task(tmp_path / "dev.tsv", 16, rng, "tsv")
+    sweep = tmp_path / "sweep"
+    command = [sys.executable, "-m", "pretrain.finetune", "-m", f"data.train={tmp_path / 'train.tsv'}",
+               f"data.dev={tmp_path / 'dev.tsv'}", f"tokenizer={tokenizer_dir}", "data.max_len=16",
+               "+model.d_model=16", "+model.n_layers=1", "+model.n_heads=2", "+model.attention_backend=torch",
+               "lr=1e-3", "epochs=1", "beta=0.0,0.5", f"hydra.sweep.dir={sweep}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
+    assert sorted(r["beta"] for r in results) == [0.0, 0.5]
+    summary = (sweep / "summary.md").read_text()
+    assert "FT (beta = 0) | 1 |" in summary and "big-learn (beta > 0) | 1 |" in summary
