@@ -223,7 +223,9 @@ def train(config: TrainConfig) -> dict:
                  "cpu" if on_cpu else torch.cuda.get_device_name(), model.num_parameters() / 1e6, manifest)
 
     meta_base = {"config": to_dict(config), "manifest": str(manifest), "run_dir": str(run_dir),
-                 "world_size": world_size, "git_revision": ckpt.git_revision()}
+                 "world_size": world_size, "git_revision": ckpt.git_revision(),
+                 # inference refuses a tokenizer whose hash differs (token ids would not match)
+                 "tokenizer_sha256": stream.manifest["tokenizer"]["sha256"]}
 
     def save() -> Path:
         meta = {**meta_base, "progress": dict(progress), "data_stats": stream.stats}

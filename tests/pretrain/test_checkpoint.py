@@ -64,6 +64,8 @@ def test_retention_resume_and_every_inference_path_agree(tmp_path, manifest):
     exported, export_meta = load_exported(run_dir / "export")
     from_export, _ = load_for_inference(run_dir / "export")
     assert export_meta["progress"]["step"] == 3
+    tokenizer_hash = json.loads(Path(manifest).read_text())["tokenizer"]["sha256"]
+    assert meta["tokenizer_sha256"] == export_meta["tokenizer_sha256"] == tokenizer_hash
     reference = from_run.state_dict()
     for model in (from_tag, exported, from_export):
         for key, value in model.state_dict().items():
