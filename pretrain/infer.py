@@ -65,6 +65,12 @@ def _eval_forward(model, batch):
         model.train(was_training)
 
 
+def label_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """log p(label) of every target row [B, Nt]; padding rows (IGNORE_LABEL) read token 0 and
+    must be masked by the caller with batch.target_mask."""
+    return logits.log_softmax(-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+
+
 @torch.no_grad()
 def score(model, tokens, source_positions, target_positions, order=None, *, pad_id: int = 0,
           return_steps: bool = False):
@@ -89,7 +95,7 @@ def score(model, tokens, source_positions, target_positions, order=None, *, pad_
     device = next(model.parameters()).device
     batch = collate(tokens, specs, pad_id).to_torch(device)
     logits = _eval_forward(model, batch)
-    log_probs = logits.double().log_softmax(-1).gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]
+    log_probs = label_log_probs(logits.double(), batch.labels)
     steps = torch.where(batch.target_mask, log_probs, torch.zeros_like(log_probs))
     total = steps.sum(-1)
     if single:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .collate import collate
+from .infer import label_log_probs
 from .model import BigLearner, ModelConfig
 from .objectives import ObjectiveSampler, SplitSpec
 
@@ -84,7 +85,7 @@ def model_target_log_probs(model: BigLearner, x: np.ndarray, specs: list[SplitSp
     with torch.no_grad():
         for start in range(0, len(specs), batch_size):
             batch = collate(x[start:start + batch_size], specs[start:start + batch_size], pad_id=0).to_torch(device)
-            log_probs = model(batch).float().log_softmax(-1).gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0]
+            log_probs = label_log_probs(model(batch).float(), batch.labels)
             out += [row[:n].cpu().numpy() for row, n in zip(log_probs, batch.n_target.tolist())]
     return out
 
