@@ -1,40 +1,67 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
-PYTHON ?= python3.11
+#
+#   PYTHON=python3.12 make demo     use this interpreter for .venv (default: the newest
+#                                   python3.X >= 3.10 on PATH, else python3 if it is >= 3.10)
+#   TORCH_INDEX=URL make install    where the CPU build of torch comes from on machines
+#                                   without an NVIDIA GPU (machines with one keep pip's default)
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
-STAMP  := $(VENV)/.installed
-# CPU machines get the CPU build of torch; machines with an NVIDIA driver keep pip's default build.
+# Newest first; `python3` last so a distribution default >= 3.10 also works.
+PYTHON_CANDIDATES := python3.14 python3.13 python3.12 python3.11 python3.10 python3
+PYTHON ?= $(shell for p in $(PYTHON_CANDIDATES); do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null \
+	&& { echo $$p; break; }; done)
+# PyTorch's CPU wheel index: a plain `pip install torch` on Linux pulls the multi-GB CUDA build.
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+TORCH_SPEC  ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.6.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+# One stamp per extra: the demo needs only the runtime, tests add `dev`, benchmarks add `bench`.
+STAMP       := $(VENV)/.installed
+STAMP_DEV   := $(VENV)/.installed-dev
+STAMP_BENCH := $(VENV)/.installed-bench
 
 .PHONY: install demo test test-all bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade "setuptools>=64" wheel
+	@test -x $(PY) || test -n "$(PYTHON)" || { echo "error: no Python >= 3.10 found on PATH; run with PYTHON=/path/to/python3.X" >&2; exit 2; }
+	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	$(PIP) install -q --upgrade "setuptools>=77" wheel
 ifeq ($(HAS_GPU),)
-	$(PIP) install -q torch==2.13.0 triton==3.6.0
+	@echo "no NVIDIA GPU found: installing the CPU build of torch from $(TORCH_INDEX)"
+	$(PIP) install -q --index-url $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(PIP) install -q "$(TRITON_SPEC)"
 endif
 	# DeepSpeed's build imports torch: build it against the torch installed above.
 	$(PIP) install -q --no-build-isolation "deepspeed>=0.14"
-	$(PIP) install -q -e '.[dev,bench]'
+	$(PIP) install -q -e .
 	@touch $(STAMP)
+
+$(STAMP_DEV): $(STAMP)
+	$(PIP) install -q -e '.[dev]'
+	@touch $(STAMP_DEV)
+
+$(STAMP_BENCH): $(STAMP)
+	$(PIP) install -q -e '.[bench]'
+	@touch $(STAMP_BENCH)
 
 demo: install
 	$(PY) -m pretrain.demo
 
-test: install
+test: $(STAMP_DEV)
 	$(PY) -m pytest -q
 
 # Everything but GPU tests, then the GPU tests (they skip without CUDA; exit 5 = none collected).
-test-all: install
+test-all: $(STAMP_DEV)
 	$(PY) -m pytest -q -m "not gpu"
 	$(PY) -m pytest -q -m gpu || test $$? -eq 5
 
 # Each script prints a table; docs/benchmarks.md records the figures with their commands.
-bench: install
+bench: $(STAMP_BENCH)
 ifeq ($(HAS_GPU),)
 	$(PY) bench/attention.py --quick
 else

@@ -1,0 +1,112 @@
+"""The Makefile's set-up logic: which Python makes .venv and where torch comes from.
+
+`make -n` prints the commands it would run without running them, so the selection logic is
+checked with fake executables on a PATH that holds nothing else (no network, nothing installed).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAKE = shutil.which("make")
+pytestmark = pytest.mark.skipif(MAKE is None, reason="GNU make is not installed")
+
+
+def fake_bin(directory: Path, name: str, exit_code: int = 0) -> None:
+    """An executable that exits with `exit_code` whatever it is asked (e.g. the version check)."""
+    path = directory / name
+    path.write_text(f"#!/bin/sh\nexit {exit_code}\n")
+    path.chmod(0o755)
+
+
+def make(tmp_path: Path, *args: str, dry_run: bool = True) -> subprocess.CompletedProcess:
+    env = {"PATH": str(tmp_path / "bin"), "HOME": str(tmp_path)}
+    command = [MAKE, "--no-print-directory", "-C", str(REPO)] + (["-n"] if dry_run else [])
+    return subprocess.run(command + [f"VENV={tmp_path / 'venv'}", *args], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def bin_dir(tmp_path):
+    (tmp_path / "bin").mkdir()
+    return tmp_path / "bin"
+
+
+def test_newest_python_at_least_3_10_is_chosen(tmp_path, bin_dir):
+    fake_bin(bin_dir, "python3.10")
+    fake_bin(bin_dir, "python3.12")
+    fake_bin(bin_dir, "python3.13", exit_code=1)  # present but fails the version check
+    out = make(tmp_path, "install")
+    assert out.returncode == 0, out.stderr
+    assert "python3.12 -m venv" in out.stdout
+    assert "python3.10 -m venv" not in out.stdout
+
+
+def test_plain_python3_is_the_fallback(tmp_path, bin_dir):
+    fake_bin(bin_dir, "python3")
+    out = make(tmp_path, "install")
+    assert out.returncode == 0, out.stderr
+    assert "python3 -m venv" in out.stdout
+
+
+def test_python_variable_overrides_the_search(tmp_path, bin_dir):
+    fake_bin(bin_dir, "python3.12")
+    out = make(tmp_path, "install", "PYTHON=/opt/custom/bin/python3.11")
+    assert out.returncode == 0, out.stderr
+    assert "/opt/custom/bin/python3.11 -m venv" in out.stdout
+    assert "python3.12 -m venv" not in out.stdout
+
+
+def test_no_suitable_python_fails_with_one_line(tmp_path, bin_dir):
+    fake_bin(bin_dir, "python3", exit_code=1)  # e.g. a python3 that is 3.9
+    out = make(tmp_path, "install", dry_run=False)
+    assert out.returncode != 0
+    assert "error: no Python >= 3.10 found on PATH; run with PYTHON=" in out.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_cpu_machine_installs_torch_from_the_cpu_index(tmp_path, bin_dir):
+    fake_bin(bin_dir, "python3.11")
+    out = make(tmp_path, "install")
+    assert out.returncode == 0, out.stderr
+    torch_lines = [line for line in out.stdout.splitlines() if "torch==" in line]
+    assert len(torch_lines) == 1, out.stdout
+    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_lines[0]
+    assert any("triton==" in line for line in out.stdout.splitlines())
+
+
+def test_gpu_machine_keeps_the_default_torch_build(tmp_path, bin_dir):
+    fake_bin(bin_dir, "python3.11")
+    fake_bin(bin_dir, "nvidia-smi")  # `nvidia-smi -L` succeeds: a driver and a GPU
+    out = make(tmp_path, "install")
+    assert out.returncode == 0, out.stderr
+    assert "download.pytorch.org" not in out.stdout
+    assert not any("torch==" in line for line in out.stdout.splitlines())
+
+
+def test_broken_nvidia_smi_counts_as_no_gpu(tmp_path, bin_dir):
+    fake_bin(bin_dir, "python3.11")
+    fake_bin(bin_dir, "nvidia-smi", exit_code=9)  # driver present, no usable GPU
+    out = make(tmp_path, "install")
+    assert "--index-url https://download.pytorch.org/whl/cpu" in out.stdout
+
+
+def test_demo_installs_no_test_or_benchmark_extras(tmp_path, bin_dir):
+    fake_bin(bin_dir, "python3.11")
+    demo = make(tmp_path, "demo").stdout
+    assert "pretrain.demo" in demo
+    assert ".[dev]" not in demo and ".[bench]" not in demo
+    assert ".[dev]" in make(tmp_path, "test").stdout
+    assert ".[bench]" in make(tmp_path, "bench").stdout
+
+
+def test_torch_index_can_be_overridden(tmp_path, bin_dir):
+    fake_bin(bin_dir, "python3.11")
+    out = make(tmp_path, "install", "TORCH_INDEX=https://mirror.example/whl/cpu")
+    assert "--index-url https://mirror.example/whl/cpu" in out.stdout
+    assert os.fspath(tmp_path / "venv") in out.stdout
