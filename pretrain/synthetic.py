@@ -1,10 +1,16 @@
-"""A synthetic source with exact conditionals, to check what a big learner learns.
+"""Synthetic sources with exact conditionals, to check what a big learner learns.
 
-A first-order Markov chain over `n_states` symbols: any marginal q(x_A) over an arbitrary set
-of positions A is one forward pass with the unobserved positions summed out, so every
-conditional q(x_T | x_S), for any (S, T) and any grouping of T, is exact. `fit` trains a
-BigLearner on samples from the chain with a plain torch loop (no DeepSpeed: this is a
-correctness experiment, not the trainer).
+Both sources are hidden Markov chains, and any marginal q(x_A) over an arbitrary set of
+positions A is one forward pass over the hidden states with the unobserved tokens summed out;
+so every conditional q(x_T | x_S), for any (S, T) and any grouping of T, is exact.
+
+- `MarkovSource`: a first-order Markov chain over `n_states` symbols (hidden state = token).
+- `HiddenMarkovSource`: `n_hidden` sticky hidden states emitting `n_symbols` tokens. A hidden
+  state persists for about 1 / (1 - stay) tokens and is never observed, so the best prediction
+  of a token uses evidence from far away on both sides: harder than a first-order chain.
+
+`fit` trains a BigLearner on samples from a source with a plain torch loop (no DeepSpeed: this
+is a correctness experiment, not the trainer).
 """
 from __future__ import annotations
 
@@ -19,8 +25,66 @@ from .model import BigLearner, ModelConfig
 from .objectives import ObjectiveSampler, SplitSpec
 
 
+def _draw_rows(probs: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One categorical draw from probs[rows[i]] for each i (inverse CDF)."""
+    cumulative = np.cumsum(probs, axis=1)
+    u = rng.random(len(rows))[:, None]
+    return np.minimum((u > cumulative[rows]).sum(1), probs.shape[1] - 1)
+
+
+class _ForwardSource:
+    """Exact marginals and conditionals of a chain of hidden states observed through `evidence`.
+
+    Subclasses define `initial` [H], `transition` [H, H], `vocab_size` and
+    `evidence(x, observed)` -> [n, L, H]: q(x_t | hidden state) where observed, 1 elsewhere."""
+
+    initial: np.ndarray
+    transition: np.ndarray
+
+    def _hidden_chain(self, n: int, length: int, rng: np.random.Generator) -> np.ndarray:
+        h = np.empty((n, length), dtype=np.int64)
+        h[:, 0] = rng.choice(len(self.initial), size=n, p=self.initial)
+        for t in range(1, length):
+            h[:, t] = _draw_rows(self.transition, h[:, t - 1], rng)
+        return h
+
+    def log_marginal(self, x: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        """log q(x_A) per row, A = positions where `observed` [n, L] is True (forward algorithm)."""
+        n, length = x.shape
+        evidence = self.evidence(x, observed)  # [n, L, H]
+        alpha = self.initial[None] * evidence[:, 0]
+        log_total = np.zeros(n)
+        for t in range(length):
+            if t:
+                alpha = (alpha @ self.transition) * evidence[:, t]
+            norm = alpha.sum(1)
+            log_total += np.log(norm)
+            alpha = alpha / norm[:, None]
+        return log_total
+
+    def target_log_probs(self, x: np.ndarray, specs: list[SplitSpec]) -> list[np.ndarray]:
+        """Exact log q(x_t | x_S, x_{T in earlier groups}) for every target of every sample,
+        in prediction order: the best any model of that (S, T, grouping) can do (the model's
+        loss predicts each target of group g from S and the groups before g, never jointly)."""
+        rows, before = [], []
+        for b, spec in enumerate(specs):
+            targets = spec.order[spec.n_source:spec.n_source + spec.n_target]
+            for group in spec.target_groups:
+                visible = np.zeros(x.shape[1], dtype=bool)
+                visible[spec.order[:spec.n_source]] = True
+                visible[targets[spec.target_groups < group]] = True
+                rows.append(b)
+                before.append(visible)
+        rows, before = np.array(rows), np.array(before)
+        with_target = before.copy()
+        target_positions = np.concatenate([s.order[s.n_source:s.n_source + s.n_target] for s in specs])
+        with_target[np.arange(len(rows)), target_positions] = True
+        flat = self.log_marginal(x[rows], with_target) - self.log_marginal(x[rows], before)
+        return np.split(flat, np.cumsum([s.n_target for s in specs])[:-1])
+
+
 @dataclass
-class MarkovSource:
+class MarkovSource(_ForwardSource):
     initial: np.ndarray     # [V] q(x_0)
     transition: np.ndarray  # [V, V] q(x_t | x_{t-1}), rows sum to 1
 
@@ -34,47 +98,48 @@ class MarkovSource:
     def n_states(self) -> int:
         return len(self.initial)
 
+    @property
+    def vocab_size(self) -> int:
+        return self.n_states
+
     def sample(self, n: int, length: int, rng: np.random.Generator) -> np.ndarray:
-        x = np.empty((n, length), dtype=np.int64)
-        x[:, 0] = rng.choice(self.n_states, size=n, p=self.initial)
-        cumulative = np.cumsum(self.transition, axis=1)
-        for t in range(1, length):
-            u = rng.random(n)[:, None]
-            x[:, t] = np.minimum((u > cumulative[x[:, t - 1]]).sum(1), self.n_states - 1)
-        return x
+        return self._hidden_chain(n, length, rng)
 
-    def log_marginal(self, x: np.ndarray, observed: np.ndarray) -> np.ndarray:
-        """log q(x_A) per row, A = positions where `observed` [n, L] is True (forward algorithm)."""
-        n, length = x.shape
-        evidence = np.where(observed[:, :, None], np.eye(self.n_states)[x], 1.0)  # [n, L, V]
-        alpha = self.initial[None] * evidence[:, 0]
-        log_total = np.zeros(n)
-        for t in range(length):
-            if t:
-                alpha = (alpha @ self.transition) * evidence[:, t]
-            norm = alpha.sum(1)
-            log_total += np.log(norm)
-            alpha = alpha / norm[:, None]
-        return log_total
+    def evidence(self, x: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        return np.where(observed[:, :, None], np.eye(self.n_states)[x], 1.0)
 
-    def target_log_probs(self, x: np.ndarray, specs: list[SplitSpec]) -> list[np.ndarray]:
-        """Exact log q(x_t | x_S, x_{T in earlier groups}) for every target of every sample,
-        in prediction order: the best any model of that (S, T, grouping) can do."""
-        rows, before = [], []
-        for b, spec in enumerate(specs):
-            targets = spec.order[spec.n_source:spec.n_source + spec.n_target]
-            for k, group in enumerate(spec.target_groups):
-                visible = np.zeros(x.shape[1], dtype=bool)
-                visible[spec.order[:spec.n_source]] = True
-                visible[targets[spec.target_groups < group]] = True
-                rows.append(b)
-                before.append(visible)
-        rows, before = np.array(rows), np.array(before)
-        with_target = before.copy()
-        target_positions = np.concatenate([s.order[s.n_source:s.n_source + s.n_target] for s in specs])
-        with_target[np.arange(len(rows)), target_positions] = True
-        flat = self.log_marginal(x[rows], with_target) - self.log_marginal(x[rows], before)
-        return np.split(flat, np.cumsum([s.n_target for s in specs])[:-1])
+
+@dataclass
+class HiddenMarkovSource(_ForwardSource):
+    initial: np.ndarray     # [H] q(h_0)
+    transition: np.ndarray  # [H, H] q(h_t | h_{t-1})
+    emission: np.ndarray    # [H, V] q(x_t | h_t)
+
+    @classmethod
+    def random(cls, n_hidden: int = 6, n_symbols: int = 16, stay: float = 0.97, concentration: float = 0.2,
+               seed: int = 0) -> "HiddenMarkovSource":
+        """Sticky transitions (stay with probability `stay`, else move to a Dirichlet(1) draw of
+        the others) and Dirichlet(`concentration`) emissions, which overlap between states."""
+        if not (n_hidden >= 2 and n_symbols >= 2 and 0 < stay < 1 and concentration > 0):
+            raise ValueError(f"HiddenMarkovSource.random needs n_hidden >= 2, n_symbols >= 2, 0 < stay < 1 and "
+                             f"concentration > 0; got {n_hidden}, {n_symbols}, {stay}, {concentration}")
+        rng = np.random.default_rng(seed)
+        moves = rng.dirichlet(np.ones(n_hidden - 1), size=n_hidden) * (1 - stay)
+        transition = np.full((n_hidden, n_hidden), stay)
+        transition[~np.eye(n_hidden, dtype=bool)] = moves.ravel()
+        return cls(np.full(n_hidden, 1.0 / n_hidden), transition,
+                   rng.dirichlet(np.full(n_symbols, concentration), size=n_hidden))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.emission.shape[1]
+
+    def sample(self, n: int, length: int, rng: np.random.Generator) -> np.ndarray:
+        hidden = self._hidden_chain(n, length, rng)
+        return _draw_rows(self.emission, hidden.ravel(), rng).reshape(n, length)
+
+    def evidence(self, x: np.ndarray, observed: np.ndarray) -> np.ndarray:
+        return np.where(observed[:, :, None], self.emission.T[x], 1.0)
 
 
 def model_target_log_probs(model: BigLearner, x: np.ndarray, specs: list[SplitSpec], batch_size: int = 256):
@@ -90,13 +155,13 @@ def model_target_log_probs(model: BigLearner, x: np.ndarray, specs: list[SplitSp
     return out
 
 
-def fit(source: MarkovSource, sampler: ObjectiveSampler, *, length: int = 32, steps: int = 400,
+def fit(source: MarkovSource | HiddenMarkovSource, sampler: ObjectiveSampler, *, length: int = 32, steps: int = 400,
         batch_size: int = 64, lr: float = 3e-3, seed: int = 0, model_config: ModelConfig | None = None,
         progress: bool = False) -> BigLearner:
     """Train a small BigLearner on fresh chain samples with AdamW + cosine decay."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    config = model_config or ModelConfig(vocab_size=source.n_states, d_model=64, n_layers=2, n_heads=4,
+    config = model_config or ModelConfig(vocab_size=source.vocab_size, d_model=64, n_layers=2, n_heads=4,
                                          ffn_hidden=128, attention_backend="torch")
     model = BigLearner(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
