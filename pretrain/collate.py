@@ -30,6 +30,9 @@ class TaskBatch:
     n_target: np.ndarray       # [B] int64
     task_id: np.ndarray        # [B] int64 index into objectives.TASKS
     segments: np.ndarray | None = None  # [B, N] int64 segment id of each token, if given
+    # Per-target loss weights (docs/design.md): loss = sum(target_weights * nll) / sum(loss_norm).
+    target_weights: np.ndarray | None = None  # [B, Nt] float32, 0 for padding; None = 1 per target
+    loss_norm: np.ndarray | None = None       # [B] float32 the objective's normaliser; None = n_target
 
     def to_torch(self, device=None, non_blocking: bool = False) -> "TaskBatch":
         """Same batch with every array as a torch tensor on `device`."""
@@ -60,6 +63,8 @@ def collate(windows, specs: list[SplitSpec], pad_id: int, segments=None) -> Task
             raise ValueError(f"sample {b}: spec.order has {len(spec.order)} positions but the window has {window_len}")
         if spec.n_target < 1 or spec.n_source + spec.n_target > window_len:
             raise ValueError(f"sample {b}: n_source={spec.n_source}, n_target={spec.n_target} invalid for length {window_len}")
+        if spec.target_weights is not None and len(spec.target_weights) != spec.n_target:
+            raise ValueError(f"sample {b}: target_weights has {len(spec.target_weights)} entries, n_target={spec.n_target}")
         if len(spec.target_groups) != spec.n_target:
             raise ValueError(f"sample {b}: target_groups has {len(spec.target_groups)} entries, n_target={spec.n_target}")
         if spec.n_target and (spec.target_groups[0] < 1 or np.any(np.diff(spec.target_groups) < 0)):
@@ -94,6 +99,11 @@ def collate(windows, specs: list[SplitSpec], pad_id: int, segments=None) -> Task
     target_index = np.where(target_mask, n_source[:, None] + np.arange(n_targets_max)[None, :], 0)
     labels = np.where(target_mask, np.take_along_axis(tokens, target_index, axis=1), IGNORE_LABEL)
 
+    target_weights = np.zeros((batch, n_targets_max), dtype=np.float32)
+    target_weights[target_mask] = np.concatenate(
+        [np.ones(s.n_target) if s.target_weights is None else s.target_weights for s in specs])
+    loss_norm = np.array([s.n_target if s.loss_norm is None else s.loss_norm for s in specs], dtype=np.float32)
+
     sorted_segments = None
     if segments is not None:
         padded_segments = np.zeros((batch, max_len), dtype=np.int64)
@@ -106,4 +116,5 @@ def collate(windows, specs: list[SplitSpec], pad_id: int, segments=None) -> Task
         target_index=target_index, target_groups=target_groups, labels=labels.astype(np.int64),
         target_mask=target_mask, n_source=n_source, n_target=n_target,
         task_id=np.array([s.task_id for s in specs], dtype=np.int64), segments=sorted_segments,
+        target_weights=target_weights, loss_norm=loss_norm,
     )

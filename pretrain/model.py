@@ -304,7 +304,9 @@ class BigLearner(nn.Module):
         return self.head(self.query_states(batch))
 
     def loss(self, batch: TaskBatch):
-        """Mean NLL per predicted token, and per-task sums {"nll_sum", "count"} [len(TASKS)]."""
+        """The objective's weighted NLL, sum(target_weights * nll) / sum(loss_norm) (the mean NLL per
+        target when the batch carries no weights), and per-task sums of the UNWEIGHTED NLL
+        {"nll_sum", "count"} [len(TASKS)]."""
         states = self.query_states(batch)
         mask = batch.target_mask
         logits = self.head(states[mask])  # only real targets reach the vocabulary projection
@@ -312,8 +314,9 @@ class BigLearner(nn.Module):
         if logits.element_size() < 4:
             logits = logits.float()  # softmax over the vocabulary in fp32 under bf16/fp16
         nll = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_LABEL)
-        count = nll.numel()
-        loss = nll.sum() / max(count, 1)
+        weights = 1.0 if batch.target_weights is None else batch.target_weights[mask].to(nll.dtype)
+        norm = batch.n_target.sum() if batch.loss_norm is None else batch.loss_norm.sum()
+        loss = (nll * weights).sum() / norm.to(nll.dtype)
         task_of_row = batch.task_id[:, None].expand_as(mask)[mask]
         stats = {
             "nll_sum": torch.zeros(len(TASKS), device=nll.device).index_add_(0, task_of_row, nll.detach().float()),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 # Task ids index this tuple (TaskBatch.task_id, per-task loss statistics).
-TASKS = ("biglearn", "mlm", "clm", "plm", "prefix_lm", "span", "semi_ar")
+TASKS = ("biglearn", "mlm", "clm", "plm", "prefix_lm", "span", "semi_ar", "mdm", "block_mdm", "group_ar")
 PRESETS = TASKS + ("mixture",)
 
 
@@ -62,6 +62,39 @@ class SemiARConfig:
 
 
 @dataclass
+class MDMConfig:
+    """Masked diffusion ("Large Language Diffusion Models" (LLaDA) and "Simple and Effective Masked
+    Diffusion Language Models" (MDLM)): t ~ U(eps, 1), each token masked independently with
+    probability t, every masked token a target of the ONE group 1 with loss weight 1/t, and the
+    sample's weighted sum normalised by its window length L. A batch of such samples has loss
+
+        (1 / sum_b L_b) * sum_b (1 / t_b) * sum_{i masked in b} -log p(x_i | unmasked tokens of b)
+
+    which for equal lengths is LLaDA's pre-training loss (its eq. 3 estimated with a batch, divided
+    by B x L) and MDLM's continuous-time NELBO (its eq. 10 for a linear schedule) per token: an
+    upper bound on -log p(x) / L. eps keeps 1/t finite; LLaDA uses 1e-3."""
+    eps: float = 1e-3
+
+
+@dataclass
+class BlockMDMConfig:
+    """Semi-autoregressive masked diffusion, as LLaDA samples: the window is cut into blocks of
+    `block_size` tokens; one block is drawn uniformly, every earlier block joins S, later blocks
+    are dropped, and inside the block the `mdm` draw applies (same eps), normalised by the block's
+    length."""
+    block_size: int = 32
+
+
+@dataclass
+class GroupARConfig:
+    """Any-order any-subset AR ("Autoregressive Models Rival Diffusion Models at Any-Order
+    Generation", A3): a big-learning (S, T) draw whose targets, in random order, are cut into
+    consecutive groups whose sizes are drawn uniformly from `sizes`. Groups of k tokens are what a
+    decoder that writes k tokens per step into its key/value cache asks the model for."""
+    sizes: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+
+
+@dataclass
 class SegmentRule:
     """Modality-level incompleteness (seed 001 Remark 5): the whole segment is forced into S,
     into T, or dropped with these probabilities; otherwise it joins the preset's random split."""
@@ -79,6 +112,9 @@ class ObjectiveConfig:
     prefix_lm: PrefixLMConfig = field(default_factory=PrefixLMConfig)
     span: SpanConfig = field(default_factory=SpanConfig)
     semi_ar: SemiARConfig = field(default_factory=SemiARConfig)
+    mdm: MDMConfig = field(default_factory=MDMConfig)
+    block_mdm: BlockMDMConfig = field(default_factory=BlockMDMConfig)
+    group_ar: GroupARConfig = field(default_factory=GroupARConfig)
     mixture: dict[str, float] = field(default_factory=dict)  # preset name -> weight, per sample
     segments: list[SegmentRule] = field(default_factory=list)  # one rule per segment, if any
 
@@ -91,6 +127,11 @@ class SplitSpec:
     n_target: int
     target_groups: np.ndarray  # int32 [n_target], 1..G non-decreasing
     task_id: int
+    # Loss weighting (docs/design.md, per-target weights): the sample adds
+    # sum_k target_weights[k] * nll_k to the batch's numerator and loss_norm to its denominator.
+    # None means weight 1 per target and loss_norm = n_target (the mean over targets).
+    target_weights: np.ndarray | None = None  # float [n_target]
+    loss_norm: float | None = None
 
 
 # --------------------------------------------------------------------------- validation
@@ -127,6 +168,13 @@ def validate(config: ObjectiveConfig) -> None:
         raise ValueError(f"objective.span.mean_span must be >= 1; got {config.span.mean_span!r}")
     if int(config.semi_ar.chunks) != config.semi_ar.chunks or config.semi_ar.chunks < 1:
         raise ValueError(f"objective.semi_ar.chunks must be an integer >= 1; got {config.semi_ar.chunks!r}")
+    if not (np.isfinite(config.mdm.eps) and 0 < config.mdm.eps < 1):
+        raise ValueError(f"objective.mdm.eps must lie in (0, 1); got {config.mdm.eps!r}")
+    if int(config.block_mdm.block_size) != config.block_mdm.block_size or config.block_mdm.block_size < 1:
+        raise ValueError(f"objective.block_mdm.block_size must be an integer >= 1; got {config.block_mdm.block_size!r}")
+    sizes = list(config.group_ar.sizes)
+    if not sizes or any(int(k) != k or k < 1 for k in sizes):
+        raise ValueError(f"objective.group_ar.sizes must be a non-empty list of integers >= 1; got {sizes!r}")
     if config.name == "mixture":
         if not config.mixture:
             raise ValueError("objective.mixture must name at least one preset with a weight")
@@ -146,7 +194,8 @@ def validate(config: ObjectiveConfig) -> None:
 
 # --------------------------------------------------------------------------- presets
 # Each takes n >= 1 free positions 0..n-1 and returns (source, targets in prediction order,
-# target groups). Positions not returned are dropped (absent from the sample).
+# target groups), plus (target weights, loss normaliser) for the weighted ones. Positions not
+# returned are dropped (absent from the sample).
 
 def _biglearn(n, rng, cfg: BigLearnConfig):
     n_source = min(n - 1, int(round(rng.beta(cfg.source_alpha, cfg.source_beta) * n)))
@@ -228,7 +277,45 @@ def _semi_ar(n, rng, cfg: SemiARConfig, biglearn: BigLearnConfig):
     return source, targets, groups
 
 
+def _mdm(n, rng, cfg: MDMConfig):
+    t = rng.uniform(cfg.eps, 1.0)
+    masked = rng.random(n) < t
+    targets = np.flatnonzero(masked)
+    weights = np.full(len(targets), 1.0 / t)
+    if len(targets) == 0:
+        # Nothing masked: the sample's term of the estimator is exactly 0 but still counts L in
+        # the normaliser. The layout needs one target, so one token is predicted with weight 0.
+        targets, weights = rng.integers(n, size=1), np.zeros(1)
+    source = np.setdiff1d(np.arange(n), targets)
+    return source, targets, np.ones(len(targets), dtype=np.int64), weights, float(n)
+
+
+def _block_mdm(n, rng, cfg: BlockMDMConfig, mdm: MDMConfig):
+    start = cfg.block_size * int(rng.integers(-(-n // cfg.block_size)))
+    stop = min(n, start + cfg.block_size)
+    source, targets, groups, weights, norm = _mdm(stop - start, rng, mdm)
+    return np.concatenate([np.arange(start), start + source]), start + targets, groups, weights, norm
+
+
+def _group_ar(n, rng, cfg: GroupARConfig, biglearn: BigLearnConfig):
+    source, targets, _ = _biglearn(n, rng, biglearn)
+    sizes = rng.choice(np.asarray(cfg.sizes), size=len(targets))  # more than enough groups
+    groups = np.repeat(np.arange(1, len(targets) + 1), sizes)[:len(targets)]
+    return source, targets, groups
+
+
 def _draw(name: str, n: int, rng: np.random.Generator, config: ObjectiveConfig):
+    """(source, targets, groups, target weights or None, loss normaliser or None)."""
+    if name == "mdm":
+        return _mdm(n, rng, config.mdm)
+    if name == "block_mdm":
+        return _block_mdm(n, rng, config.block_mdm, config.mdm)
+    return (*_unweighted(name, n, rng, config), None, None)
+
+
+def _unweighted(name: str, n: int, rng: np.random.Generator, config: ObjectiveConfig):
+    if name == "group_ar":
+        return _group_ar(n, rng, config.group_ar, config.biglearn)
     if name == "biglearn":
         return _biglearn(n, rng, config.biglearn)
     if name == "mlm":
@@ -270,8 +357,7 @@ class ObjectiveSampler:
             names, probs = self._mixture
             name = names[int(rng.choice(len(names), p=probs))]
         if not self.config.segments:
-            source, targets, groups = _draw(name, length, rng, self.config)
-            return _spec(length, source, targets, groups, TASKS.index(name))
+            return _spec(length, *_draw(name, length, rng, self.config), task_id=TASKS.index(name))
         return self._segmented(name, length, rng, segment_lengths)
 
     def _segmented(self, name, length, rng, segment_lengths) -> SplitSpec:
@@ -298,26 +384,32 @@ class ObjectiveSampler:
             if len(free) == 0 and len(forced_target) == 0:
                 continue
             if len(free):
-                source, targets, groups = _draw(name, len(free), rng, self.config)
+                source, targets, groups, weights, norm = _draw(name, len(free), rng, self.config)
                 source, targets = free[source], free[targets]
             else:
-                source, targets, groups = np.arange(0), np.arange(0), np.arange(0)
-            # Forced targets are predicted after the free ones, left to right, one group each.
+                source, targets, groups, weights, norm = np.arange(0), np.arange(0), np.arange(0), None, None
+            # Forced targets are predicted after the free ones, left to right, one group each,
+            # with weight 1 and one unit each in the normaliser.
             last = int(groups[-1]) if len(groups) else 0
             groups = np.concatenate([groups, last + np.arange(1, len(forced_target) + 1)])
+            if weights is not None:
+                weights = np.concatenate([weights, np.ones(len(forced_target))])
+                norm += len(forced_target)
             targets = np.concatenate([targets, forced_target])
             source = np.sort(np.concatenate([source] + forced_source))
-            return _spec(length, source, targets, groups, TASKS.index(name))
+            return _spec(length, source, targets, groups, weights, norm, task_id=TASKS.index(name))
         raise ValueError("objective.segments: rules left no target in 100 draws; raise some p_target or lower p_drop")
 
 
-def _spec(length, source, targets, groups, task_id) -> SplitSpec:
+def _spec(length, source, targets, groups, weights=None, norm=None, *, task_id) -> SplitSpec:
     used = np.zeros(length, dtype=bool)
     used[source] = True
     used[targets] = True
     order = np.concatenate([source, targets, np.flatnonzero(~used)]).astype(np.int32)
     return SplitSpec(order=order, n_source=len(source), n_target=len(targets),
-                     target_groups=np.asarray(groups, dtype=np.int32), task_id=task_id)
+                     target_groups=np.asarray(groups, dtype=np.int32), task_id=task_id,
+                     target_weights=None if weights is None else np.asarray(weights, dtype=np.float32),
+                     loss_norm=norm)
 
 
 # --------------------------------------------------------------------------- evaluation tasks
@@ -336,17 +428,17 @@ def eval_split(task: str, length: int, rng: np.random.Generator, *, mlm_ratio: f
     if length < 2:
         raise ValueError(f"length must be >= 2; got {length}")
     if task == "joint":
-        return _spec(length, np.arange(0), rng.permutation(length), np.arange(1, length + 1), TASKS.index("biglearn"))
+        return _spec(length, np.arange(0), rng.permutation(length), np.arange(1, length + 1), task_id=TASKS.index("biglearn"))
     if task == "left_to_right":
-        return _spec(length, *_clm(length, rng), TASKS.index("clm"))
+        return _spec(length, *_clm(length, rng), task_id=TASKS.index("clm"))
     if task == "mlm":
-        return _spec(length, *_mlm(length, rng, MLMConfig(ratio=mlm_ratio)), TASKS.index("mlm"))
+        return _spec(length, *_mlm(length, rng, MLMConfig(ratio=mlm_ratio)), task_id=TASKS.index("mlm"))
     if task == "infill":
         if length == 2:  # no room for both a prefix and a suffix
-            return _spec(length, np.arange(1), np.arange(1, 2), np.ones(1), TASKS.index("span"))
+            return _spec(length, np.arange(1), np.arange(1, 2), np.ones(1), task_id=TASKS.index("span"))
         middle = min(length - 2, max(1, int(round(infill_ratio * length))))
         start = int(rng.integers(1, length - middle))  # prefix and suffix both non-empty
         targets = np.arange(start, start + middle)
         return _spec(length, np.setdiff1d(np.arange(length), targets), targets, np.arange(1, middle + 1),
-                     TASKS.index("span"))
-    return _spec(length, *_biglearn(length, rng, BigLearnConfig()), TASKS.index("biglearn"))
+                     task_id=TASKS.index("span"))
+    return _spec(length, *_biglearn(length, rng, BigLearnConfig()), task_id=TASKS.index("biglearn"))
