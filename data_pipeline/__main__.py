@@ -87,6 +87,8 @@ def _run(argv) -> int:
     p.add_argument("--examples", type=int, default=3, help="samples to decode")
     p.add_argument("--no-verify", action="store_true", help="skip recomputing sha256 checksums")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--allow-external-shards", action="store_true",
+                   help="accept shard paths outside the manifest's directory (absolute or with ..)")
 
     p = commands.add_parser("demo", **defaults_shown, help="tokenizer + shards from the built-in stdlib corpus",
                             description="Build the demo dataset (standard-library docstrings, no download) in DIR; "
@@ -116,7 +118,8 @@ def _run(argv) -> int:
         path = build_shards(inputs, args.tokenizer, args.output, config, source, progress=True)
         _print_summary(path)
     elif args.command == "inspect":
-        report = inspect_dataset(args.manifest, n_examples=args.examples, verify=not args.no_verify, progress=True)
+        report = inspect_dataset(args.manifest, n_examples=args.examples, verify=not args.no_verify, progress=True,
+                                 allow_external_shards=args.allow_external_shards)
         print(json.dumps(report, indent=1) if args.json else format_report(report))
         return 0 if report["ok"] else 1
     else:

@@ -9,13 +9,16 @@ from .shards import ShardError, load_manifest, read_shard, shard_file
 from .tokenizer import Tokenizer, file_sha256
 
 
-def inspect_dataset(manifest_path, n_examples: int = 3, verify: bool = True, progress: bool = False) -> dict:
+def inspect_dataset(manifest_path, n_examples: int = 3, verify: bool = True, progress: bool = False,
+                    allow_external_shards: bool = False) -> dict:
     """Read every shard of the manifest; report counts, bad shards (with the reason) and examples.
 
+    Members a bad shard could not deliver (all of a missing shard, those behind a damaged tar
+    header) are reported as one bad-sample entry with their `count`.
     verify=True also recomputes each shard's sha256 and compares it with the manifest."""
     from tqdm import tqdm
 
-    manifest = load_manifest(manifest_path)
+    manifest = load_manifest(manifest_path, allow_external_shards)
     dtype = np.dtype(manifest["token_dtype"])
     tokenizer = None
     tokenizer_dir = Path(manifest["root"])
@@ -35,12 +38,14 @@ def inspect_dataset(manifest_path, n_examples: int = 3, verify: bool = True, pro
         split["manifest_tokens"] += entry["tokens"]
         path = shard_file(manifest, entry)
         problems = []
-        samples = tokens = 0
+        samples = tokens = seen = 0
         try:
             for sample in read_shard(path, dtype, seq_len=manifest["seq_len"], vocab_size=manifest["vocab_size"],
                                      expected_bytes=entry["bytes"]):
+                seen += 1
                 if sample.tokens is None:
-                    report["bad_samples"].append({"shard": entry["path"], "member": sample.key, "error": sample.error})
+                    report["bad_samples"].append({"shard": entry["path"], "member": sample.key, "count": 1,
+                                                  "error": sample.error})
                     continue
                 samples += 1
                 tokens += len(sample.tokens)
@@ -49,6 +54,9 @@ def inspect_dataset(manifest_path, n_examples: int = 3, verify: bool = True, pro
                     report["examples"].append({"key": sample.key, "tokens": len(sample.tokens), "text": text})
         except ShardError as error:
             problems.append(str(error))
+            if entry["samples"] > seen:
+                report["bad_samples"].append({"shard": entry["path"], "member": f"members {seen}..{entry['samples'] - 1}",
+                                              "count": entry["samples"] - seen, "error": "unreadable: " + str(error)})
         if not problems and verify and file_sha256(path) != entry["sha256"]:
             problems.append(f"{path}: sha256 differs from the manifest")
         if not problems and (samples, tokens) != (entry["samples"], entry["tokens"]):
@@ -71,11 +79,13 @@ def format_report(report: dict) -> str:
     for bad in report["bad_shards"]:
         lines.append(f"  BAD SHARD {bad['path']}: {bad['error']}")
     for bad in report["bad_samples"]:
-        lines.append(f"  BAD SAMPLE {bad['shard']} / {bad['member']}: {bad['error']}")
+        count = f" ({bad['count']} samples)" if bad["count"] > 1 else ""
+        lines.append(f"  BAD SAMPLE {bad['shard']} / {bad['member']}{count}: {bad['error']}")
     for example in report["examples"]:
         text = example["text"]
         shown = "(no tokenizer next to the manifest)" if text is None else repr(text[:300])
         lines.append(f"  example {example['key']} ({example['tokens']} tokens): {shown}")
     lines.append("OK" if report["ok"] else
-                 f"PROBLEMS: {len(report['bad_shards'])} bad shards, {len(report['bad_samples'])} bad samples")
+                 f"PROBLEMS: {len(report['bad_shards'])} bad shards, "
+                 f"{sum(bad['count'] for bad in report['bad_samples'])} bad samples")
     return "\n".join(lines)

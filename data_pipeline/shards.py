@@ -193,14 +193,29 @@ def read_shard(path, dtype, *, seq_len=None, vocab_size=None, expected_bytes=Non
                     except ValueError as error:
                         yield Sample(index, member.name, None, str(error))
                 index += 1
+            _check_end_of_archive(path, tar, index)
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ShardError(f"{path}: unreadable tar ({error})") from None
 
 
+def _check_end_of_archive(path: Path, tar: tarfile.TarFile, members: int) -> None:
+    """tarfile (and so webdataset) ends an archive quietly at the first damaged header after the
+    first one; only zero padding may follow a real end, so anything else means members were lost."""
+    tar.fileobj.seek(tar.offset)
+    while block := tar.fileobj.read(1 << 16):
+        if block.strip(b"\0"):
+            raise ShardError(f"{path}: damaged tar header at byte {tar.offset} after {members} members; "
+                             f"the members behind it are unreadable")
+
+
 # --------------------------------------------------------------------------- manifest
 
-def load_manifest(path) -> dict:
-    """Parse and check a manifest.json; shard paths are resolved relative to its directory."""
+def load_manifest(path, allow_external_shards: bool = False) -> dict:
+    """Parse and check a manifest.json; shard paths are resolved relative to its directory.
+
+    A shard path must stay inside that directory (no absolute path, no ``..``, no symlink out of
+    it): a manifest from elsewhere must not make the reader open arbitrary files. Datasets that
+    deliberately span directories pass allow_external_shards=True."""
     path = Path(path)
     if path.is_dir():
         path = path / MANIFEST
@@ -208,12 +223,22 @@ def load_manifest(path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: cannot read manifest ({error})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
     for key in ("seq_len", "pad_id", "vocab_size", "token_dtype", "shards", "tokenizer"):
         if key not in manifest:
             raise ValueError(f"{path}: manifest lacks field {key!r}")
-    manifest["root"] = str(path.parent.resolve())
+    root = path.parent.resolve()
+    for i, entry in enumerate(manifest["shards"]):
+        shard = entry.get("path") if isinstance(entry, dict) else None
+        if not isinstance(shard, str) or not shard:
+            raise ValueError(f"{path}: shards[{i}] has no path")
+        if allow_external_shards:
+            continue
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or not (root / shard).resolve().is_relative_to(root):
+            raise ValueError(f"{path}: shards[{i}].path {shard!r} leads outside {root}; shard paths must be "
+                             f"relative and inside the dataset directory (allow_external_shards opts out)")
+    manifest["root"] = str(root)
     return manifest
 
 

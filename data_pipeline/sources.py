@@ -10,8 +10,11 @@ Inputs are files, directories (searched recursively) or the word ``stdlib``:
   harvested with ``ast`` from the source files (nothing is imported, so no module runs).
 
 Bad input never stops a run: documents that are not valid UTF-8, empty documents, JSON lines
-that do not parse or lack the text field, and stdlib files that do not parse are skipped and
-counted in a :class:`SourceStats` (``stats.report()`` says what was skipped and where).
+that do not parse or lack the text field, stdlib files that do not parse, and compressed files
+that are truncated or corrupt (checked by decompressing them once before any document is used,
+so such a file is skipped whole) are skipped and counted in a :class:`SourceStats`; files that
+hold no bytes at all, compressed or not, are counted as ``empty_files``. ``stats.report()`` says
+what was skipped and where.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import json
 import os
 import sysconfig
 import unicodedata
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -48,6 +52,8 @@ class SourceStats:
     missing_text_field: int = 0
     unparsable_modules: int = 0
     skipped_files: int = 0  # files in a searched directory with an unknown suffix
+    corrupt_files: int = 0  # truncated or corrupt .gz/.zst files, skipped whole
+    empty_files: int = 0    # files (after decompression) without a single byte
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     def note(self, kind: str, where: str) -> None:
@@ -67,7 +73,7 @@ class SourceStats:
     def report(self) -> str:
         lines = [f"{self.documents} documents ({self.characters} characters) from {self.files} files"]
         for kind in ("empty_documents", "non_utf8_documents", "bad_json_lines", "missing_text_field",
-                     "unparsable_modules", "skipped_files"):
+                     "unparsable_modules", "skipped_files", "corrupt_files", "empty_files"):
             count = getattr(self, kind)
             if count:
                 where = ", ".join(self.examples.get(kind, []))
@@ -124,12 +130,67 @@ def resolve_inputs(inputs) -> list[str | Path]:
     return resolved
 
 
+class _ZstdReader(io.RawIOBase):
+    """Decompressed bytes of a (multi-frame) .zst file. zstandard's own stream_reader ends
+    quietly on a truncated frame; this raises EOFError instead, as gzip does."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb")
+        self._context = zstandard.ZstdDecompressor()
+        self._frame = None
+        self._pending, self._offset = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while self._offset == len(self._pending):
+            chunk = self._file.read(1 << 20)
+            if not chunk:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("zstandard stream ended before the end of its last frame (truncated)")
+                return 0
+            self._pending, self._offset = self._decompress(chunk), 0
+        n = min(len(buffer), len(self._pending) - self._offset)
+        buffer[:n] = memoryview(self._pending)[self._offset:self._offset + n]
+        self._offset += n
+        return n
+
+    def _decompress(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._context.decompressobj()
+            out.append(self._frame.decompress(chunk))
+            chunk = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(out)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+_DECOMPRESSION_ERRORS = (EOFError, OSError, zlib.error, zstandard.ZstdError)  # gzip.BadGzipFile is an OSError
+
+
 def _open_binary(path: Path, compression: str):
     if compression == ".gz":
         return gzip.open(path, "rb")
     if compression == ".zst":
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), read_across_frames=True, closefd=True))
+        return io.BufferedReader(_ZstdReader(path), buffer_size=1 << 20)
     return open(path, "rb")
+
+
+def _readable_size(path: Path, compression: str) -> int:
+    """Decompressed size; raises one of _DECOMPRESSION_ERRORS for a truncated or corrupt file.
+    Decompressing twice costs little next to tokenizing, and lets a bad file be skipped whole."""
+    if not compression:
+        return path.stat().st_size
+    size = 0
+    with _open_binary(path, compression) as stream:
+        while block := stream.read(1 << 20):
+            size += len(block)
+    return size
 
 
 def _txt_chunks(stream, txt_split: str) -> Iterator[bytes]:
@@ -168,6 +229,14 @@ def _clean(raw: bytes | str, where: str, config: SourceConfig, stats: SourceStat
 def _file_documents(path: Path, config: SourceConfig, stats: SourceStats) -> Iterator[str]:
     suffix, compression = _kind(path)
     stats.files += 1
+    try:
+        size = _readable_size(path, compression)
+    except _DECOMPRESSION_ERRORS as error:
+        stats.note("corrupt_files", f"{path} ({type(error).__name__}: {error})")
+        return
+    if size == 0:
+        stats.note("empty_files", str(path))
+        return
     with _open_binary(path, compression) as stream:
         if suffix == ".txt":
             for chunk in _txt_chunks(stream, config.txt_split):

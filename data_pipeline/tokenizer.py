@@ -61,11 +61,18 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path, data: bytes) -> None:
     """Write to a temporary name in the same directory, fsync, then rename over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600; the result must read like open()'s
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -80,14 +87,20 @@ def atomic_write_bytes(path, data: bytes) -> None:
 def _training_lines(text: str):
     """Split a document into sentencepiece 'sentences': its lines, long lines cut at spaces."""
     for line in text.splitlines():
-        line = line.strip()
-        while len(line) > _MAX_LINE_CHARS:
-            cut = line.rfind(" ", 0, _MAX_LINE_CHARS)
-            cut = cut if cut > 0 else _MAX_LINE_CHARS
-            yield line[:cut]
-            line = line[cut:].strip()
-        if line:
-            yield line
+        # Walk an index through the line: re-slicing the remainder after each cut would copy it
+        # every time, quadratic in the line's length (a 50 MB line took over ten minutes).
+        stripped = line.strip()
+        start, end = 0, len(stripped)
+        while start < end:
+            if end - start <= _MAX_LINE_CHARS:
+                yield stripped[start:]
+                break
+            cut = stripped.rfind(" ", start, start + _MAX_LINE_CHARS)
+            cut = cut if cut > start else start + _MAX_LINE_CHARS
+            yield stripped[start:cut]
+            start = cut
+            while stripped[start].isspace():  # never runs off the end: `stripped` ends in non-space
+                start += 1
 
 
 def _sample_lines(documents, size: int, seed: int) -> tuple[list[str], int]:

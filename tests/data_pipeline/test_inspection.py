@@ -62,3 +62,19 @@ def test_garbage_sample_is_reported_with_its_member_name(demo_copy):
     assert not report["ok"] and not report["bad_shards"]
     assert [b["member"] for b in report["bad_samples"]] == [member.name]
     assert f"BAD SAMPLE {entry['path']} / {member.name}" in format_report(report)
+
+
+def test_members_behind_a_damaged_header_are_counted_as_bad_samples(demo_copy):
+    manifest = load_manifest(demo_copy)
+    entry = max(manifest["shards"], key=lambda e: e["samples"])
+    path = demo_copy.parent / entry["path"]
+    with tarfile.open(path) as tar:
+        tenth = tar.getmembers()[9].offset
+    data = bytearray(path.read_bytes())
+    data[tenth + 148] ^= 0x07  # the 10th header's checksum field
+    path.write_bytes(bytes(data))
+    report = inspect_dataset(demo_copy)
+    assert [b["path"] for b in report["bad_shards"]] == [entry["path"]]
+    assert "damaged tar header" in report["bad_shards"][0]["error"]
+    assert [(b["shard"], b["count"]) for b in report["bad_samples"]] == [(entry["path"], entry["samples"] - 9)]
+    assert f"1 bad shards, {entry['samples'] - 9} bad samples" in format_report(report)

@@ -149,3 +149,33 @@ def test_read_shard_reports_bad_samples_and_truncation(tmp_path):
         list(read_shard(tmp_path / "t.tar", np.uint16))  # no size to compare: tar itself fails
     with pytest.raises(ShardError, match="missing"):
         list(read_shard(tmp_path / "missing.tar", np.uint16))
+
+
+@pytest.mark.parametrize("bad_path", ["../outside.tar", "/etc/passwd", "sub/../../outside.tar", "link/s.tar"])
+def test_manifest_shard_paths_must_stay_inside_the_dataset(tmp_path, bad_path):
+    root = tmp_path / "data"
+    root.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    info = write_shard(tmp_path / "elsewhere" / "s.tar", "s", [np.arange(4, 9)], np.uint16)
+    (root / "link").symlink_to(tmp_path / "elsewhere")
+    manifest = {"format": "biglearn-token-shards", "version": 1, "seq_len": 8, "pad_id": 0, "vocab_size": 50,
+                "token_dtype": "<u2", "tokenizer": {},
+                "shards": [{"path": bad_path, "split": "train", "samples": 1, "tokens": 5, **info}]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"shards\[0\]\.path .* leads outside .*allow_external_shards"):
+        load_manifest(root)
+    assert load_manifest(root, allow_external_shards=True)["shards"][0]["path"] == bad_path
+
+
+def test_damaged_tar_header_is_an_error_not_a_quiet_end(tmp_path):
+    windows = [np.arange(4, 4 + n) for n in range(2, 30)]
+    write_shard(tmp_path / "s.tar", "s", windows, np.uint16)
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        tenth = tar.getmembers()[9].offset
+    data = bytearray((tmp_path / "s.tar").read_bytes())
+    data[tenth + 3] ^= 0xFF  # a byte of the 10th member's name: its header checksum no longer matches
+    (tmp_path / "s.tar").write_bytes(bytes(data))
+    reader = read_shard(tmp_path / "s.tar", np.uint16)
+    assert [next(reader).key for _ in range(9)] == [f"s-{i:07d}" for i in range(9)]
+    with pytest.raises(ShardError, match=f"damaged tar header at byte {tenth} after 9 members"):
+        next(reader)

@@ -87,3 +87,32 @@ def test_stdlib_corpus_is_parsed_not_imported_and_deterministic():
                            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
                            and (d := ast.get_docstring(n)))
     assert expected.strip() in first
+
+
+def test_truncated_or_corrupt_compressed_files_are_skipped_whole_and_named(tmp_path):
+    jsonl = "".join(json.dumps({"text": f"document number {i} " * 20}) + "\n" for i in range(200)).encode()
+    (tmp_path / "a_good.jsonl.gz").write_bytes(gzip.compress(jsonl))
+    (tmp_path / "b_cut.jsonl.gz").write_bytes(gzip.compress(jsonl)[:-200])
+    (tmp_path / "c_plain.txt.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "d_cut.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(jsonl)[:-50])
+    (tmp_path / "e_noise.jsonl.zst").write_bytes(bytes(range(256)) * 4)
+    two_frames = zstandard.ZstdCompressor().compress(jsonl) + zstandard.ZstdCompressor().compress(jsonl)
+    (tmp_path / "f_frames.jsonl.zst").write_bytes(two_frames)
+    docs, stats = _read([tmp_path])
+    expected = [json.loads(line)["text"].strip() for line in jsonl.decode().splitlines()]
+    assert docs == expected * 3  # the good .gz once, both zstandard frames; nothing of the damaged files
+    assert stats.corrupt_files == 4 and stats.files == 6
+    report = stats.report()
+    named = [entry.split(" (")[0] for entry in stats.examples["corrupt_files"]]
+    assert named == [str(tmp_path / n) for n in ("b_cut.jsonl.gz", "c_plain.txt.gz", "d_cut.jsonl.zst", "e_noise.jsonl.zst")]
+    assert "skipped 4 corrupt files" in report and "truncated" in report
+
+
+def test_files_that_decompress_to_nothing_are_reported(tmp_path):
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(b""))
+    (tmp_path / "b.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(b""))
+    (tmp_path / "c.txt").write_bytes(b"")
+    (tmp_path / "d.txt").write_text("the only text")
+    docs, stats = _read([tmp_path])
+    assert docs == ["the only text"] and stats.empty_files == 3
+    assert stats.examples["empty_files"] == [str(tmp_path / n) for n in ("a.jsonl.gz", "b.txt.zst", "c.txt")]
