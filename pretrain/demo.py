@@ -5,7 +5,7 @@
 2. trains the tiny model with the big-learning objective (configs/experiment/demo.yaml: about
    2.5 minutes on a CPU; experiment/demo_gpu.yaml, a wider model for longer, with a GPU);
 3. evaluates the validation matrix (NLL per token and perplexity of joint, left-to-right, MLM,
-   infilling and random big-learning tasks) against the same model untrained;
+   infilling, random big-learning, prefix and suffix tasks) against the same model untrained;
 4. writes the loss curves and the matrix to run_dir/training.png and prints where everything is.
 
 Extra arguments are trainer overrides, e.g. `python -m pretrain.demo trainer.max_minutes=1`.

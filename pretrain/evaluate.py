@@ -1,4 +1,4 @@
-"""Evaluation matrix: NLL per token and perplexity of five conditional tasks on validation data.
+"""Evaluation matrix: NLL per token and perplexity of seven conditional tasks on validation data.
 
 Every task is a fixed (S, T) draw per window, seeded by (eval.seed, batch, task), so numbers
 are comparable across steps, runs and world sizes:
@@ -8,6 +8,8 @@ are comparable across steps, runs and world sizes:
     mlm            15% of the tokens predicted jointly from the rest   (BERT's task)
     infill         S = prefix + suffix, T = the middle, left to right  (infilling)
     biglearn       a random big-learning draw, random order            (the training task)
+    prefix         S = the second half, T = the first half, left to right (what came before)
+    suffix         S = the first half, T = the second half, left to right (a prefix LM's task)
 
 Standalone: `python -m pretrain.evaluate ckpt=RUN_DIR_OR_CHECKPOINT_OR_EXPORT [key=value ...]`.
 """

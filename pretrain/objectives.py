@@ -414,7 +414,7 @@ def _spec(length, source, targets, groups, weights=None, norm=None, *, task_id) 
 
 # --------------------------------------------------------------------------- evaluation tasks
 # Fixed task families for evaluation matrices (pretrain.evaluate, bench/groundtruth.py).
-EVAL_TASKS = ("joint", "left_to_right", "mlm", "infill", "biglearn")
+EVAL_TASKS = ("joint", "left_to_right", "mlm", "infill", "biglearn", "prefix", "suffix")
 
 
 def eval_split(task: str, length: int, rng: np.random.Generator, *, mlm_ratio: float = 0.15,
@@ -422,7 +422,9 @@ def eval_split(task: str, length: int, rng: np.random.Generator, *, mlm_ratio: f
     """One draw of an evaluation task:
     joint: S empty, every token a target in a random order; left_to_right: causal LM;
     mlm: `mlm_ratio` of the tokens in one group; infill: S = prefix + suffix, T = a middle of
-    `infill_ratio` x L tokens, left to right; biglearn: the default q(S, T)."""
+    `infill_ratio` x L tokens, left to right; biglearn: the default q(S, T); prefix: S = the
+    second half, T = the first half left to right (what came before); suffix: S = the first
+    half, T = the second half left to right (a prefix LM's task, which a causal LM can score)."""
     if task not in EVAL_TASKS:
         raise ValueError(f"evaluation task must be one of {EVAL_TASKS}; got {task!r}")
     if length < 2:
@@ -441,4 +443,9 @@ def eval_split(task: str, length: int, rng: np.random.Generator, *, mlm_ratio: f
         targets = np.arange(start, start + middle)
         return _spec(length, np.setdiff1d(np.arange(length), targets), targets, np.arange(1, middle + 1),
                      task_id=TASKS.index("span"))
+    if task in ("prefix", "suffix"):
+        half = length // 2
+        first, second = np.arange(half), np.arange(half, length)
+        source, targets = (second, first) if task == "prefix" else (first, second)
+        return _spec(length, source, targets, np.arange(1, len(targets) + 1), task_id=TASKS.index("prefix_lm"))
     return _spec(length, *_biglearn(length, rng, BigLearnConfig()), task_id=TASKS.index("biglearn"))

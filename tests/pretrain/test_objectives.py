@@ -176,6 +176,13 @@ def test_eval_tasks_match_their_definitions():
         middle, start = max(1, round(0.3 * length)), targets[0]
         assert list(targets) == list(range(start, start + middle)) and 0 < start and start + middle < length
         assert list(groups) == list(range(1, middle + 1))
+        half = length // 2
+        source, targets, groups = parts(eval_split("prefix", length, rng))
+        assert list(source) == list(range(half, length)) and list(targets) == list(range(half))
+        assert list(groups) == list(range(1, half + 1))
+        source, targets, groups = parts(eval_split("suffix", length, rng))
+        assert list(source) == list(range(half)) and list(targets) == list(range(half, length))
+        assert list(groups) == list(range(1, length - half + 1))
     for length in (2, 3):  # shortest windows still give valid draws
         for task in EVAL_TASKS:
             check_spec(eval_split(task, length, rng), length)
