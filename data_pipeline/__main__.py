@@ -24,13 +24,18 @@ def _add_inputs(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--txt-split", choices=TXT_SPLITS, default="file",
                        help="a .txt file is one document, or one per blank-line separated block")
     group.add_argument("--normalize", choices=NORMALIZATIONS, default="NFC", help="unicode normalisation")
+    group.add_argument("--segments", default="", metavar="FIELD,FIELD",
+                       help="multi-segment samples from .jsonl fields, e.g. label,text: one window per record, "
+                            "an integer field is a label (sentinel token), a string field is text")
 
 
 def _inputs(args) -> tuple[list[str], SourceConfig]:
     inputs = list(args.input) + ([STDLIB] if args.stdlib else [])
     if not inputs:
         raise SystemExit("error: give --input PATH... and/or --stdlib")
-    return inputs, SourceConfig(text_field=args.text_field, txt_split=args.txt_split, normalize=args.normalize)
+    segments = [name.strip() for name in args.segments.split(",")] if args.segments else []
+    return inputs, SourceConfig(text_field=args.text_field, txt_split=args.txt_split, normalize=args.normalize,
+                                segments=segments)
 
 
 def main(argv=None) -> int:
@@ -134,6 +139,8 @@ def _print_summary(path) -> None:
     for split, summary in manifest["splits"].items():
         print(f"{split}: {summary['shards']} shards, {summary['samples']} windows, {summary['tokens']} tokens")
     print(f"sources: {SourceStats(**manifest['sources']).report()}")
+    if manifest["build"].get("too_long_samples"):
+        print(f"dropped {manifest['build']['too_long_samples']} multi-segment samples longer than seq_len")
     print(f"manifest: {path}")
 
 

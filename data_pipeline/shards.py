@@ -2,7 +2,7 @@
 
 Format (docs/data.md): each sample of a shard is one tar member ``<key>.tokens.u16`` (or
 ``.u32`` when the vocabulary exceeds 65536 ids) holding the window's tokens as a raw
-little-endian array. Keys are ``<shard stem>-<index:07d>``, unique over the dataset. The build
+little-endian array, plus ``<key>.segments.u8`` (segment id per token) in a multi-segment dataset. Keys are ``<shard stem>-<index:07d>``, unique over the dataset. The build
 is restartable: every shard is written to a temporary name, fsynced and renamed, with a small
 ``<stem>.info.json`` sidecar; a re-run skips shards whose sidecar matches the documents and
 build settings, and ``manifest.json`` is written last, atomically.
@@ -112,24 +112,58 @@ def make_windows(documents: list[list[int]], seq_len: int, eos_id: int, mode: st
     return windows
 
 
+def segment_windows(records: list[tuple], tokenizer: Tokenizer, seq_len: int):
+    """One window per multi-segment record: its fields' tokens in field order (a text field is
+    tokenized, an integer label c becomes the sentinel token c), no eos, with the segment id of
+    every token. A record of more than seq_len tokens (or fewer than 2) is dropped and counted,
+    never cut: a cut would silently remove part of a segment.
+    Returns (windows, segment ids, dropped count)."""
+    texts = iter(tokenizer.encode_batch([v for record in records for v in record if isinstance(v, str)]))
+    windows, segments, dropped = [], [], 0
+    for record in records:
+        parts = []
+        for value in record:
+            if isinstance(value, str):
+                parts.append(next(texts))
+            elif value < len(tokenizer.sentinel_ids):
+                parts.append([tokenizer.sentinel_ids[value]])
+            else:
+                raise ValueError(f"label {value} needs sentinel token {value}, but the tokenizer has "
+                                 f"{len(tokenizer.sentinel_ids)} (train it with --sentinels > {value})")
+        lengths = [len(p) for p in parts]
+        if not 2 <= sum(lengths) <= seq_len:
+            dropped += 1
+            continue
+        windows.append(np.concatenate([np.asarray(p, dtype=np.int64) for p in parts]))
+        segments.append(np.repeat(np.arange(len(parts)), lengths))
+    return windows, segments, dropped
+
+
 # --------------------------------------------------------------------------- tar I/O
 
-def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: reproducible bytes
-    return info, io.BytesIO(data)
+SEGMENTS_FIELD = "segments.u8"  # per-token segment ids of a multi-segment sample, uint8
 
 
-def write_shard(path, stem: str, windows, dtype) -> dict:
-    """Write windows as one shard (temp name, fsync, rename). Returns samples/tokens/bytes/sha256."""
+def write_shard(path, stem: str, windows, dtype, segments=None) -> dict:
+    """Write windows (and their per-token segment ids, if given) as one shard with webdataset's
+    TarWriter: temp name, fsync, rename. Returns samples/tokens/bytes/sha256.
+
+    webdataset's ShardWriter is not used: it opens its files under their final names, so a kill
+    would leave a half-written shard that looks finished."""
+    import webdataset
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    suffix = member_suffix(dtype)
+    field = member_suffix(dtype)[1:]
     try:
         with open(tmp, "wb") as f:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            # Fixed member metadata (mtime 0, mode, no owner): the same windows give the same bytes.
+            with webdataset.TarWriter(f, encoder=False, mtime=0, mode=0o644, user="", group="") as sink:
                 for i, window in enumerate(windows):
-                    tar.addfile(*_tar_member(f"{stem}-{i:07d}{suffix}", np.asarray(window).astype(dtype).tobytes()))
+                    sample = {"__key__": f"{stem}-{i:07d}", field: np.asarray(window).astype(dtype).tobytes()}
+                    if segments is not None:
+                        sample[SEGMENTS_FIELD] = np.asarray(segments[i], dtype=np.uint8).tobytes()
+                    sink.write(sample)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -142,35 +176,52 @@ def write_shard(path, stem: str, windows, dtype) -> dict:
 
 
 class Sample(NamedTuple):
-    index: int               # member index in the shard
+    index: int               # sample index in the shard
     key: str
     tokens: np.ndarray | None  # None for a bad sample
     error: str | None
+    segments: np.ndarray | None = None  # per-token segment ids of a multi-segment sample
 
 
-def decode_sample(name: str, data: bytes, dtype, seq_len: int | None = None,
-                  vocab_size: int | None = None) -> tuple[str, np.ndarray]:
-    """(key, tokens) of one tar member; ValueError naming the member when it is malformed."""
-    suffix = member_suffix(dtype)
-    if not name.endswith(suffix):
-        raise ValueError(f"member {name!r} is not a {suffix} token array")
+def decode_sample(key: str, fields: dict, dtype, seq_len: int | None = None, vocab_size: int | None = None,
+                  n_segments: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens, segment ids or None) of one sample given its members {suffix: bytes}; ValueError
+    naming the sample when it is malformed. Shared by read_shard and the training reader."""
+    token_field = member_suffix(dtype)[1:]
+    expected = {token_field, SEGMENTS_FIELD} if n_segments else {token_field}
+    if set(fields) != expected:
+        raise ValueError(f"sample {key!r} has members {sorted(fields)}, expected {sorted(expected)}")
+    data = fields[token_field]
     itemsize = np.dtype(dtype).itemsize
     if len(data) % itemsize:
-        raise ValueError(f"member {name!r}: {len(data)} bytes is not a whole number of {itemsize}-byte tokens")
+        raise ValueError(f"sample {key!r}: {len(data)} bytes is not a whole number of {itemsize}-byte tokens")
     tokens = np.frombuffer(data, dtype=dtype)
     if len(tokens) < 2 or (seq_len is not None and len(tokens) > seq_len):
-        raise ValueError(f"member {name!r}: {len(tokens)} tokens, expected 2..{seq_len}")
+        raise ValueError(f"sample {key!r}: {len(tokens)} tokens, expected 2..{seq_len}")
     if vocab_size is not None and int(tokens.max()) >= vocab_size:
-        raise ValueError(f"member {name!r}: token id {int(tokens.max())} >= vocab_size {vocab_size}")
-    return name[:-len(suffix)], tokens
+        raise ValueError(f"sample {key!r}: token id {int(tokens.max())} >= vocab_size {vocab_size}")
+    if not n_segments:
+        return tokens, None
+    segments = np.frombuffer(fields[SEGMENTS_FIELD], dtype=np.uint8)
+    if len(segments) != len(tokens) or np.any(np.diff(segments.astype(np.int64)) < 0) or segments.max() >= n_segments:
+        raise ValueError(f"sample {key!r}: segment ids must be one per token, non-decreasing, below {n_segments}")
+    return tokens, segments
 
 
-def read_shard(path, dtype, *, seq_len=None, vocab_size=None, expected_bytes=None,
-               start: int = 0) -> Iterator[Sample]:
-    """Samples of one shard in stored order, from member index `start` on.
+def _split_name(name: str) -> tuple[str, str]:
+    """('<stem>-<index>', 'tokens.u16') from a member name, as webdataset groups members: keys
+    hold no dot (docs/data.md), the rest is the field."""
+    key, _, field = name.partition(".")
+    return key, field
+
+
+def read_shard(path, dtype, *, seq_len=None, vocab_size=None, expected_bytes=None, start: int = 0,
+               n_segments: int = 0) -> Iterator[Sample]:
+    """Samples of one shard in stored order, from sample index `start` on.
 
     A malformed sample comes back with tokens=None and the reason; a shard that is missing,
-    has the wrong size or is not a readable tar raises ShardError (possibly after some samples)."""
+    has the wrong size, is not a readable tar or ends at a damaged header raises ShardError
+    (possibly after some samples)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -178,22 +229,32 @@ def read_shard(path, dtype, *, seq_len=None, vocab_size=None, expected_bytes=Non
         raise ShardError(f"{path}: cannot read shard ({error})") from None
     if expected_bytes is not None and size != expected_bytes:
         raise ShardError(f"{path}: {size} bytes, manifest says {expected_bytes} (truncated or replaced)")
+
+    def sample(index, key, fields):
+        try:
+            tokens, segments = decode_sample(key, fields, dtype, seq_len, vocab_size, n_segments)
+        except ValueError as error:
+            return Sample(index, key, None, str(error))
+        return Sample(index, key, tokens, None, segments)
+
     try:
         with tarfile.open(path, mode="r:") as tar:
-            index = 0
-            while (member := tar.next()) is not None:  # headers; skipped members' data is seeked over
+            index, key, fields = 0, None, {}
+            while (member := tar.next()) is not None:
                 tar.members = []  # keep memory flat on large shards (tarfile caches every header)
                 if not member.isfile():
                     continue
-                if index >= start:
-                    try:
-                        data = tar.extractfile(member).read()
-                        key, tokens = decode_sample(member.name, data, dtype, seq_len, vocab_size)
-                        yield Sample(index, key, tokens, None)
-                    except ValueError as error:
-                        yield Sample(index, member.name, None, str(error))
-                index += 1
-            _check_end_of_archive(path, tar, index)
+                name_key, field = _split_name(member.name)
+                if name_key != key and key is not None:
+                    if index >= start:
+                        yield sample(index, key, fields)
+                    index, fields = index + 1, {}
+                key = name_key
+                # Members before `start` are only counted; their data is seeked over.
+                fields[field] = tar.extractfile(member).read() if index >= start else b""
+            if key is not None and index >= start:
+                yield sample(index, key, fields)
+            _check_end_of_archive(path, tar, index + (key is not None))
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ShardError(f"{path}: unreadable tar ({error})") from None
 
@@ -204,7 +265,7 @@ def _check_end_of_archive(path: Path, tar: tarfile.TarFile, members: int) -> Non
     tar.fileobj.seek(tar.offset)
     while block := tar.fileobj.read(1 << 16):
         if block.strip(b"\0"):
-            raise ShardError(f"{path}: damaged tar header at byte {tar.offset} after {members} members; "
+            raise ShardError(f"{path}: damaged tar header at byte {tar.offset} after {members} samples; "
                              f"the members behind it are unreadable")
 
 
@@ -260,11 +321,15 @@ def _build_one(task: dict) -> dict:
     """Tokenize one shard's documents and write it (runs in a pool worker)."""
     tokenizer = _worker_tokenizer
     started = time.perf_counter()
-    ids = tokenizer.encode_batch(task["documents"])
-    windows = make_windows(ids, task["seq_len"], tokenizer.eos_id, task["mode"])
+    segments, too_long = None, 0
+    if task["segmented"]:
+        windows, segments, too_long = segment_windows(task["documents"], tokenizer, task["seq_len"])
+    else:
+        ids = tokenizer.encode_batch(task["documents"])
+        windows = make_windows(ids, task["seq_len"], tokenizer.eos_id, task["mode"])
     out = Path(task["output_dir"])
-    info = write_shard(out / f"{task['stem']}.tar", task["stem"], windows, np.dtype(task["dtype"]))
-    info.update(path=f"{task['stem']}.tar", split=task["split"], documents=len(task["documents"]),
+    info = write_shard(out / f"{task['stem']}.tar", task["stem"], windows, np.dtype(task["dtype"]), segments)
+    info.update(path=f"{task['stem']}.tar", split=task["split"], documents=len(task["documents"]), too_long=too_long,
                 docs_sha256=task["docs_sha256"], fingerprint=task["fingerprint"],
                 seconds=time.perf_counter() - started)
     atomic_write_bytes(out / f"{task['stem']}.info.json", json.dumps(info).encode())
@@ -295,10 +360,11 @@ def _shard_tasks(documents, config: ShardConfig, target_tokens: int, chars_per_t
         pending[split] = ([], hashlib.sha256(), 0.0)
         return {**base, "stem": stem, "split": split, "documents": docs, "docs_sha256": digest.hexdigest()}
 
-    for text in documents:
+    for document in documents:
+        text = document if isinstance(document, str) else json.dumps(document, ensure_ascii=False)
         split = split_of(text, config.val_fraction)
         docs, digest, estimate = pending[split]
-        docs.append(text)
+        docs.append(document)
         digest.update(hashlib.sha256(text.encode("utf-8")).digest())
         pending[split] = (docs, digest, estimate + len(text) / chars_per_token + 1)
         if pending[split][2] >= target_tokens:
@@ -326,10 +392,11 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
             os.replace(output_dir / f".{name}.tmp", output_dir / name)
 
     dtype = token_dtype(tokenizer.vocab_size)
+    segments = list(source_config.segments)
     fingerprint = {"format_version": FORMAT_VERSION, "seq_len": config.seq_len, "mode": config.mode,
-                   "tokenizer_sha256": tokenizer.sha256, "dtype": dtype.str}
+                   "tokenizer_sha256": tokenizer.sha256, "dtype": dtype.str, **({"segments": segments} if segments else {})}
     base = {"output_dir": str(output_dir), "seq_len": config.seq_len, "mode": config.mode,
-            "dtype": dtype.str, "fingerprint": fingerprint}
+            "dtype": dtype.str, "fingerprint": fingerprint, "segmented": bool(segments)}
     target_tokens = max(1, int(config.shard_size_mb * 2 ** 20 / dtype.itemsize))
     stats = SourceStats()
     tasks = _shard_tasks(iter_documents(inputs, source_config, stats), config, target_tokens,
@@ -383,7 +450,7 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
               for e in entries]
     manifest = {
         "format": FORMAT, "version": FORMAT_VERSION,
-        "seq_len": config.seq_len, "mode": config.mode, "token_dtype": dtype.str,
+        "seq_len": config.seq_len, "mode": config.mode, "token_dtype": dtype.str, "segments": segments or None,
         "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size,
         "tokenizer": {"path": MODEL_FILE, "info": INFO_FILE, "sha256": tokenizer.sha256,
                       "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "unk_id": tokenizer.unk_id,
@@ -395,6 +462,7 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
         "sources": stats.to_dict(),
         "build": {**asdict(config), "inputs": [str(i) for i in inputs], "source": asdict(source_config),
                   "reused_shards": skipped, "seconds": elapsed, "tokens_written": fresh_tokens,
+                  "too_long_samples": sum(e.get("too_long", 0) for e in entries),
                   "tokens_per_second_per_worker": fresh_tokens / busy_seconds if busy_seconds else None},
     }
     path = output_dir / MANIFEST

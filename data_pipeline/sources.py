@@ -87,6 +87,9 @@ class SourceConfig:
     txt_split: str = "file"       # "file" or "blank_line"
     normalize: str = "NFC"        # unicode normal form applied to every document, or "none"
     stdlib_limit: int | None = None  # read only the first N stdlib modules (tests, quick runs)
+    # JSONL fields that form one multi-segment sample each (e.g. ["label", "text"]); documents
+    # are then tuples of their values: text, or an integer label index. Empty: plain documents.
+    segments: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.txt_split not in TXT_SPLITS:
@@ -95,6 +98,9 @@ class SourceConfig:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}; got {self.normalize!r}")
         if not self.text_field:
             raise ValueError("text_field must be a non-empty JSON key")
+        self.segments = list(self.segments)
+        if len(set(self.segments)) != len(self.segments) or not all(self.segments) or len(self.segments) > 255:
+            raise ValueError(f"segments must be distinct non-empty JSON keys (at most 255); got {self.segments!r}")
 
 
 def _kind(path: Path) -> tuple[str, str] | None:
@@ -256,6 +262,11 @@ def _file_documents(path: Path, config: SourceConfig, stats: SourceStats) -> Ite
             except ValueError:
                 stats.note("bad_json_lines", where)
                 continue
+            if config.segments:
+                values = _segment_values(record, where, config, stats)
+                if values is not None:
+                    yield values
+                continue
             value = record.get(config.text_field) if isinstance(record, dict) else None
             if not isinstance(value, str):
                 stats.note("missing_text_field", where)
@@ -263,6 +274,24 @@ def _file_documents(path: Path, config: SourceConfig, stats: SourceStats) -> Ite
             text = _clean(value, where, config, stats)
             if text is not None:
                 yield text
+
+
+def _segment_values(record, where: str, config: SourceConfig, stats: SourceStats) -> tuple | None:
+    """The record's segment fields in order: text (normalised, may be empty) or a label index
+    (an integer >= 0, stored as that sentinel token); None (counted) when a field is missing."""
+    values = []
+    for name in config.segments:
+        value = record.get(name) if isinstance(record, dict) else None
+        if isinstance(value, str):
+            value = unicodedata.normalize(config.normalize, value) if config.normalize != "none" else value
+            value = value.strip()
+        elif not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            stats.note("missing_text_field", f"{where} ({name!r})")
+            return None
+        values.append(value)
+    stats.documents += 1
+    stats.characters += sum(len(v) for v in values if isinstance(v, str))
+    return tuple(values)
 
 
 def stdlib_files() -> list[Path]:
@@ -300,11 +329,14 @@ def _stdlib_documents(config: SourceConfig, stats: SourceStats) -> Iterator[str]
 
 
 def iter_documents(inputs, config: SourceConfig | None = None,
-                   stats: SourceStats | None = None) -> Iterator[str]:
-    """Documents of every input in order. Pass `stats` to read the counters afterwards."""
+                   stats: SourceStats | None = None) -> Iterator[str | tuple]:
+    """Documents of every input in order (tuples of segment values when config.segments is set).
+    Pass `stats` to read the counters afterwards."""
     config = config or SourceConfig()
     stats = stats if stats is not None else SourceStats()
     for item in resolve_inputs(inputs):
+        if config.segments and (item == STDLIB or (_kind(item) or ("",))[0] == ".txt"):
+            raise ValueError(f"input {item}: segments ({', '.join(config.segments)}) are read from .jsonl files only")
         if item == STDLIB:
             yield from _stdlib_documents(config, stats)
         elif _kind(item) is None:

@@ -109,6 +109,8 @@ def _sample_lines(documents, size: int, seed: int) -> tuple[list[str], int]:
     reservoir: list[str] = []
     seen = 0
     for document in documents:
+        if not isinstance(document, str):  # a multi-segment sample: its text fields
+            document = "\n".join(v for v in document if isinstance(v, str))
         for line in _training_lines(document):
             if len(reservoir) < size:
                 reservoir.append(line)

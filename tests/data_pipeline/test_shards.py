@@ -177,5 +177,45 @@ def test_damaged_tar_header_is_an_error_not_a_quiet_end(tmp_path):
     (tmp_path / "s.tar").write_bytes(bytes(data))
     reader = read_shard(tmp_path / "s.tar", np.uint16)
     assert [next(reader).key for _ in range(9)] == [f"s-{i:07d}" for i in range(9)]
-    with pytest.raises(ShardError, match=f"damaged tar header at byte {tenth} after 9 members"):
+    with pytest.raises(ShardError, match=f"damaged tar header at byte {tenth} after 9 samples"):
         next(reader)
+
+
+def test_plain_webdataset_reads_every_sample_with_the_manifest_counts(tiny_demo):
+    import webdataset
+    manifest = load_manifest(tiny_demo)
+    for split, summary in manifest["splits"].items():
+        urls = [str(tiny_demo.parent / s["path"]) for s in manifest["shards"] if s["split"] == split]
+        samples = list(webdataset.WebDataset(urls, shardshuffle=False))
+        assert len(samples) == summary["samples"]
+        assert sum(len(s["tokens.u16"]) // 2 for s in samples) == summary["tokens"]
+        assert len({s["__key__"] for s in samples}) == len(samples)
+
+
+def test_labelled_jsonl_becomes_multi_segment_samples(tmp_path, tiny_demo):
+    import webdataset
+    tokenizer = Tokenizer.load(tiny_demo.parent / "tokenizer")
+    rng = np.random.default_rng()
+    words = "the reader streams shards of token windows and every rank sees its own part".split()
+    records = [{"label": int(rng.integers(0, 3)), "text": " ".join(rng.choice(words, rng.integers(1, 6)))}
+               for _ in range(120)]
+    lines = [json.dumps(r) for r in records] + [json.dumps({"text": "no label"}),
+                                                 json.dumps({"label": 1, "text": " ".join(["window"] * 200)})]
+    (tmp_path / "labelled.jsonl").write_text("\n".join(lines) + "\n")
+    path = build_shards([tmp_path / "labelled.jsonl"], tiny_demo.parent / "tokenizer", tmp_path / "out",
+                        ShardConfig(seq_len=32, val_fraction=0.0, num_workers=0),
+                        SourceConfig(segments=["label", "text"]), progress=False)
+    manifest = load_manifest(path)
+    assert manifest["segments"] == ["label", "text"] and manifest["build"]["too_long_samples"] == 1
+    assert manifest["sources"]["missing_text_field"] == 1
+    expected = [[tokenizer.sentinel_ids[r["label"]]] + tokenizer.encode(r["text"]) for r in records]
+    got = [s for entry in manifest["shards"]
+           for s in read_shard(tmp_path / "out" / entry["path"], np.uint16, seq_len=32, n_segments=2)]
+    assert [s.tokens.tolist() for s in got] == expected
+    assert [s.segments.tolist() for s in got] == [[0] + [1] * (len(e) - 1) for e in expected]
+    urls = [str(tmp_path / "out" / s["path"]) for s in manifest["shards"]]
+    plain = list(webdataset.WebDataset(urls, shardshuffle=False))
+    assert [np.frombuffer(s["segments.u8"], np.uint8).tolist() for s in plain] == [s.segments.tolist() for s in got]
+    (tmp_path / "corpus.txt").write_text("plain text has no fields")
+    with pytest.raises(ValueError, match="corpus.txt.*jsonl files only"):
+        list(iter_documents([tmp_path / "corpus.txt"], SourceConfig(segments=["label", "text"])))
