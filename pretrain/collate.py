@@ -15,6 +15,9 @@ from kernels import INVALID_GROUP
 from .objectives import SplitSpec
 
 IGNORE_LABEL = -100  # label of padding target rows (torch cross_entropy's ignore_index)
+# TaskBatch.predictor values that are not a row of the sorted layout (docs/design.md, single stream).
+START_PREDICTOR = -1  # the START row (the BOS token, group 0, one position left of the window)
+QUERY_PREDICTOR = -2  # a query-stream row
 
 
 @dataclass
@@ -33,6 +36,10 @@ class TaskBatch:
     # Per-target loss weights (docs/design.md): loss = sum(target_weights * nll) / sum(loss_norm).
     target_weights: np.ndarray | None = None  # [B, Nt] float32, 0 for padding; None = 1 per target
     loss_norm: np.ndarray | None = None       # [B] float32 the objective's normaliser; None = n_target
+    # [B, Nt] int64: the row whose state predicts each target in single-stream mode
+    # (ModelConfig.streams=1): a row of the sorted layout, START_PREDICTOR or QUERY_PREDICTOR.
+    # Two-stream mode predicts every target with a query row and ignores it.
+    predictor: np.ndarray | None = None
 
     def to_torch(self, device=None, non_blocking: bool = False) -> "TaskBatch":
         """Same batch with every array as a torch tensor on `device`."""
@@ -104,6 +111,7 @@ def collate(windows, specs: list[SplitSpec], pad_id: int, segments=None) -> Task
         [np.ones(s.n_target) if s.target_weights is None else s.target_weights for s in specs])
     loss_norm = np.array([s.n_target if s.loss_norm is None else s.loss_norm for s in specs], dtype=np.float32)
 
+    predictor = single_stream_predictors(target_groups, target_mask, n_source)
     sorted_segments = None
     if segments is not None:
         padded_segments = np.zeros((batch, max_len), dtype=np.int64)
@@ -117,4 +125,19 @@ def collate(windows, specs: list[SplitSpec], pad_id: int, segments=None) -> Task
         target_mask=target_mask, n_source=n_source, n_target=n_target,
         task_id=np.array([s.task_id for s in specs], dtype=np.int64), segments=sorted_segments,
         target_weights=target_weights, loss_norm=loss_norm,
+        predictor=predictor,
     )
+
+
+def single_stream_predictors(target_groups: np.ndarray, target_mask: np.ndarray, n_source: np.ndarray) -> np.ndarray:
+    """TaskBatch.predictor: a target of a singleton group whose previous group is a singleton
+    (or that is the first group) is predicted by that group's content row (or the START row):
+    that row sees exactly the groups below the target's, what a predictor of it may see. Every
+    other target gets a query row. Groups are sorted, so a singleton differs from both neighbours."""
+    batch, n_targets = target_groups.shape
+    previous = np.concatenate([np.zeros((batch, 1), np.int64), target_groups[:, :-1]], axis=1)
+    following = np.concatenate([target_groups[:, 1:], np.full((batch, 1), INVALID_GROUP)], axis=1)
+    singleton = target_mask & (target_groups != previous) & (target_groups != following)
+    after_singleton = np.concatenate([np.ones((batch, 1), bool), singleton[:, :-1]], axis=1)
+    row = np.where(np.arange(n_targets) == 0, START_PREDICTOR, n_source[:, None] + np.arange(n_targets) - 1)
+    return np.where(singleton & after_singleton, row, QUERY_PREDICTOR).astype(np.int64)

@@ -1,13 +1,21 @@
-"""BigLearner: one transformer p(x_T | x_S) with XLNet-style two-stream attention.
+"""BigLearner: one transformer p(x_T | x_S), two-stream (XLNet) or single-stream attention.
 
-Reads top to bottom: embeddings -> blocks (content stream h, query stream g, shared weights)
--> logits on query-stream rows -> cross-entropy. Attention goes only through `kernels`.
+Reads top to bottom: embeddings -> blocks (content rows h, query rows g, shared weights)
+-> the final state of each target's predictor row -> logits -> cross-entropy. Attention goes
+only through `kernels`.
 
-- Content stream h: token embeddings; row i sees keys of groups <= its own (design.md §2).
-- Query stream g: one row per target, starting from a learned vector (no token identity), its
-  position entering through RoPE; it sees content keys of groups strictly below its own, so a
+- Content rows h: token embeddings; row i sees keys of groups <= its own (docs/design.md).
+- Query rows g: start from a learned vector (no token identity), the target's position
+  entering through RoPE; they see content keys of groups strictly below the target's, so a
   target never sees itself or anything predicted jointly with or after it.
-Loss = sum over targets of -log p(x_t | x_S, x_{T_<g}) (seed 000 eq. 6, seed 001 eq. 15).
+- streams=2: every target is predicted by a query row. streams=1 (single stream, "shifted"):
+  a singleton target group after a singleton group (or first) is predicted by that group's
+  content row (or the START row), told the target's position by a learned offset term; the
+  other targets keep query rows. A content row of group g-1 sees exactly what a query row of
+  group g sees, so both kinds are the same computation in the last layer.
+- Content rows of the last target group feed nothing in any layer and are never computed.
+Loss = sum over targets of -log p(x_t | x_S, x_{T_<g}) ("Big Learning" eq. 6,
+"Big Cooperative Learning" eq. 15).
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 import kernels
 
-from .collate import IGNORE_LABEL, TaskBatch
+from .collate import IGNORE_LABEL, QUERY_PREDICTOR, START_PREDICTOR, TaskBatch
 from .objectives import TASKS
 
 
@@ -42,6 +50,8 @@ class ModelConfig:
     init_std: float = 0.02
     attention_backend: str = "auto"
     activation_checkpointing: bool = False
+    streams: int = 2  # 2: two-stream attention; 1: single stream, query rows only where needed
+    bos_id: int = 2  # streams=1: token of the START row (the tokenizer's BOS id)
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -60,6 +70,10 @@ class ModelConfig:
             raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout!r}")
+        if self.streams not in (1, 2):
+            raise ValueError(f"model.streams must be 1 or 2; got {self.streams!r}")
+        if not isinstance(self.bos_id, int) or not 0 <= self.bos_id < self.vocab_size:
+            raise ValueError(f"model.bos_id must be a token id in [0, vocab_size={self.vocab_size}); got {self.bos_id!r}")
         if self.attention_backend not in kernels.dispatch.BACKENDS:
             raise ValueError(f"model.attention_backend must be one of {kernels.dispatch.BACKENDS}; got {self.attention_backend!r}")
 
@@ -122,30 +136,36 @@ class Block(nn.Module):
         """Attention output projection + residual, then the MLP sub-block."""
         return self._mlp(x + self.dropout(self.wo(o.transpose(1, 2).flatten(2))))
 
-    def forward(self, h, g, groups, target_groups, rope_content, rope_query, last: bool):
+    def forward(self, h, g, groups, query_groups, rope_content, rope_query, last: bool):
+        """h: content rows (keys and values of this layer); g: query rows or None. In the last
+        layer the content rows' own outputs are never read, so only g is updated."""
         c = self.config
         normed_h = self.attn_norm(h)
         k, v = self._heads(self.wkv(normed_h), 2 * c.n_kv_heads).split(c.n_kv_heads, dim=1)
         k = apply_rope(k, *rope_content)
-        q_query = apply_rope(self._heads(self.wq(self.attn_norm(g)), c.n_heads), *rope_query)
-        # The content stream's output after the last layer is never read: skip it there.
         q_content = None if last else apply_rope(self._heads(self.wq(normed_h), c.n_heads), *rope_content)
+        if g is None:  # single stream with no query row in the batch (e.g. causal LM)
+            o_content = kernels.group_attention(q_content, k, v, groups, groups, strict=False,
+                                                backend=c.attention_backend, check_sorted=False)
+            return self._attend_residual(h, o_content), None
+        q_query = apply_rope(self._heads(self.wq(self.attn_norm(g)), c.n_heads), *rope_query)
         o_content, o_query = kernels.two_stream_attention(
-            q_content, q_query, k, v, groups, target_groups, backend=c.attention_backend, check_sorted=False)
+            q_content, q_query, k, v, groups, query_groups, backend=c.attention_backend, check_sorted=False)
         g = self._attend_residual(g, o_query)
         if not last:
             h = self._attend_residual(h, o_content)
         return h, g
 
     def decode(self, h, g, cache_k, cache_v, write_index, new_groups, key_groups, query_groups,
-               rope_new, rope_query, last: bool):
-        """One layer of incremental decoding (design.md §3 with a key/value cache).
+               rope_new, rope_query, content_out: bool):
+        """One layer of incremental decoding (docs/design.md, key/value cache).
 
         h: new content rows [B, m, d] or None; their keys/values are written into the cache at
         columns write_index [B, m] BEFORE attending, so they see themselves and everything
         cached with a group <= theirs. g: query rows [B, nq, d] or None, seeing cached keys of
         groups strictly below query_groups. Cached rows never change: a content row only sees
-        groups <= its own, all of which were decoded before it.
+        groups <= its own, all of which were decoded before it. content_out=False skips the
+        content rows' output (the last layer's, unless they predict in single-stream mode).
         """
         c = self.config
         if h is not None:
@@ -154,7 +174,7 @@ class Block(nn.Module):
             index = write_index[:, None, :, None].expand(-1, c.n_kv_heads, -1, c.head_dim)
             cache_k.scatter_(2, index, apply_rope(k, *rope_new))
             cache_v.scatter_(2, index, v)
-            if not last:  # the last layer's content output is never read
+            if content_out:
                 q_content = apply_rope(self._heads(self.wq(normed_h), c.n_heads), *rope_new)
                 o_content = kernels.group_attention(q_content, cache_k, cache_v, new_groups, key_groups, strict=False,
                                                     backend=c.attention_backend, check_sorted=False)
@@ -184,6 +204,10 @@ class KVCache:
         return int(self.groups.shape[1])
 
 
+START_POSITION = -1  # RoPE position of the START row: one left of the window (windows start at 0)
+NO_TARGET = -1  # decode_step target_positions entry of a content row that predicts nothing
+
+
 class BigLearner(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -191,6 +215,10 @@ class BigLearner(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.segment_embed = nn.Embedding(config.n_segment_types, config.d_model) if config.n_segment_types else None
         self.query_start = nn.Parameter(torch.zeros(config.d_model))  # query stream's g_0
+        # streams=1: a predicting content row learns where its target is from offset =
+        # pos(target) - pos(row), clamped to +-max_seq_len. Zero at initialisation, so an
+        # imported causal LM (offset always +1) is reproduced exactly (docs/hf.md).
+        self.offset_embed = nn.Embedding(2 * config.max_seq_len + 1, config.d_model) if config.streams == 1 else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -198,6 +226,8 @@ class BigLearner(nn.Module):
             self.head.weight = self.embed.weight
         self.apply(self._init)
         nn.init.normal_(self.query_start, std=config.init_std)
+        if self.offset_embed is not None:
+            nn.init.zeros_(self.offset_embed.weight)
         for block in self.blocks:  # GPT-2 style: scale residual projections by depth
             for proj in (block.wo, block.w_down):
                 nn.init.normal_(proj.weight, std=config.init_std / math.sqrt(2 * config.n_layers))
@@ -209,18 +239,36 @@ class BigLearner(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def check_batch(self, batch: TaskBatch) -> None:
-        """ValueError naming the field; one host sync for all checks."""
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """nn.Module.load_state_dict, refusing weights saved in the other attention mode."""
+        saved = 1 if any(k.endswith("offset_embed.weight") for k in state_dict) else 2
+        if saved != self.config.streams:
+            raise ValueError(f"checkpoint weights are for model.streams={saved} but the model has "
+                             f"model.streams={self.config.streams}; convert the checkpoint or set model.streams={saved}")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def check_batch(self, batch: TaskBatch) -> tuple[int, int]:
+        """ValueError naming the field; one host sync for all checks. Returns (content rows to
+        compute: the widest S u T without its last target group, query rows per sample)."""
         if batch.tokens.dim() != 2 or batch.groups.shape != batch.tokens.shape or batch.positions.shape != batch.tokens.shape:
             raise ValueError(f"batch.tokens, positions, groups must share shape [B, N]; got "
                              f"{tuple(batch.tokens.shape)}, {tuple(batch.positions.shape)}, {tuple(batch.groups.shape)}")
         if batch.target_index.shape != batch.target_groups.shape or batch.labels.shape != batch.target_groups.shape:
             raise ValueError("batch.target_index, target_groups, labels must share shape [B, Nt]")
-        problems = torch.stack([
+        single = self.config.streams == 1
+        if single and (batch.predictor is None or batch.predictor.shape != batch.target_groups.shape):
+            raise ValueError("batch.predictor [B, Nt] is required with model.streams=1 (pretrain.collate.collate "
+                             f"fills it); got {None if batch.predictor is None else tuple(batch.predictor.shape)}")
+        false = batch.groups.new_zeros((), dtype=torch.bool)
+        checks = [
             (batch.tokens < 0).any() | (batch.tokens >= self.config.vocab_size).any(),
-            (batch.groups[:, 1:] < batch.groups[:, :-1]).any() if batch.groups.shape[1] > 1 else batch.groups.new_zeros((), dtype=torch.bool),
-            (batch.target_groups[:, 1:] < batch.target_groups[:, :-1]).any() if batch.target_groups.shape[1] > 1 else batch.groups.new_zeros((), dtype=torch.bool),
-        ]).tolist()
+            (batch.groups[:, 1:] < batch.groups[:, :-1]).any() if batch.groups.shape[1] > 1 else false,
+            (batch.target_groups[:, 1:] < batch.target_groups[:, :-1]).any() if batch.target_groups.shape[1] > 1 else false,
+            self._bad_predictors(batch) if single else false,
+        ]
+        counts = [(batch.groups < self._last_group(batch)[:, None]).sum(1).max(),
+                  self._is_query(batch).sum(1).max() if single else torch.tensor(batch.target_groups.shape[1])]
+        *problems, width, n_query = torch.stack([x.to(torch.int64) for x in checks + counts]).tolist()
         if problems[0]:
             raise ValueError(f"batch.tokens has ids outside [0, vocab_size={self.config.vocab_size}): "
                              "tokenizer and model vocabularies do not match")
@@ -228,31 +276,107 @@ class BigLearner(nn.Module):
             raise ValueError("batch.groups must be non-decreasing along each row (sorted layout)")
         if problems[2]:
             raise ValueError("batch.target_groups must be non-decreasing along each row")
+        if problems[3]:
+            raise ValueError("batch.predictor must name, per target, START_PREDICTOR, QUERY_PREDICTOR or a row of "
+                             "the layout whose group is below the target's (a predictor may not see its target)")
+        return max(width, 1), n_query
 
-    def query_states(self, batch: TaskBatch) -> torch.Tensor:
-        """Final query-stream states [B, Nt, d_model], one per target row."""
-        self.check_batch(batch)
+    @staticmethod
+    def _last_group(batch: TaskBatch) -> torch.Tensor:
+        """[B] the last target group of each sample, whose content rows nobody reads."""
+        return torch.where(batch.target_mask, batch.target_groups, 0).amax(1)
+
+    @staticmethod
+    def _is_query(batch: TaskBatch) -> torch.Tensor:
+        return (batch.predictor == QUERY_PREDICTOR) & batch.target_mask
+
+    @staticmethod
+    def _bad_predictors(batch: TaskBatch) -> torch.Tensor:
+        p, width = batch.predictor, batch.groups.shape[1]
+        row = (p >= 0) & batch.target_mask
+        row_group = batch.groups.gather(1, p.clamp(0, width - 1))
+        return ((p < QUERY_PREDICTOR) | (p >= width) | (row & (row_group >= batch.target_groups))).any()
+
+    def rows_computed(self, batch: TaskBatch) -> torch.Tensor:
+        """[B] rows computed per sample in each layer but the last (content rows that someone
+        reads, the START row, query rows): the cost model of docs/model.md."""
+        content = (batch.groups < self._last_group(batch)[:, None]).sum(1)
+        if self.config.streams == 1:
+            return content + 1 + self._is_query(batch).sum(1)
+        return content + batch.n_target
+
+    def _offset_term(self, row_positions, target_positions) -> torch.Tensor:
+        """The learned function of offset = pos(target) - pos(row) added to a predicting row's input."""
+        bound = self.config.max_seq_len
+        return self.offset_embed((target_positions - row_positions).clamp(-bound, bound) + bound)
+
+    def _block(self, block, *args):
+        if self.config.activation_checkpointing and self.training:
+            return checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
+    def predictor_states(self, batch: TaskBatch) -> torch.Tensor:
+        """Final state [B, Nt, d_model] of each target's predictor row (padding targets included)."""
+        width, n_query = self.check_batch(batch)
         c = self.config
-        h = self.embed(batch.tokens)
-        if self.segment_embed is not None and batch.segments is not None:
-            h = h + self.segment_embed(batch.segments)
         batch_size, n_targets = batch.target_index.shape
-        g = self.query_start.to(h.dtype).expand(batch_size, n_targets, -1)
+        # Content rows: S u T without the last target group (seen by no query row and no later row).
+        tokens, positions = batch.tokens[:, :width], batch.positions[:, :width]
+        groups = batch.groups[:, :width]
+        groups = groups.masked_fill(groups >= self._last_group(batch)[:, None], kernels.INVALID_GROUP)
+        h = self.embed(tokens)
+        if self.segment_embed is not None and batch.segments is not None:
+            h = h + self.segment_embed(batch.segments[:, :width])
         target_positions = batch.positions.gather(1, batch.target_index)
-        rope_content = rope_tables(batch.positions, c.head_dim, c.rope_base, h.dtype)
-        rope_query = rope_tables(target_positions, c.head_dim, c.rope_base, h.dtype)
-        groups, target_groups = batch.groups, batch.target_groups
-        for i, block in enumerate(self.blocks):
-            last = i == len(self.blocks) - 1
-            if c.activation_checkpointing and self.training:
-                h, g = checkpoint(block, h, g, groups, target_groups, rope_content, rope_query, last,
-                                  use_reentrant=False)
-            else:
-                h, g = block(h, g, groups, target_groups, rope_content, rope_query, last)
-        return self.norm(g)
+        if c.streams == 1:
+            h, positions, groups, rows, is_query = self._single_stream_rows(batch, h, positions, groups, target_positions)
+            slot = torch.argsort((~is_query).to(torch.int32), dim=1, stable=True)[:, :n_query]  # query rows, packed
+            query_groups = torch.where(is_query.gather(1, slot), batch.target_groups.gather(1, slot),
+                                       kernels.INVALID_GROUP)
+            query_positions = target_positions.gather(1, slot)
+        else:
+            query_groups, query_positions = batch.target_groups, target_positions
+        rope_content = rope_tables(positions, c.head_dim, c.rope_base, h.dtype)
+        g = self.query_start.to(h.dtype).expand(batch_size, n_query, -1) if n_query else None
+        rope_query = rope_tables(query_positions, c.head_dim, c.rope_base, h.dtype) if n_query else None
+        for block in self.blocks[:-1]:
+            h, g = self._block(block, h, g, groups, query_groups, rope_content, rope_query, False)
+        # Last layer: every target's predictor row, under the strict rule at the target's group
+        # (a content row of group g-1 sees exactly the groups below g).
+        if c.streams == 1:
+            readout = h.gather(1, rows[..., None].expand(-1, -1, h.shape[-1]))
+            readout_positions = torch.where(is_query, target_positions, positions.gather(1, rows))
+            if n_query:
+                dump = torch.where(is_query.gather(1, slot), slot, n_targets)  # unused query rows land past Nt
+                from_query = h.new_zeros(batch_size, n_targets + 1, h.shape[-1]).scatter(
+                    1, dump[..., None].expand(-1, -1, h.shape[-1]), g)[:, :n_targets]
+                readout = torch.where(is_query[..., None], from_query, readout)
+        else:
+            readout, readout_positions = g, target_positions
+        rope_readout = rope_tables(readout_positions, c.head_dim, c.rope_base, h.dtype)
+        _, states = self._block(self.blocks[-1], h, readout, groups, batch.target_groups, rope_content,
+                                rope_readout, True)
+        return self.norm(states)
+
+    def _single_stream_rows(self, batch, h, positions, groups, target_positions):
+        """Prepend the START row and add the offset term to each predicting content row.
+        Returns (h, positions, groups, rows [B, Nt] of each target's predictor in the new
+        layout (0 for query-predicted targets), is_query [B, Nt])."""
+        batch_size = h.shape[0]
+        start = self.embed.weight[self.config.bos_id].to(h.dtype).expand(batch_size, 1, -1)
+        h = torch.cat([start, h], 1)
+        positions = torch.cat([positions.new_full((batch_size, 1), START_POSITION), positions], 1)
+        groups = torch.cat([groups.new_zeros(batch_size, 1), groups], 1)
+        is_query = self._is_query(batch)
+        by_row = (batch.predictor >= START_PREDICTOR) & batch.target_mask
+        rows = torch.where(by_row, batch.predictor - START_PREDICTOR, 0)  # START_PREDICTOR -> column 0
+        term = self._offset_term(positions.gather(1, rows), target_positions) * by_row[..., None]
+        # Each content row predicts at most one target, so adding per target is adding per row.
+        h = h.scatter_add(1, rows[..., None].expand(-1, -1, h.shape[-1]), term.to(h.dtype))
+        return h, positions, groups, rows, is_query
 
     def new_cache(self, batch_size: int, capacity: int, device=None, dtype=None) -> KVCache:
-        """An empty KVCache for `capacity` content rows per sample."""
+        """An empty KVCache for `capacity` content rows per sample (the START row included)."""
         c = self.config
         param = next(self.parameters())
         device, dtype = device or param.device, dtype or param.dtype
@@ -264,16 +388,28 @@ class BigLearner(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, cache: KVCache, tokens=None, positions=None, groups=None,
-                    query_positions=None, query_groups=None, segments=None):
-        """Append content rows to `cache`, then predict query rows against it.
+                    query_positions=None, query_groups=None, segments=None, target_positions=None):
+        """Append content rows to `cache`, then predict from them or from query rows.
 
         tokens, positions, groups [B, m]: new content rows (groups INVALID for a sample's unused
-        trailing rows; valid groups must not be below any group already cached). query_positions,
-        query_groups [B, nq]: rows to predict (INVALID for unused ones). Returns logits
-        [B, nq, vocab], or None without query rows. Equals `forward` on the batch that holds the
-        cached rows as S and earlier target groups, with m + nq rows of work instead of all of them.
+        trailing rows; valid groups must not be below any group already cached). In
+        single-stream mode the START row is written like any other: token bos_id at
+        START_POSITION in group 0. target_positions [B, m] (streams=1 only): the position each
+        new row predicts, or NO_TARGET; then the rows' logits [B, m, vocab] are returned (one row
+        per step for a fixed order, as a GPT with a cache). Otherwise query_positions,
+        query_groups [B, nq] are rows to predict (INVALID for unused ones) and their logits
+        [B, nq, vocab] are returned, or None without query rows. Equals `forward` on the batch
+        that holds the cached rows as S and earlier target groups, with m + nq rows of work.
         """
         c = self.config
+        readout = target_positions is not None
+        has_queries = query_positions is not None and query_positions.shape[1] > 0
+        if readout and c.streams != 1:
+            raise ValueError(f"decode_step(target_positions=...) needs model.streams=1; this model has "
+                             f"model.streams={c.streams}")
+        if readout and (has_queries or tokens is None):
+            raise ValueError("decode_step: target_positions predicts from new content rows; pass tokens and no "
+                             "query_positions")
         h = write_index = rope_new = None
         if tokens is not None and tokens.shape[1] > 0:
             groups = groups.to(torch.int32)
@@ -287,27 +423,32 @@ class BigLearner(nn.Module):
             h = self.embed(tokens)
             if self.segment_embed is not None and segments is not None:
                 h = h + self.segment_embed(segments)
+            if readout:
+                h = h + self._offset_term(positions, target_positions) * (target_positions != NO_TARGET)[..., None]
             rope_new = rope_tables(positions, c.head_dim, c.rope_base, h.dtype)
         g = rope_query = None
-        if query_positions is not None and query_positions.shape[1] > 0:
+        if has_queries:
             param = self.query_start
             g = param.expand(query_positions.shape[0], query_positions.shape[1], -1)
             rope_query = rope_tables(query_positions, c.head_dim, c.rope_base, param.dtype)
             query_groups = query_groups.to(torch.int32)
         for i, block in enumerate(self.blocks):
+            content_out = readout or i < len(self.blocks) - 1
             h, g = block.decode(h, g, cache.keys[i], cache.values[i], write_index, groups, cache.groups,
-                                query_groups, rope_new, rope_query, last=i == len(self.blocks) - 1)
+                                query_groups, rope_new, rope_query, content_out)
+        if readout:
+            return self.head(self.norm(h))
         return None if g is None else self.head(self.norm(g))
 
     def forward(self, batch: TaskBatch) -> torch.Tensor:
         """Logits [B, Nt, vocab] for every target row (padding rows included)."""
-        return self.head(self.query_states(batch))
+        return self.head(self.predictor_states(batch))
 
     def loss(self, batch: TaskBatch):
         """The objective's weighted NLL, sum(target_weights * nll) / sum(loss_norm) (the mean NLL per
         target when the batch carries no weights), and per-task sums of the UNWEIGHTED NLL
         {"nll_sum", "count"} [len(TASKS)]."""
-        states = self.query_states(batch)
+        states = self.predictor_states(batch)
         mask = batch.target_mask
         logits = self.head(states[mask])  # only real targets reach the vocabulary projection
         labels = batch.labels[mask]
