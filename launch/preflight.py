@@ -5,8 +5,9 @@ Every rank runs this module. It checks, and prints one report on rank 0:
 - gpus:       GPUs visible on every node (and enough for the node's ranks);
 - all-reduce: a correct sum across all ranks, and its bandwidth (NCCL on GPUs, else gloo);
 - disk:       free space and write access in the output directory, on every node;
-- manifest:   the shard manifest parses and every shard exists and is readable on every node;
-              with --verify also each shard's size ('bytes') and sha256 (split across all ranks);
+- manifest:   the shard manifest parses and every shard exists, is readable and has the size the
+              manifest records ('bytes'), on every node (a stat each: cheap, always on);
+              with --verify also each shard's sha256 (split across all ranks);
 - tokenizer:  sha256 of tokenizer.model (--tokenizer, else the copy named by the manifest's
               tokenizer.path) equals the manifest's tokenizer.sha256.
 
@@ -128,14 +129,17 @@ def _shard_path(manifest_file: Path, entry: dict) -> Path:
 
 
 def check_shards_present(manifest_file: Path, manifest: dict) -> Result:
-    """Every shard exists and its first byte can be read (a stale NFS handle or a permission
-    problem shows up here, not hours into training)."""
+    """Every shard exists, has the recorded size and its first byte can be read (a truncated
+    copy, a stale NFS handle or a permission problem shows up here, not hours into training)."""
     problems = []
     for entry in manifest["shards"]:
         path = _shard_path(manifest_file, entry)
         try:
             with open(path, "rb") as f:
                 f.read(1)
+                size = os.fstat(f.fileno()).st_size
+            if isinstance(entry.get("bytes"), int) and size != entry["bytes"]:
+                problems.append(f"shard {entry['path']!r} is {size} bytes, manifest says {entry['bytes']} ({path})")
         except FileNotFoundError:
             problems.append(f"shard {entry['path']!r} missing ({path})")
         except OSError as err:
@@ -143,11 +147,11 @@ def check_shards_present(manifest_file: Path, manifest: dict) -> Result:
     n = len(manifest["shards"])
     if problems:
         return Result("manifest", "FAIL", f"{manifest_file}: {len(problems)}/{n} shard(s) bad: {_listed(problems)}")
-    return Result("manifest", "PASS", f"{manifest_file}: {n} shard(s) present and readable")
+    return Result("manifest", "PASS", f"{manifest_file}: {n} shard(s) present, readable, of the recorded size")
 
 
 def check_shards_verified(manifest_file: Path, manifest: dict, info: RankInfo) -> Result:
-    """Size (field 'bytes', when recorded) and sha256 of this rank's share of the shards."""
+    """sha256 of this rank's share of the shards (sizes are checked without --verify too)."""
     mine = manifest["shards"][info.rank::info.world_size]
     problems = []
     for entry in tqdm(mine, desc="preflight sha256", unit="shard", disable=info.rank != 0):
@@ -157,10 +161,6 @@ def check_shards_verified(manifest_file: Path, manifest: dict, info: RankInfo) -
             problems.append(f"shard {entry['path']!r} has no 'sha256' in the manifest")
             continue
         try:
-            size = path.stat().st_size
-            if isinstance(entry.get("bytes"), int) and size != entry["bytes"]:
-                problems.append(f"shard {entry['path']!r} is {size} bytes, manifest says {entry['bytes']}")
-                continue
             actual = file_sha256(path)
         except OSError as err:
             problems.append(f"shard {entry['path']!r} unreadable ({path}): {err.strerror or err}")
@@ -350,7 +350,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="tokenizer directory (with tokenizer.model) or the model file; its sha256 "
                              "must equal the manifest's tokenizer.sha256 [the manifest's tokenizer.path]")
     parser.add_argument("--verify", action="store_true",
-                        help="also check each shard's size and sha256 (split across all ranks)")
+                        help="also check each shard's sha256 (split across all ranks); sizes are always checked")
     parser.add_argument("--expect-gpus", type=int, default=None, help="GPUs each node must see")
     parser.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
                         help="all-reduce backend; auto = nccl with GPUs, else gloo")

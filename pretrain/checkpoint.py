@@ -8,14 +8,28 @@ Layout of run_dir/checkpoints/:
         COMPLETE                   written LAST, by rank 0, after every rank finished writing
     latest                         name of the newest complete tag (DeepSpeed's convention)
 
-A tag without COMPLETE (a run killed mid-write) is never resumed from or loaded, and is
-deleted before a save reuses its name.
+A save writes into checkpoints/.partial-step_N/ and renames it to step_N/ only once COMPLETE is
+in it, so a save that fails (a full disk, a killed rank) leaves no COMPLETE marker under a
+step_* name and never removes an older complete checkpoint, not even one of the same step.
+Before writing, every rank checks the free space against the newest checkpoint's size plus a
+margin (`check_free_space`) and the run stops with one line naming the path and the numbers.
+
+Loading never runs code from a file: DeepSpeed's `.pt` files are pickles, and a pickle can
+execute anything when loaded (people download checkpoints). Everything here is read with
+torch's weights-only unpickler, which accepts tensors, containers and numbers, plus the few
+plain DeepSpeed classes its checkpoints contain (`SAFE_DEEPSPEED_GLOBALS`); the per-rank
+trainer state is stored as plain types only. Inference (`load_for_inference`) prefers the
+exported safetensors and reads a DeepSpeed checkpoint only when the caller passes
+trust_checkpoint=True (`--trust-checkpoint` on the command lines), still weights-only.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UserError
 from .export import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS, export_model, load_exported
 from .model import BigLearner, ModelConfig
 
@@ -31,6 +46,19 @@ COMPLETE = "COMPLETE"
 META = "meta.json"
 LATEST = "latest"
 MODULE_PREFIX = "model."  # the engine wraps BigLearner in engine.LossModel
+PARTIAL = ".partial-"  # prefix of a tag being written; never matches step_*
+STALE = ".stale-"  # a complete tag of the same step, moved aside while the new one takes its name
+TAG = re.compile(r"step_\d{8}")
+# Free space needed before a save: the newest checkpoint's size (or the estimate for a first
+# save) times this, plus FREE_SPACE_SLACK for meta.json, markers and logs written meanwhile.
+FREE_SPACE_FACTOR = 1.10
+FREE_SPACE_SLACK = 1 << 20
+# First-save estimate: fp32 weights, fp32 master copy and AdamW's two moments per parameter.
+BYTES_PER_PARAMETER = 16
+
+
+class CheckpointError(UserError):
+    """A checkpoint cannot be written or read; the message names the path and the reason."""
 
 
 def tag_name(step: int) -> str:
@@ -50,7 +78,7 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     checkpoint_dir = Path(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return []
-    return sorted(p for p in checkpoint_dir.glob("step_*") if p.is_dir() and is_complete(p))
+    return sorted(p for p in checkpoint_dir.glob("step_*") if TAG.fullmatch(p.name) and p.is_dir() and is_complete(p))
 
 
 def find_checkpoint(path) -> Path | None:
@@ -79,7 +107,10 @@ def git_revision() -> str | None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors, tuples and numbers (weights-only loadable)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -87,10 +118,17 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def _barrier() -> None:
@@ -98,27 +136,133 @@ def _barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_checkpoint(engine, checkpoint_dir, step: int, meta: dict, rank_state: dict, keep_last: int) -> Path:
-    """Collective: every rank calls it. Writes the DeepSpeed tag, each rank's state, then meta and
-    the COMPLETE marker (rank 0, after a barrier), updates `latest` and prunes old checkpoints."""
+# --------------------------------------------------------------------------- loading without running code
+
+def safe_deepspeed_globals() -> list:
+    """The plain classes DeepSpeed (0.14-0.19) pickles into its checkpoints besides tensors,
+    containers and numbers: the ZeRO stage enum, the loss scalers (their state is a few numbers)
+    and ZeRO-1/2's fragment addresses (two ints). Nothing else is unpickled."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [DynamicLossScaler, LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _refused(path, err: pickle.UnpicklingError) -> CheckpointError:
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    what = f"it needs {found.group(1)}, which is not on the allow-list" if found else str(err).splitlines()[0]
+    return CheckpointError(f"{path}: refused to load this pickle with torch's weights-only unpickler ({what}); "
+                           "a checkpoint written by this project needs nothing else")
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Inside: every torch.load is weights-only, allowing `safe_deepspeed_globals()` too.
+
+    DeepSpeed 0.19 hard-codes torch.load(..., weights_only=False) in its checkpoint engine and
+    in zero_to_fp32, so their calls are routed through this restricted load for the duration."""
+    original = torch.load
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            return original(f, *args, **kwargs)
+        except pickle.UnpicklingError as err:
+            raise _refused(f, err) from None
+
+    with torch.serialization.safe_globals(safe_deepspeed_globals()):
+        torch.load = load
+        try:
+            yield
+        finally:
+            torch.load = original
+
+
+# --------------------------------------------------------------------------- saving
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _existing_parent(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return path
+
+
+def check_free_space(checkpoint_dir, estimate_bytes: int) -> None:
+    """Collective: every rank checks the free space where it will write; if any rank lacks room
+    for the newest complete checkpoint's size (`estimate_bytes` before the first save) plus the
+    margin, every rank raises the same CheckpointError, before anything is written."""
     checkpoint_dir = Path(checkpoint_dir)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    tag = tag_name(step)
-    tag_dir = checkpoint_dir / tag
+    previous = complete_checkpoints(checkpoint_dir)
+    size = directory_bytes(previous[-1]) if previous else estimate_bytes
+    needed = int(size * FREE_SPACE_FACTOR) + FREE_SPACE_SLACK
+    free = shutil.disk_usage(_existing_parent(checkpoint_dir)).free
+    spare = torch.tensor([free - needed, free, needed], dtype=torch.float64)
+    if torch.distributed.is_initialized():  # the tightest rank decides, for everyone
+        if torch.distributed.get_backend() == "nccl":  # NCCL gathers device tensors only
+            spare = spare.to(torch.device("cuda", torch.cuda.current_device()))
+        everyone = [torch.zeros_like(spare) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(everyone, spare)
+        spare = min(everyone, key=lambda t: t[0].item()).cpu()
+    if spare[0] < 0:
+        basis = f"newest checkpoint {previous[-1].name} is {size / 2**20:.1f} MiB" if previous else \
+            f"estimated {size / 2**20:.1f} MiB for the first checkpoint"
+        raise CheckpointError(
+            f"not enough free space to save a checkpoint in {checkpoint_dir}: {spare[1] / 2**20:.1f} MiB free, "
+            f"need {spare[2] / 2**20:.1f} MiB ({basis}, plus {FREE_SPACE_FACTOR - 1:.0%} and "
+            f"{FREE_SPACE_SLACK / 2**20:.0f} MiB); free some space or move run_dir")
+
+
+def _write_failed(path: Path, step: int, err: Exception) -> CheckpointError:
+    free = shutil.disk_usage(_existing_parent(path)).free
+    reason = f"no space left on device ({free / 2**20:.1f} MiB free)" if free < FREE_SPACE_SLACK else \
+        " ".join(str(err).split())[:300]
+    return CheckpointError(f"saving the step-{step} checkpoint into {path} failed: {reason}; "
+                           "older complete checkpoints are untouched")
+
+
+def save_checkpoint(engine, checkpoint_dir, step: int, meta: dict, rank_state: dict, keep_last: int,
+                    estimate_bytes: int = 0, protect: Path | None = None) -> Path:
+    """Collective: every rank calls it. Checks the free space, writes the DeepSpeed tag and each
+    rank's state into a partial directory, then (rank 0, after a barrier) meta and COMPLETE,
+    renames it to step_N, updates `latest` and prunes all but the newest `keep_last` complete
+    checkpoints and `protect` (the divergence guard's last good checkpoint)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    rank, _ = _rank_and_world()
+    tag_dir = checkpoint_dir / tag_name(step)
+    partial = checkpoint_dir / (PARTIAL + tag_dir.name)
+    check_free_space(checkpoint_dir, estimate_bytes)
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        if tag_dir.exists():  # left by a run killed mid-write (or a complete save of the same step)
-            shutil.rmtree(tag_dir)
+        for leftover in [*checkpoint_dir.glob(PARTIAL + "*"), *checkpoint_dir.glob(STALE + "*")]:
+            shutil.rmtree(leftover, ignore_errors=True)  # never complete: left by a failed or killed save
     _barrier()
-    engine.save_checkpoint(str(checkpoint_dir), tag=tag, client_state={"step": step}, save_latest=False)
-    torch.save(rank_state, rank_file(tag_dir, rank))
+    try:
+        engine.save_checkpoint(str(checkpoint_dir), tag=partial.name, client_state={"step": step}, save_latest=False)
+        torch.save(rank_state, rank_file(partial, rank))
+    except (OSError, RuntimeError) as err:  # torch reports a full disk as RuntimeError("... unexpected pos ...")
+        failure = _write_failed(partial, step, err)
+        shutil.rmtree(partial, ignore_errors=True)
+        raise failure from err
     _barrier()
     if rank == 0:
-        _write_atomic(tag_dir / META, json.dumps(meta, indent=2, sort_keys=True, default=str))
-        _write_atomic(tag_dir / COMPLETE, "")
-        _write_atomic(checkpoint_dir / LATEST, tag)
+        try:
+            _write_atomic(partial / META, json.dumps(meta, indent=2, sort_keys=True, default=str))
+            _write_atomic(partial / COMPLETE, "")
+            stale = checkpoint_dir / (STALE + tag_dir.name)
+            if tag_dir.exists():
+                os.replace(tag_dir, stale)
+            os.replace(partial, tag_dir)
+            shutil.rmtree(stale, ignore_errors=True)
+            _write_atomic(checkpoint_dir / LATEST, tag_dir.name)
+        except OSError as err:
+            raise _write_failed(partial, step, err) from err
         for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+            if protect is None or old != Path(protect):
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return tag_dir
 
@@ -133,88 +277,105 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def load_checkpoint(engine, tag_dir) -> tuple[dict, dict]:
-    """Collective: restore engine (weights, optimizer, schedule) and return (meta, this rank's state)."""
+    """Collective: restore engine (weights, optimizer, schedule) and return (meta, this rank's
+    state), every file read weights-only."""
     tag_dir = Path(tag_dir)
     if not is_complete(tag_dir):
-        raise ValueError(f"{tag_dir} is not a complete checkpoint (no {COMPLETE} marker)")
+        raise CheckpointError(f"{tag_dir} is not a complete checkpoint (no {COMPLETE} marker)")
     meta = json.loads((tag_dir / META).read_text())
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    rank, world = _rank_and_world()
     if meta["world_size"] != world:
-        raise ValueError(f"{tag_dir} was saved by {meta['world_size']} ranks but this run has {world}: the data "
-                         "cursor and ZeRO shards are per rank; resume with the same number of processes")
-    load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if load_path is None:
-        raise ValueError(f"DeepSpeed could not load {tag_dir}")
-    return meta, torch.load(rank_file(tag_dir, rank), weights_only=False)
+        raise CheckpointError(f"{tag_dir} was saved by {meta['world_size']} ranks but this run has {world}: the "
+                              "data cursor and ZeRO shards are per rank; resume with the same number of processes")
+    with weights_only_loading():
+        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
+        return meta, torch.load(rank_file(tag_dir, rank))
 
 
 # --------------------------------------------------------------------------- inference
 
 def consolidated_state_dict(tag_dir) -> dict[str, torch.Tensor]:
     """fp32 BigLearner weights from a tag, whatever the ZeRO stage (1-3 via DeepSpeed's
-    zero_to_fp32, which reassembles the partitioned fp32 master weights; stage 0 from the model file)."""
+    zero_to_fp32, which reassembles the partitioned fp32 master weights; stage 0 from the model
+    file), read weights-only."""
     tag_dir = Path(tag_dir)
-    if any(tag_dir.glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with weights_only_loading():
+        if any(tag_dir.glob("*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    else:
-        files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
-        if not files:
-            raise ValueError(f"{tag_dir} holds no DeepSpeed model states")
-        state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        else:
+            files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+            if not files:
+                raise CheckpointError(f"{tag_dir} holds no DeepSpeed model states")
+            state = torch.load(files[0], map_location="cpu")["module"]
     return {k[len(MODULE_PREFIX):] if k.startswith(MODULE_PREFIX) else k: v.float() for k, v in state.items()}
 
 
-def load_for_inference(path, device="cpu") -> tuple[BigLearner, dict]:
-    """(BigLearner in eval mode, metadata) from an exported dir, a checkpoint tag, a checkpoints/
-    dir or a run dir (newest complete checkpoint, else run_dir/export)."""
+def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tuple[BigLearner, dict]:
+    """(BigLearner in eval mode, metadata) from an exported dir, or a run dir holding export/;
+    with trust_checkpoint=True also from a DeepSpeed checkpoint tag, a checkpoints/ dir or a
+    run dir without export (the newest complete checkpoint)."""
     path = Path(path)
-    if (path / EXPORT_WEIGHTS).is_file() and (path / EXPORT_CONFIG).is_file():
-        return load_exported(path, device)
+    for exported in (path, path / "export"):
+        if (exported / EXPORT_WEIGHTS).is_file() and (exported / EXPORT_CONFIG).is_file():
+            return load_exported(exported, device)
     tag_dir = find_checkpoint(path)
     if tag_dir is None:
-        if (path / "export" / EXPORT_WEIGHTS).is_file():
-            return load_exported(path / "export", device)
-        raise ValueError(f"{path}: no exported model ({EXPORT_WEIGHTS}) and no complete checkpoint "
-                         f"(a step_* dir with {COMPLETE}) found")
+        raise CheckpointError(f"{path}: no exported model ({EXPORT_WEIGHTS}) and no complete checkpoint "
+                              f"(a step_* dir with {COMPLETE}) found")
+    if not trust_checkpoint:
+        raise CheckpointError(
+            f"{path} holds no exported {EXPORT_WEIGHTS}, only the DeepSpeed checkpoint {tag_dir}, whose .pt files are "
+            "pickles; pass --trust-checkpoint to read it (weights-only), or export it first with "
+            f"`python -m pretrain.checkpoint {tag_dir} OUT_DIR --trust-checkpoint`")
     meta = json.loads((tag_dir / META).read_text())
     model = BigLearner(ModelConfig(**meta["config"]["model"]))
     state = consolidated_state_dict(tag_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "head.weight" and model.config.tie_embeddings)]
     if missing or unexpected:
-        raise ValueError(f"{tag_dir}: weights do not match the model config: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{tag_dir}: weights do not match the model config: missing {missing}, "
+                              f"unexpected {unexpected}")
     return model.to(device).eval(), {**meta, "checkpoint": str(tag_dir)}
 
 
-def export_checkpoint(path, out_dir) -> Path:
+def export_checkpoint(path, out_dir, trust_checkpoint: bool = False) -> Path:
     """Consolidated fp32 export (pretrain.export format) of the newest complete checkpoint at `path`."""
-    model, meta = load_for_inference(path)
+    tag_dir = find_checkpoint(path)
+    model, meta = load_for_inference(tag_dir or path, trust_checkpoint=trust_checkpoint)
     return export_model(model, out_dir, {k: v for k, v in meta.items() if k != "model"})
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     import argparse
-    import sys
+
+    from .errors import add_debug_flag
 
     parser = argparse.ArgumentParser(
         prog="python -m pretrain.checkpoint",
         description="Export consolidated fp32 weights (model.safetensors + model_config.json) from the newest "
                     "complete checkpoint at PATH (a run dir, checkpoints/ dir or step_* dir; any ZeRO stage).",
-        epilog="example: python -m pretrain.checkpoint runs/demo runs/demo/export_step1000")
+        epilog="example: python -m pretrain.checkpoint runs/demo/checkpoints runs/demo/export_step1000 "
+               "--trust-checkpoint")
     parser.add_argument("path", help="run dir, checkpoints/ dir or step_* checkpoint")
     parser.add_argument("out_dir", help="directory to write the exported model into")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="read DeepSpeed's .pt pickles (weights-only, with a small allow-list); needed, since "
+                             "a checkpoint may come from anywhere")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        out = export_checkpoint(args.path, args.out_dir)
-    except ValueError as err:
-        print(f"pretrain.checkpoint: error: {err}", file=sys.stderr)
-        return 2
-    print(out)
+    print(export_checkpoint(args.path, args.out_dir, trust_checkpoint=args.trust_checkpoint))
     return 0
+
+
+def main(argv=None) -> int:
+    from .errors import cli_main
+
+    return cli_main(_main, "python -m pretrain.checkpoint", argv)
 
 
 if __name__ == "__main__":

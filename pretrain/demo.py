@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     # The same fixed validation draws, scored by the model before any training.
     from .checkpoint import load_for_inference
 
-    trained, meta = load_for_inference(summary["checkpoint"])
+    trained, meta = load_for_inference(summary["checkpoint"], trust_checkpoint=True)  # this run's own
     torch.manual_seed(config.trainer.seed)
     untrained = BigLearner(trained.config).eval()
     windows = validation_windows(meta["manifest"], config.eval.batches, config.eval.batch_size or config.data.batch_size)

@@ -174,6 +174,7 @@ class EvaluateArgs:
     device: str = "auto"
     out: str | None = None  # JSON file for the matrix (default: print only)
     plot: str | None = None  # PNG path: loss curves of the run (when ckpt is a run) + the matrix
+    trust_checkpoint: bool = False  # read a DeepSpeed checkpoint's pickles (weights-only) when no export exists
 
 
 def parse_args(argv) -> EvaluateArgs:
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     try:
-        model, meta = load_for_inference(args.ckpt, device)
+        model, meta = load_for_inference(args.ckpt, device, trust_checkpoint=args.trust_checkpoint)
         run_config = to_schema(meta["config"]) if "config" in meta else TrainConfig()
         manifest = args.manifest or meta.get("manifest")
         if not manifest:

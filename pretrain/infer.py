@@ -28,6 +28,7 @@ import torch
 from kernels import INVALID_GROUP
 
 from .collate import collate
+from .errors import UserError, add_debug_flag, cli_main
 from .objectives import TASKS, SplitSpec
 
 STRATEGIES = ("left_to_right", "random", "confident")
@@ -38,12 +39,12 @@ def split_spec(length: int, source_positions, target_positions, task: str = "big
     source = np.asarray(source_positions, dtype=np.int64).reshape(-1)
     targets = np.asarray(target_positions, dtype=np.int64).reshape(-1)
     if len(targets) == 0:
-        raise ValueError("target_positions must not be empty")
+        raise UserError("target_positions must not be empty")
     chosen = np.concatenate([source, targets])
     if chosen.min() < 0 or chosen.max() >= length:
-        raise ValueError(f"positions must lie in [0, {length}); got min {chosen.min()}, max {chosen.max()}")
+        raise UserError(f"positions must lie in [0, {length}); got min {chosen.min()}, max {chosen.max()}")
     if len(np.unique(chosen)) != len(chosen):
-        raise ValueError("source_positions and target_positions must be distinct and disjoint")
+        raise UserError("source_positions and target_positions must be distinct and disjoint")
     rest = np.setdiff1d(np.arange(length), chosen)
     order = np.concatenate([np.sort(source), targets, rest]).astype(np.int32)
     return SplitSpec(order=order, n_source=len(source), n_target=len(targets),
@@ -52,7 +53,7 @@ def split_spec(length: int, source_positions, target_positions, task: str = "big
 
 def _check_length(model, length: int) -> None:
     if length > model.config.max_seq_len:
-        raise ValueError(f"sequence of {length} tokens (text plus gaps) is longer than the model's maximum "
+        raise UserError(f"sequence of {length} tokens (text plus gaps) is longer than the model's maximum "
                          f"length max_seq_len={model.config.max_seq_len}")
 
 
@@ -89,7 +90,7 @@ def score(model, tokens, source_positions, target_positions, order=None, *, pad_
     if order is not None:
         for b, (given, ordered) in enumerate(zip(target_positions, order)):
             if sorted(np.asarray(given).tolist()) != sorted(np.asarray(ordered).tolist()):
-                raise ValueError(f"sample {b}: order must be a permutation of target_positions")
+                raise UserError(f"sample {b}: order must be a permutation of target_positions")
         target_positions = order
     specs = [split_spec(tokens.shape[1], s, t) for s, t in zip(source_positions, target_positions)]
     device = next(model.parameters()).device
@@ -112,7 +113,7 @@ def score_orders(model, tokens, source_positions, target_positions, n_orders: in
     log-mean-exp is the estimate that averages the orders' probabilities.
     """
     if n_orders < 1:
-        raise ValueError(f"n_orders must be >= 1; got {n_orders}")
+        raise UserError(f"n_orders must be >= 1; got {n_orders}")
     rng = np.random.default_rng(seed)
     targets = np.asarray(target_positions).reshape(-1)
     orders = [rng.permutation(targets) for _ in range(n_orders)]
@@ -129,7 +130,7 @@ def sample_from_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_
     """One token per row of logits [..., V]: greedy when temperature == 0, else softmax(logits /
     temperature) restricted to the top_k tokens (0 = all) and the smallest set of mass >= top_p."""
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
+        raise UserError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.double() / temperature
@@ -197,14 +198,14 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
     never changed. Plain continuation is S = prompt, T = the next n positions.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+        raise UserError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
     tokens = np.array(tokens.cpu() if isinstance(tokens, torch.Tensor) else tokens, dtype=np.int64)
     if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [B, L]; got shape {tokens.shape}")
+        raise UserError(f"tokens must be [B, L]; got shape {tokens.shape}")
     batch_size, length = tokens.shape
     _check_length(model, length)
     if len(source_positions) != batch_size or len(target_positions) != batch_size:
-        raise ValueError("source_positions and target_positions need one entry per sample")
+        raise UserError("source_positions and target_positions need one entry per sample")
     for b in range(batch_size):
         split_spec(length, source_positions[b], target_positions[b])  # validates positions
     device = next(model.parameters()).device
@@ -223,7 +224,7 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
     log_probs = np.zeros(batch_size)
     mask = None if allowed_tokens is None else torch.as_tensor(allowed_tokens, dtype=torch.bool, device=device)
     if mask is not None and not mask.any():
-        raise ValueError("allowed_tokens allows no token")
+        raise UserError("allowed_tokens allows no token")
 
     was_training = model.training
     model.eval()
@@ -286,11 +287,11 @@ def classify(model, samples, label_position, label_token_ids, *, pad_id: int = 0
     """
     samples = [np.asarray(s, dtype=np.int64).reshape(-1) for s in samples]
     if not samples or min(len(s) for s in samples) < 2:
-        raise ValueError("classify needs at least one sample, each with a label slot and >= 1 other token")
+        raise UserError("classify needs at least one sample, each with a label slot and >= 1 other token")
     positions = np.broadcast_to(np.asarray(label_position, dtype=np.int64), (len(samples),))
     label_ids = torch.as_tensor(np.asarray(label_token_ids, dtype=np.int64))
     if label_ids.numel() < 2 or int(label_ids.min()) < 0 or int(label_ids.max()) >= model.config.vocab_size:
-        raise ValueError(f"label_token_ids must name >= 2 tokens in [0, {model.config.vocab_size}); got {label_ids.tolist()}")
+        raise UserError(f"label_token_ids must name >= 2 tokens in [0, {model.config.vocab_size}); got {label_ids.tolist()}")
     for s in samples:
         _check_length(model, len(s))
     specs = [split_spec(len(s), np.setdiff1d(np.arange(len(s)), [p]), [p]) for s, p in zip(samples, positions)]
@@ -302,21 +303,21 @@ def classify(model, samples, label_position, label_token_ids, *, pad_id: int = 0
 
 # --------------------------------------------------------------------------- loading + CLI
 
-def load_model(path, device="cpu", tokenizer_sha256: str | None = None):
-    """(model in eval mode, metadata) from an exported directory or a DeepSpeed checkpoint / run
-    directory (pretrain.checkpoint.load_for_inference). Refuses a model whose recorded tokenizer
-    differs from `tokenizer_sha256`."""
+def load_model(path, device="cpu", tokenizer_sha256: str | None = None, trust_checkpoint: bool = False):
+    """(model in eval mode, metadata) from an exported directory, or with trust_checkpoint=True a
+    DeepSpeed checkpoint / run directory (pretrain.checkpoint.load_for_inference). Refuses a
+    model whose recorded tokenizer differs from `tokenizer_sha256`."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"model path {path} does not exist")
+        raise UserError(f"model path {path} does not exist")
     from .checkpoint import load_for_inference
-    model, meta = load_for_inference(path, device=device)
+    model, meta = load_for_inference(path, device=device, trust_checkpoint=trust_checkpoint)
     recorded = meta.get("tokenizer_sha256")
     if tokenizer_sha256 is not None:
         if recorded is None:
             print(f"warning: {path} records no tokenizer_sha256; cannot check it matches the tokenizer", file=sys.stderr)
         elif recorded != tokenizer_sha256:
-            raise ValueError(f"{path} was trained with tokenizer sha256 {recorded}, but the given tokenizer has "
+            raise UserError(f"{path} was trained with tokenizer sha256 {recorded}, but the given tokenizer has "
                              f"sha256 {tokenizer_sha256}: token ids would not match")
     return model, meta
 
@@ -332,7 +333,7 @@ def parse_gaps(text: str, encode, gap_len: int, pad_id: int = 0):
         ids += encode(text[start:match.start()]) if text[start:match.start()].strip() else []
         n = int(match.group(1)) if match.group(1) else gap_len
         if n < 1:
-            raise ValueError(f"gap {match.group(0)!r} must have length >= 1")
+            raise UserError(f"gap {match.group(0)!r} must have length >= 1")
         gaps += range(len(ids), len(ids) + n)
         ids += [pad_id] * n
         start = match.end()
@@ -346,10 +347,10 @@ def insert_gaps(ids, spec: str, pad_id: int = 0):
     try:
         pairs = sorted((int(p), int(n)) for p, n in (item.split(":") for item in spec.split(",")))
     except ValueError:
-        raise ValueError(f"--gaps must look like 'POS:LEN,POS:LEN'; got {spec!r}") from None
+        raise UserError(f"--gaps must look like 'POS:LEN,POS:LEN'; got {spec!r}") from None
     for pos, n in pairs:
         if not 0 <= pos <= len(ids) - shift or n < 1:
-            raise ValueError(f"--gaps {pos}:{n}: position must lie in [0, {len(ids) - shift}] and length be >= 1")
+            raise UserError(f"--gaps {pos}:{n}: position must lie in [0, {len(ids) - shift}] and length be >= 1")
         at = pos + shift
         ids[at:at] = [pad_id] * n
         gaps += range(at, at + n)
@@ -366,7 +367,7 @@ def parse_positions(spec: str | None, length: int) -> list[int]:
         low, _, high = item.partition("-")
         out += range(int(low), int(high or low) + 1)
     if any(not 0 <= p < length for p in out):
-        raise ValueError(f"positions {spec!r} must lie in [0, {length})")
+        raise UserError(f"positions {spec!r} must lie in [0, {length})")
     return out
 
 
@@ -374,13 +375,16 @@ def _load_tokenizer(path):
     if path is None:
         return None
     from data_pipeline.tokenizer import Tokenizer
-    return Tokenizer.load(path)
+    try:
+        return Tokenizer.load(path)
+    except ValueError as err:  # a missing or inconsistent tokenizer directory: the message names the file
+        raise UserError(f"--tokenizer: {err}") from None
 
 
 def _cmd_score(args, model, tokenizer):
     ids = tokenizer.encode(args.text) if args.text is not None else [int(t) for t in args.ids.split()]
     if not ids:
-        raise ValueError("the text to score is empty")
+        raise UserError("the text to score is empty")
     _check_length(model, len(ids))
     source = parse_positions(args.source, len(ids))
     target = parse_positions(args.target, len(ids)) or [p for p in range(len(ids)) if p not in set(source)]
@@ -404,7 +408,7 @@ def _cmd_complete(args, model, tokenizer):
     else:
         ids, gaps = parse_gaps(args.text, tokenizer.encode, args.gap_len, pad)
     if not gaps:
-        raise ValueError("nothing to complete: mark gaps with [___] or [___:n], or pass --gaps / --continue")
+        raise UserError("nothing to complete: mark gaps with [___] or [___:n], or pass --gaps / --continue")
     _check_length(model, len(ids))
     source = [p for p in range(len(ids)) if p not in set(gaps)]
     tokens = np.asarray([ids] * args.num_samples)
@@ -419,10 +423,13 @@ def _cmd_complete(args, model, tokenizer):
 def _cmd_classify(args, model, tokenizer, meta):
     from .finetune import LabelLayout, read_examples
     if "label_layout" not in meta:
-        raise ValueError(f"{args.model} has no label_layout in its metadata: classify needs a model fine-tuned "
+        raise UserError(f"{args.model} has no label_layout in its metadata: classify needs a model fine-tuned "
                          "with pretrain.finetune")
     layout = LabelLayout(**meta["label_layout"])
-    examples = read_examples(args.input, layout, require_labels=False)
+    try:
+        examples = read_examples(args.input, layout, require_labels=False)
+    except ValueError as err:  # the message names the file and line
+        raise UserError(f"--input: {err}") from None
     samples = [layout.encode(tokenizer, ex.text, ex.text_pair) for ex in examples]
     probs, mass = classify(model, samples, 0, layout.label_token_ids, pad_id=tokenizer.pad_id)
     correct = 0
@@ -435,11 +442,16 @@ def _cmd_classify(args, model, tokenizer, meta):
         print(json.dumps({"accuracy": correct / len(examples), "n": len(examples)}))
 
 
-def main(argv=None) -> None:
+def _main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m pretrain.infer", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", required=True, help="exported model directory or DeepSpeed checkpoint")
+    common.add_argument("--model", required=True,
+                        help="exported model directory (model.safetensors), or a run dir holding export/")
+    common.add_argument("--trust-checkpoint", action="store_true",
+                        help="also read a DeepSpeed checkpoint (run dir, checkpoints/ or step_* dir) when no export "
+                             "exists; its .pt files are pickles, read weights-only (docs/reliability.md)")
+    add_debug_flag(common)
     common.add_argument("--tokenizer", help="tokenizer directory (data_pipeline); its sha256 must match the model's")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--seed", type=int, default=0)
@@ -468,9 +480,10 @@ def main(argv=None) -> None:
     tokenizer = _load_tokenizer(args.tokenizer)
     if tokenizer is None and (args.command != "score" or args.text is not None):
         parser.error(f"{args.command} needs --tokenizer")
-    model, meta = load_model(args.model, args.device, tokenizer.sha256 if tokenizer else None)
+    model, meta = load_model(args.model, args.device, tokenizer.sha256 if tokenizer else None,
+                             trust_checkpoint=args.trust_checkpoint)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's "
+        raise UserError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                          f"({model.config.vocab_size})")
     if args.command == "score":
         _cmd_score(args, model, tokenizer)
@@ -480,5 +493,9 @@ def main(argv=None) -> None:
         _cmd_classify(args, model, tokenizer, meta)
 
 
+def main(argv=None) -> int:
+    return cli_main(_main, "python -m pretrain.infer", argv)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -195,6 +195,7 @@ def train(config: TrainConfig) -> dict:
         log.info("model.vocab_size set to %d from %s", stream.vocab_size, manifest)
         config = replace(config, model=replace(config.model, vocab_size=stream.vocab_size))
     model = BigLearner(config.model)
+    first_save_bytes = ckpt.BYTES_PER_PARAMETER * model.num_parameters()  # free-space check before a first save
     engine, ds_config = build_engine(config, model, world_size, on_cpu)
     device = engine.device
 
@@ -230,7 +231,8 @@ def train(config: TrainConfig) -> dict:
     def save() -> Path:
         meta = {**meta_base, "progress": dict(progress), "data_stats": stream.stats}
         rank_state = {"data": stream.state_dict(), "rng": ckpt.rng_state()}
-        tag_dir = ckpt.save_checkpoint(engine, checkpoint_dir, progress["step"], meta, rank_state, t.keep_last)
+        tag_dir = ckpt.save_checkpoint(engine, checkpoint_dir, progress["step"], meta, rank_state, t.keep_last,
+                                       estimate_bytes=first_save_bytes)
         log.info("saved %s", tag_dir)
         return tag_dir
 
@@ -348,7 +350,7 @@ def train(config: TrainConfig) -> dict:
         if rank == 0:
             log.info("validation matrix at step %d:\n%s", progress["step"], format_matrix(matrix))
             if t.export_at_end:
-                summary["export"] = str(ckpt.export_checkpoint(last_saved, run_dir / "export"))
+                summary["export"] = str(ckpt.export_checkpoint(last_saved, run_dir / "export", trust_checkpoint=True))
             if config.eval.plot:
                 summary["plot"] = str(plot_run(run_dir, matrix))
         return summary

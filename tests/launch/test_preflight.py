@@ -57,13 +57,24 @@ def test_verify_detects_corruption(dataset, capsys):
     data[500] ^= 0xFF  # same size, different content: only the hash can tell
     path.write_bytes(bytes(data))
     code, report = _preflight(capsys, shards, tok, out)
-    assert code == 0, report  # existence-only check passes
+    assert code == 0, report  # existence and size checks pass
     code, report = _preflight(capsys, shards, tok, out, "--verify")
     assert code == 1 and "'shard-000000.tar' sha256" in report
     with open(path, "ab") as f:
         f.write(b"x")
-    code, report = _preflight(capsys, shards, tok, out, "--verify")
+    code, report = _preflight(capsys, shards, tok, out)
     assert code == 1 and "'shard-000000.tar' is 1001 bytes, manifest says 1000" in report
+
+
+def test_size_is_checked_without_verify(dataset, capsys):
+    """A shard cut to half its size fails the cheap default checks (one stat per shard)."""
+    shards, tok, out = dataset
+    path = shards / "shard-000001.tar"
+    size = path.stat().st_size
+    path.write_bytes(path.read_bytes()[: size // 2])
+    code, report = _preflight(capsys, shards, tok, out)
+    assert code == 1 and "[FAIL] manifest" in report, report
+    assert f"'shard-000001.tar' is {size // 2} bytes, manifest says {size}" in report
 
 
 def test_tokenizer_mismatch(dataset, capsys):

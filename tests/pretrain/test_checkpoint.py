@@ -59,8 +59,8 @@ def test_retention_resume_and_every_inference_path_agree(tmp_path, manifest):
     assert meta["progress"]["step"] == 3 and meta["world_size"] == 1
     assert meta["config"]["model"]["d_model"] == 32 and "git_revision" in meta
 
-    from_run, _ = load_for_inference(run_dir)
-    from_tag, _ = load_for_inference(tags[-1])
+    from_run, _ = load_for_inference(run_dir / "checkpoints", trust_checkpoint=True)
+    from_tag, _ = load_for_inference(tags[-1], trust_checkpoint=True)
     exported, export_meta = load_exported(run_dir / "export")
     from_export, _ = load_for_inference(run_dir / "export")
     assert export_meta["progress"]["step"] == 3
@@ -71,7 +71,7 @@ def test_retention_resume_and_every_inference_path_agree(tmp_path, manifest):
         for key, value in model.state_dict().items():
             assert torch.equal(value, reference[key]), key
     # The DeepSpeed model file holds the trained weights too (stage 1 keeps full weights per rank).
-    module = torch.load(tags[-1] / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    module = torch.load(tags[-1] / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert torch.equal(module["model.embed.weight"].float(), reference["embed.weight"])
 
     # TensorBoard holds the same training scalars as metrics.jsonl.
@@ -85,7 +85,8 @@ def test_retention_resume_and_every_inference_path_agree(tmp_path, manifest):
     assert "eval/tasks/joint" in events.Tags()["scalars"]
 
     # The command-line export of a checkpoint gives the same weights.
-    cli = subprocess.run([sys.executable, "-m", "pretrain.checkpoint", str(tags[0]), str(tmp_path / "step2")],
+    cli = subprocess.run([sys.executable, "-m", "pretrain.checkpoint", str(tags[0]), str(tmp_path / "step2"),
+                          "--trust-checkpoint"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert cli.returncode == 0, cli.stderr[-2000:]
     step2, step2_meta = load_exported(tmp_path / "step2")
@@ -94,7 +95,7 @@ def test_retention_resume_and_every_inference_path_agree(tmp_path, manifest):
 
     # A checkpoint whose marker is missing (killed mid-write) is skipped by resume=auto and replaced.
     (tags[-1] / COMPLETE).unlink()
-    model, meta = load_for_inference(run_dir)
+    model, meta = load_for_inference(run_dir / "checkpoints", trust_checkpoint=True)
     assert meta["progress"]["step"] == 2
     result = train(run_dir, manifest, "trainer.max_steps=4", "trainer.save_every=1", "trainer.keep_last=2")
     assert "resumed from" in result.stderr and "step_00000002" in result.stderr

@@ -122,7 +122,7 @@ def test_zero_stage_on_two_cpu_processes(tmp_path, manifest, stage):
     assert tag.name == "step_00000016" and len(list(tag.glob("rank_*.pt"))) == 2
 
     # Consolidated fp32 weights (from the ZeRO shards) score exactly what the engine scored.
-    model, meta = load_for_inference(run_dir)
+    model, meta = load_for_inference(tag, trust_checkpoint=True)
     config = EvalConfig(batches=2)
     batches = eval_batches(validation_windows(manifest, 2, 8), config, pad_id=0)
     offline = evaluate(model.loss, batches, torch.device("cpu"))

@@ -1,5 +1,6 @@
 """Inference: scoring, cached completion, classification, CLI input errors."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,6 +9,7 @@ import torch
 from data_pipeline.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 from kernels import INVALID_GROUP
 from pretrain.collate import collate
+from pretrain.errors import UserError
 from pretrain.export import export_model
 from pretrain.infer import (classify, complete, insert_gaps, load_model, main, parse_gaps, sample_from_logits,
                             score, score_orders, split_spec)
@@ -193,6 +195,15 @@ def test_bad_inputs_give_clear_errors(tmp_path):
         load_model(tmp_path / "nowhere")
 
 
+def user_error(capsys, argv) -> str:
+    """The CLI's message for a user mistake: one line on stderr, exit status 2."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m pretrain.infer: error: ") and err.count("\n") == 1, err
+    return err
+
+
 def test_cli_score_and_orders(tmp_path, capsys):
     rng = np.random.default_rng()
     model = tiny_model().float()
@@ -203,8 +214,7 @@ def test_cli_score_and_orders(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     expected = float(score(model, ids, [0, 1, 2], [8, 3, 5]))
     assert abs(out["log_prob"] - expected) < 1e-4 and len(out["per_order"]) == 3
-    with pytest.raises(ValueError, match="empty"):
-        main(["score", "--model", str(tmp_path), "--ids", " ", "--device", "cpu"])
+    assert "empty" in user_error(capsys, ["score", "--model", str(tmp_path), "--ids", " ", "--device", "cpu"])
 
 
 @pytest.fixture(scope="module")
@@ -241,16 +251,22 @@ def test_cli_complete_fills_only_the_gaps(text_model, capsys):
     assert line["gaps"] == list(range(n_prompt, n_prompt + 4)) and line["ids"][:n_prompt] == tokenizer.encode("the cat")
 
 
-def test_cli_errors_name_the_problem(text_model):
+def test_cli_errors_name_the_problem(text_model, capsys):
     directory, _ = text_model
     base = ["--model", str(directory / "model"), "--tokenizer", str(directory / "tok"), "--device", "cpu"]
-    with pytest.raises(ValueError, match="max_seq_len=24"):
-        main(["complete", *base, "--text", "the [___:30] sat"])
-    with pytest.raises(ValueError, match="nothing to complete"):
-        main(["complete", *base, "--text", "the cat"])
-    with pytest.raises(ValueError, match="empty"):
-        main(["score", *base, "--text", ""])
-    with pytest.raises(ValueError, match="tokenizer sha256 0000"):
-        main(["score", "--model", str(directory / "other"), "--tokenizer", str(directory / "tok"), "--text", "the cat"])
-    with pytest.raises(ValueError, match="label_layout"):
-        main(["classify", *base, "--input", str(directory / "corpus.txt")])
+    assert "max_seq_len=24" in user_error(capsys, ["complete", *base, "--text", "the [___:30] sat"])
+    assert "nothing to complete" in user_error(capsys, ["complete", *base, "--text", "the cat"])
+    assert "empty" in user_error(capsys, ["score", *base, "--text", ""])
+    other = ["score", "--model", str(directory / "other"), "--tokenizer", str(directory / "tok"), "--text", "the cat"]
+    assert "tokenizer sha256 0000" in user_error(capsys, other)
+    assert "label_layout" in user_error(capsys, ["classify", *base, "--input", str(directory / "corpus.txt")])
+    assert "tok2/tokenizer.model not found" in user_error(
+        capsys, ["score", "--model", str(directory / "model"), "--tokenizer", str(directory / "tok2"), "--text", "a"])
+    # A truncated download names the file; --debug shows the traceback instead of the one line.
+    broken = directory / "truncated"
+    shutil.copytree(directory / "model", broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert f"{weights}: unreadable safetensors" in user_error(capsys, ["score", "--model", str(broken), "--ids", "1 2"])
+    with pytest.raises(UserError, match="unreadable safetensors"):
+        main(["score", "--model", str(broken), "--ids", "1 2", "--debug"])

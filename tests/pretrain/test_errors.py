@@ -1,0 +1,38 @@
+"""pretrain.errors.cli_main: a UserError is one line on stderr and exit status 2; --debug or
+BIGLEARN_DEBUG=1 shows the traceback instead; any other exception keeps its traceback."""
+import pytest
+
+from pretrain.errors import DEBUG_ENV, UserError, cli_main
+
+
+def failing(exc):
+    def main(argv):
+        raise exc
+    return main
+
+
+def test_user_error_is_one_line_and_exit_2(capsys, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    message = "data.manifest: /x/manifest.json does not exist;\n  expected a manifest file"
+    assert cli_main(failing(UserError(message)), "prog", ["a"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == "prog: error: data.manifest: /x/manifest.json does not exist; expected a manifest file\n"
+    assert captured.out == ""
+    assert cli_main(lambda argv: None, "prog", []) == 0 and cli_main(lambda argv: 3, "prog", []) == 3
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_debug_shows_the_traceback(how, monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    argv = ["--debug"] if how == "flag" else []
+    if how == "env":
+        monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(UserError, match="bad"):
+        cli_main(failing(UserError("bad")), "prog", argv)
+
+
+def test_unexpected_failures_keep_their_traceback(monkeypatch):
+    monkeypatch.setenv(DEBUG_ENV, "0")
+    for exc in (RuntimeError("bug"), ValueError("not a user error"), KeyError("k")):
+        with pytest.raises(type(exc)):
+            cli_main(failing(exc), "prog", [])
