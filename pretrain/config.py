@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+import re
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import objectives
+from .errors import UserError
 from .model import ModelConfig
 from .objectives import EVAL_TASKS, ObjectiveConfig
 
@@ -110,11 +113,32 @@ class TrainConfig:
 
 def _check(condition: bool, key: str, message: str, value) -> None:
     if not condition:
-        raise ValueError(f"{key} {message}; got {value!r}")
+        raise UserError(f"{key} {message}; got {value!r}")
+
+
+def non_finite_numbers(node, prefix: str = ""):
+    """(key, value) of every NaN or infinite number anywhere in a config tree."""
+    if is_dataclass(node):
+        items = [(f.name, getattr(node, f.name)) for f in fields(node)]
+    elif isinstance(node, dict):
+        items = list(node.items())
+    elif isinstance(node, (list, tuple)):
+        items = [(f"[{i}]", v) for i, v in enumerate(node)]
+        prefix = prefix[:-1]  # key[0], not key.[0]
+    else:
+        return
+    for name, value in items:
+        key = f"{prefix}{name}"
+        if isinstance(value, float) and not math.isfinite(value):
+            yield key, value
+        else:
+            yield from non_finite_numbers(value, key + ".")
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-    """Checks across fields that the dataclasses cannot express; ValueError names the key."""
+    """Checks across fields that the dataclasses cannot express; UserError names the key."""
+    for key, value in non_finite_numbers(config):  # e.g. model.init_std=inf would pass every range check below
+        _check(False, key, "must be a finite number", value)
     objectives.validate(config.objective)
     d, ds, t, e = config.data, config.deepspeed, config.trainer, config.eval
     _check(d.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}", d.kind)
@@ -170,10 +194,34 @@ def to_schema(tree: DictConfig | dict) -> TrainConfig:
         merged = OmegaConf.merge(schema(), plain)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or "?"
-        first_line = str(err).splitlines()[0]
-        raise ValueError(f"config key {key}: {first_line}") from None
-    return validate(config)
+        raise _config_error(err) from None
+    try:
+        return validate(config)
+    except ValueError as err:  # the model's and objectives' own checks name the key too
+        raise UserError(str(err)) from None
+
+
+def expected_type(key: str) -> str | None:
+    """The schema type of a dotted key ("trainer.max_steps" -> "int"), None if unknown."""
+    node = TrainConfig
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if is_dataclass(node) else {}
+        if part not in hints:
+            return None
+        node = hints[part]
+    text = re.sub(r"typing\.|builtins\.|<class '(\w+)'>", r"\1", str(node))
+    return text.replace("NoneType", "null").replace(" | ", " or ")
+
+
+def _config_error(err: OmegaConfBaseException) -> UserError:
+    """One line naming the key, the value and, for a type mismatch, the expected type."""
+    key = getattr(err, "full_key", None) or "?"
+    value = getattr(err, "value", None)
+    first_line = str(err).splitlines()[0]
+    wanted = expected_type(key) if "convert" in first_line or "type" in first_line else None
+    if wanted is not None:
+        return UserError(f"config key {key}={value!r}: expected {wanted}")
+    return UserError(f"config key {key}: {first_line}")
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | str = CONFIG_DIR,
@@ -190,8 +238,10 @@ def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | str 
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None, job_name="biglearn"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
+        if isinstance(err.__cause__, OmegaConfBaseException):  # an override of the wrong type
+            raise _config_error(err.__cause__) from None
         # Hydra's message already names the key or group option (e.g. "Key 'd_modle' is not in struct").
-        raise ValueError(f"config error: {err}") from None
+        raise UserError(f"config error: {' '.join(str(err).split())}") from None
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | str = CONFIG_DIR) -> TrainConfig:

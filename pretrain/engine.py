@@ -137,3 +137,12 @@ def build_engine(config: TrainConfig, model: BigLearner, world_size: int, on_cpu
     if config.deepspeed.zero_stage == 3:
         deepspeed.zero.register_external_parameter(engine.module, model.query_start)
     return engine, ds_config
+
+
+def dynamic_loss_scale(engine) -> tuple[float | None, float | None]:
+    """(current scale, floor) of DeepSpeed's fp16 dynamic loss scaler; (None, None) without one
+    (bf16, fp32, or a static scale)."""
+    scaler = getattr(engine.optimizer, "loss_scaler", None)
+    if not getattr(scaler, "dynamic", False):
+        return None, None
+    return float(scaler.cur_scale), float(scaler.min_scale)

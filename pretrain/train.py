@@ -5,8 +5,9 @@ Also under `deepspeed --num_gpus N --module pretrain.train ...`, `torchrun --npr
 
 One optimizer step = trainer.grad_accum micro-batches per rank. Every rank agrees on three
 things through one small all-reduce per micro-batch: whether the loss was finite everywhere
-(a non-finite loss skips the micro-batch on all ranks; trainer.max_bad_steps in a row stop the
-run), whether to stop (SIGTERM/SIGUSR1 or the time budget, on any rank), and a digest of the
+(a non-finite loss skips the micro-batch on all ranks and counts as a bad step for the
+divergence guard, pretrain.guard, as does a skipped or non-finite optimizer step; trainer.max_bad_steps
+in a row stop the run), whether to stop (SIGTERM/SIGUSR1 or the time budget, on any rank), and a digest of the
 sample keys consumed (so resumed runs can be checked to read the same data).
 """
 from __future__ import annotations
@@ -30,8 +31,9 @@ import torch
 from . import checkpoint as ckpt
 from .config import CONFIG_DIR, TrainConfig, available_options, load_config, resolve_run_dir, to_dict, to_yaml
 from .data import BatchStream
-from .engine import build_engine, init_distributed, use_cpu
+from .engine import build_engine, dynamic_loss_scale, init_distributed, use_cpu
 from .evaluate import METRICS, eval_batches, evaluate, format_matrix, plot_run, validation_windows
+from .guard import BadStepGuard, TrainingError
 from .model import BigLearner, ModelConfig
 from .objectives import TASKS, ObjectiveSampler
 
@@ -40,10 +42,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) for MFU; trainer.peak_tflops overrides.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
                "V100": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. too many non-finite losses); the last checkpoint is intact."""
 
 
 # --------------------------------------------------------------------------- pieces
@@ -202,9 +200,13 @@ def train(config: TrainConfig) -> dict:
     checkpoint_dir = run_dir / ckpt.CHECKPOINTS
     progress = {"step": 0, "tokens_seen": 0, "predicted_seen": 0, "skipped_micro_batches": 0, "data_digest": 0}
     resume_from = _resume_checkpoint(config, checkpoint_dir)
+    guard = BadStepGuard(t.max_bad_steps)
     if resume_from is not None:
         meta, rank_state = ckpt.load_checkpoint(engine, resume_from)
         progress.update(meta["progress"])
+        if "guard" in meta:
+            guard.load_state_dict(meta["guard"])
+        guard.saved(resume_from)
         try:
             stream.load_state_dict(rank_state["data"])
         except ValueError as err:
@@ -229,10 +231,11 @@ def train(config: TrainConfig) -> dict:
                  "tokenizer_sha256": stream.manifest["tokenizer"]["sha256"]}
 
     def save() -> Path:
-        meta = {**meta_base, "progress": dict(progress), "data_stats": stream.stats}
+        meta = {**meta_base, "progress": dict(progress), "data_stats": stream.stats, "guard": guard.state_dict()}
         rank_state = {"data": stream.state_dict(), "rng": ckpt.rng_state()}
         tag_dir = ckpt.save_checkpoint(engine, checkpoint_dir, progress["step"], meta, rank_state, t.keep_last,
-                                       estimate_bytes=first_save_bytes)
+                                       estimate_bytes=first_save_bytes, protect=guard.protected)
+        guard.saved(tag_dir)
         log.info("saved %s", tag_dir)
         return tag_dir
 
@@ -259,7 +262,7 @@ def train(config: TrainConfig) -> dict:
     window = torch.zeros(2 * len(TASKS) + 3, dtype=torch.float64)  # nll[T], count[T], tokens, predicted, flops
     window_start = time.perf_counter()
     started = time.perf_counter()
-    bad_in_row, stop_reason, last_saved = 0, None, resume_from
+    stop_reason, last_saved = None, resume_from
     batches = iter(stream)
     engine.train()
     try:
@@ -281,16 +284,8 @@ def train(config: TrainConfig) -> dict:
                 if n_nonfinite:
                     # Non-finite loss somewhere: no rank backpropagates this micro-batch.
                     progress["skipped_micro_batches"] += 1
-                    bad_in_row += 1
-                    log.warning("non-finite loss at step %d on %d rank(s); micro-batch skipped (%d in a row)",
-                                progress["step"] + 1, int(n_nonfinite), bad_in_row)
-                    if bad_in_row >= t.max_bad_steps:
-                        raise TrainingError(
-                            f"{bad_in_row} non-finite losses in a row (trainer.max_bad_steps={t.max_bad_steps}) at "
-                            f"step {progress['step'] + 1}; stopping. The last complete checkpoint in "
-                            f"{checkpoint_dir} is intact: lower trainer.lr, check the data, or resume from it.")
+                    guard.bad(progress["step"] + 1, f"non-finite loss on {int(n_nonfinite)} rank(s), micro-batch skipped")
                     continue
-                bad_in_row = 0
                 engine.backward(loss)
                 engine.step()
                 micro += 1
@@ -299,6 +294,8 @@ def train(config: TrainConfig) -> dict:
                 window[-3] += batch.tokens.shape[0] * stream.seq_len
                 window[-2] += float(batch.n_target.sum())
                 window[-1] += step_flops(config.model, batch)
+            guard.optimizer_step(progress["step"] + 1, engine.was_step_applied(), engine.get_global_grad_norm(),
+                                 *dynamic_loss_scale(engine))
             progress["step"] += 1
             step = progress["step"]
             if bar is not None:
@@ -349,7 +346,10 @@ def train(config: TrainConfig) -> dict:
                    "minutes": (time.perf_counter() - started) / 60}
         if rank == 0:
             log.info("validation matrix at step %d:\n%s", progress["step"], format_matrix(matrix))
-            if t.export_at_end:
+            if t.export_at_end and not guard.healthy:
+                log.warning("not exporting: the run ended %d bad step(s) into a streak (from step %d)",
+                            guard.bad_in_row, guard.first_bad_step)
+            elif t.export_at_end:
                 summary["export"] = str(ckpt.export_checkpoint(last_saved, run_dir / "export", trust_checkpoint=True))
             if config.eval.plot:
                 summary["plot"] = str(plot_run(run_dir, matrix))

@@ -54,6 +54,11 @@ def test_smoke_experiment_is_small_and_short():
     (["model.d_modle=3"], "model.d_modle"),                 # mistyped key
     (["+trainer.learning_rate=3"], "learning_rate"),         # unknown key added on purpose
     (["model.d_model=abc"], "model.d_model"),                # wrong type
+    (["trainer.max_steps=abc"], "config key trainer.max_steps='abc': expected int"),
+    (["trainer.progress=maybe"], "config key trainer.progress='maybe': expected bool"),
+    (["model.init_std=inf"], "model.init_std must be a finite number; got inf"),  # non-finite, anywhere
+    (["trainer.eps=nan"], "trainer.eps must be a finite number; got nan"),
+    (["eval.mlm_ratio=-inf"], "eval.mlm_ratio must be a finite number"),
     (["trainer.max_steps=1.5"], "trainer.max_steps"),
     (["objective.name=bert"], "objective.name"),             # bad objective name
     (["objective=bert"], "objective/bert"),                  # bad group option

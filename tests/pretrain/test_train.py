@@ -117,8 +117,8 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, manifest):
     result = run(run_dir, manifest, *common, "trainer.max_steps=10")
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-3000:]
     for count in (1, 2):
-        assert f"micro-batch skipped ({count} in a row)" in result.stderr
-    assert "3 non-finite losses in a row (trainer.max_bad_steps=3) at step 3" in result.stderr
+        assert f"bad step 3: non-finite loss on 1 rank(s), micro-batch skipped ({count} in a row)" in result.stderr
+    assert "diverged: 3 bad steps in a row (trainer.max_bad_steps=3), from step 3 to step 3" in result.stderr
     assert find_checkpoint(run_dir) == tag and {p.name: p.stat().st_mtime_ns for p in tag.iterdir()} == before
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [tag.name]
 
