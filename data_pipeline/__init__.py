@@ -4,12 +4,11 @@ Never imports torch (design.md §4): the shards are read by ``pretrain.data.Batc
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .shards import MANIFEST, ShardConfig, build_shards, load_manifest, shard_file
 from .sources import STDLIB, SourceConfig, SourceStats, iter_documents
-from .tokenizer import INFO_FILE, Tokenizer, TokenizerConfig, train_tokenizer
+from .tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 
 __all__ = ["build_demo", "build_shards", "train_tokenizer", "iter_documents", "load_manifest",
            "ShardConfig", "SourceConfig", "SourceStats", "Tokenizer", "TokenizerConfig", "STDLIB"]
@@ -38,12 +37,13 @@ def build_demo(output_dir, vocab_size: int = 8000, seq_len: int = 512, val_fract
     tokenizer_dir = output_dir / "tokenizer"
     tokenizer_config = TokenizerConfig(vocab_size=vocab_size)
     try:
-        info = json.loads((tokenizer_dir / INFO_FILE).read_text())
+        tokenizer = Tokenizer.load(tokenizer_dir)
+        info = tokenizer.info
         wanted = {k: v for k, v in tokenizer_config.__dict__.items() if k != "num_threads"}
         current = all(info["training"].get(k) == v for k, v in wanted.items())
         current = current and info["training"]["sources"]["files"] == _stdlib_file_count(stdlib_limit)
-        tokenizer = Tokenizer.load(tokenizer_dir) if current else None
-    except (OSError, ValueError, KeyError):
+        tokenizer = tokenizer if current else None
+    except (OSError, ValueError, KeyError, TypeError):
         tokenizer = None
     if tokenizer is None:
         tokenizer = train_tokenizer([STDLIB], tokenizer_dir, tokenizer_config, source, progress=progress)

@@ -54,7 +54,7 @@ def _run(argv) -> int:
     defaults_shown = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
     p = commands.add_parser("tokenizer", **defaults_shown, help="train a sentencepiece tokenizer",
-                            description="Train a sentencepiece model; writes DIR/tokenizer.model and DIR/tokenizer.json.")
+                            description="Train a sentencepiece model; writes DIR/tokenizer.model and DIR/biglearn_tokenizer.json.")
     _add_inputs(p)
     defaults = TokenizerConfig()
     p.add_argument("--vocab-size", type=int, default=defaults.vocab_size, help="pieces, special tokens included")
@@ -68,14 +68,16 @@ def _run(argv) -> int:
     p.add_argument("--no-byte-fallback", action="store_true", help="map unseen characters to <unk> instead of bytes")
     p.add_argument("--seed", type=int, default=defaults.seed, help="seed of the line sample and of sentencepiece")
     p.add_argument("--threads", type=int, default=defaults.num_threads, help="sentencepiece training threads")
-    p.add_argument("--output", required=True, metavar="DIR", help="writes DIR/tokenizer.model and DIR/tokenizer.json")
+    p.add_argument("--output", required=True, metavar="DIR", help="writes DIR/tokenizer.model and DIR/biglearn_tokenizer.json")
 
     p = commands.add_parser("shards", **defaults_shown, help="tokenize text into webdataset shards",
                             description="Tokenize inputs into DIR/{train,val}-NNNNNN.tar and DIR/manifest.json; "
                                         "a re-run skips shards that are already complete.")
     _add_inputs(p)
     defaults = ShardConfig()
-    p.add_argument("--tokenizer", required=True, metavar="DIR", help="directory written by the tokenizer command")
+    p.add_argument("--tokenizer", required=True, metavar="PATH",
+                   help="directory written by the tokenizer command, a Hugging Face tokenizer.json, or a "
+                        "sentencepiece .model (e.g. Llama's)")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len, help="window length in tokens")
     p.add_argument("--mode", choices=MODES, default=defaults.mode,
                    help="concat: eos-joined stream cut into windows; documents: whole documents, padded")

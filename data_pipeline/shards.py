@@ -25,7 +25,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from .sources import SourceConfig, SourceStats, iter_documents
-from .tokenizer import INFO_FILE, MODEL_FILE, Tokenizer, atomic_write_bytes, file_sha256
+from .tokenizer import Tokenizer, atomic_write_bytes, file_sha256
 
 FORMAT = "biglearn-token-shards"
 FORMAT_VERSION = 1
@@ -376,7 +376,8 @@ def _shard_tasks(documents, config: ShardConfig, target_tokens: int, chars_per_t
 
 def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None = None,
                  source_config: SourceConfig | None = None, progress: bool = True) -> Path:
-    """Tokenize `inputs` into shards under `output_dir`; returns the path of manifest.json."""
+    """Tokenize `inputs` into shards under `output_dir`; returns the path of manifest.json.
+    `tokenizer_dir`: any kind `Tokenizer.load` reads (ours, an HF tokenizer.json, a sentencepiece .model)."""
     from tqdm import tqdm
 
     config = config or ShardConfig()
@@ -386,9 +387,9 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.glob(".*.tmp"):  # leftovers of an interrupted build, never final names
         stale.unlink()
-    if Path(tokenizer_dir).resolve() != output_dir.resolve():  # the dataset carries its tokenizer
-        for name in (MODEL_FILE, INFO_FILE):
-            shutil.copyfile(Path(tokenizer_dir) / name, output_dir / f".{name}.tmp")
+    for name, source in tokenizer.files.items():  # the dataset carries its tokenizer
+        if source.resolve() != (output_dir / name).resolve():
+            shutil.copyfile(source, output_dir / f".{name}.tmp")
             os.replace(output_dir / f".{name}.tmp", output_dir / name)
 
     dtype = token_dtype(tokenizer.vocab_size)
@@ -452,7 +453,8 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
         "format": FORMAT, "version": FORMAT_VERSION,
         "seq_len": config.seq_len, "mode": config.mode, "token_dtype": dtype.str, "segments": segments or None,
         "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size,
-        "tokenizer": {"path": MODEL_FILE, "info": INFO_FILE, "sha256": tokenizer.sha256,
+        "tokenizer": {"kind": tokenizer.kind, "path": tokenizer.defining_file, "files": sorted(tokenizer.files),
+                      "sha256": tokenizer.sha256,
                       "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "unk_id": tokenizer.unk_id,
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "sentinel_ids": tokenizer.sentinel_ids},
         "splits": {split: {"shards": sum(s["split"] == split for s in shards),

@@ -1,9 +1,19 @@
-"""SentencePiece tokenizer: training with reserved special tokens, loading, batched encode/decode.
+"""Tokenizers: our sentencepiece training, and loading ours or an existing one, batched encode/decode.
 
-An output directory holds ``tokenizer.model`` (the sentencepiece model) and ``tokenizer.json``:
-vocab size, special ids, the model file's sha256 and the training arguments. Special ids are
-fixed: pad 0, unk 1, bos 2, eos 3, then ``n_sentinels`` control tokens ``<sentinel_i>`` (label
-slots and segment separators for multi-segment samples; never produced by encoding text).
+Three kinds load through ``Tokenizer.load`` (a directory or a file):
+
+- ours: a directory with ``tokenizer.model`` (sentencepiece) and ``biglearn_tokenizer.json``
+  (vocab size, special ids, the model file's sha256, the training arguments). Special ids are
+  fixed: pad 0, unk 1, bos 2, eos 3, then ``n_sentinels`` control tokens ``<sentinel_i>`` (label
+  slots and segment separators for multi-segment samples; never produced by encoding text).
+  Directories written before the metadata file was renamed hold it as ``tokenizer.json``, the
+  name of Hugging Face's own format; they still load.
+- an existing sentencepiece ``.model`` (e.g. Llama's, Mistral's), read by sentencepiece;
+- a Hugging Face ``tokenizer.json``, read by the ``tokenizers`` library; special tokens come from
+  the ``tokenizer_config.json`` next to it, else from the usual names (``<s>``, ``</s>``, ...).
+
+Whatever the kind, ``sha256`` identifies the token ids (the defining file's hash), so a model
+can refuse a tokenizer it was not trained with.
 """
 from __future__ import annotations
 
@@ -20,7 +30,15 @@ import sentencepiece as spm
 from .sources import SourceConfig, SourceStats, iter_documents
 
 MODEL_FILE = "tokenizer.model"
-INFO_FILE = "tokenizer.json"
+INFO_FILE = "biglearn_tokenizer.json"  # ours; "tokenizer.json" is the name of Hugging Face's format
+LEGACY_INFO_FILE = "tokenizer.json"  # our metadata in directories written before the rename
+HF_FILE = "tokenizer.json"
+HF_COMPANIONS = ("tokenizer_config.json", "special_tokens_map.json")  # special tokens of an HF tokenizer.json
+KINDS = ("biglearn", "sentencepiece", "hf")
+# Usual spellings of special tokens, for an HF tokenizer.json without a tokenizer_config.json.
+_SPECIAL_NAMES = {"bos": ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>", "<|endoftext|>"),
+                  "eos": ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>"),
+                  "unk": ("<unk>", "<|unk|>"), "pad": ("<pad>", "<|pad|>", "<|finetune_right_pad_id|>")}
 MODEL_TYPES = ("unigram", "bpe")
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 _MAX_LINE_CHARS = 2000  # sentencepiece silently drops sentences over max_sentence_length bytes
@@ -174,45 +192,168 @@ def train_tokenizer(inputs, output_dir, config: TokenizerConfig | None = None,
     return Tokenizer.load(output_dir)
 
 
-class Tokenizer:
-    """A trained tokenizer directory: the sentencepiece processor plus its recorded info."""
-
-    def __init__(self, model_bytes: bytes, info: dict):
-        self.info = info
+class _SentencePiece:
+    def __init__(self, model_bytes: bytes):
         self.processor = spm.SentencePieceProcessor(model_proto=model_bytes)
+
+    def encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        return self.processor.encode(texts, num_threads=num_threads)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode(ids)
+
+
+class _HFTokenizer:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
+        # No BOS/EOS template: shards join documents with eos themselves, as for sentencepiece.
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)  # as sentencepiece drops control pieces
+
+
+def _special_content(value):
+    return value.get("content") if isinstance(value, dict) else value
+
+
+class Tokenizer:
+    """A loaded tokenizer of any kind: encode/decode, special ids, and the files that define it
+    (``files``: name in a copy -> source path; the shard builder and exports copy them)."""
+
+    def __init__(self, backend, info: dict, files: dict[str, Path]):
+        self.info = {"kind": "biglearn", **info}
+        self.backend = backend
+        self.files = files
+        self.kind = self.info["kind"]
         for key in ("vocab_size", "pad_id", "unk_id", "bos_id", "eos_id", "sha256"):
-            setattr(self, key, info[key])
-        self.sentinel_ids = list(info["sentinel_ids"])
+            setattr(self, key, self.info[key])
+        self.sentinel_ids = list(self.info.get("sentinel_ids", []))
+
+    @property
+    def processor(self) -> spm.SentencePieceProcessor:
+        """The sentencepiece processor (ours and plain sentencepiece kinds)."""
+        if not isinstance(self.backend, _SentencePiece):
+            raise ValueError(f"a {self.kind} tokenizer has no sentencepiece processor")
+        return self.backend.processor
+
+    @property
+    def defining_file(self) -> str:
+        """Name of the file whose sha256 identifies the token ids."""
+        return HF_FILE if self.kind == "hf" else MODEL_FILE
 
     @classmethod
-    def load(cls, directory) -> "Tokenizer":
-        directory = Path(directory)
-        model_path, info_path = directory / MODEL_FILE, directory / INFO_FILE
-        for path in (model_path, info_path):
-            if not path.is_file():
-                raise ValueError(f"{path} not found: {directory} is not a tokenizer directory "
-                                 f"(train one with `python -m data_pipeline tokenizer`)")
-        info = json.loads(info_path.read_text())
+    def load(cls, path) -> "Tokenizer":
+        """Ours (a directory), an HF tokenizer.json, or a sentencepiece .model (the file, or a
+        directory holding it); a directory is read in that order of preference."""
+        path = Path(path)
+        if path.is_dir():
+            for info_path in (path / INFO_FILE, path / LEGACY_INFO_FILE):
+                info = _our_info(info_path)
+                if info is not None:
+                    return cls._load_ours(path, info_path, info)
+            if (path / HF_FILE).is_file():
+                return cls._load_hf(path / HF_FILE)
+            if (path / MODEL_FILE).is_file():
+                return cls._load_sentencepiece(path / MODEL_FILE)
+            raise ValueError(f"{path} is not a tokenizer directory: expected {MODEL_FILE} + {INFO_FILE} (train one "
+                             f"with `python -m data_pipeline tokenizer`), an HF {HF_FILE} or a sentencepiece {MODEL_FILE}")
+        if path.is_file():
+            return cls._load_hf(path) if path.suffix == ".json" else cls._load_sentencepiece(path)
+        raise ValueError(f"tokenizer {path} not found: give a tokenizer directory, an HF {HF_FILE} or a "
+                         f"sentencepiece .model file")
+
+    @classmethod
+    def _load_ours(cls, directory: Path, info_path: Path, info: dict) -> "Tokenizer":
+        model_path = directory / MODEL_FILE
+        if not model_path.is_file():
+            raise ValueError(f"{model_path} not found: {info_path} describes a sentencepiece model that is missing")
         model_bytes = model_path.read_bytes()
         digest = hashlib.sha256(model_bytes).hexdigest()
         if digest != info.get("sha256"):
             raise ValueError(f"{model_path}: sha256 {digest} does not match {info_path} ({info.get('sha256')})")
-        return cls(model_bytes, info)
+        return cls(_SentencePiece(model_bytes), info, {MODEL_FILE: model_path, INFO_FILE: info_path})
+
+    @classmethod
+    def _load_sentencepiece(cls, path: Path) -> "Tokenizer":
+        model_bytes = path.read_bytes()
+        try:
+            backend = _SentencePiece(model_bytes)
+        except RuntimeError as error:
+            raise ValueError(f"{path} is not a sentencepiece model: {str(error).splitlines()[0]}") from None
+        p = backend.processor
+        ids = {"unk_id": p.unk_id(), "bos_id": p.bos_id(), "eos_id": p.eos_id(), "pad_id": p.pad_id()}
+        return cls(backend, _external_info("sentencepiece", path, p.get_piece_size(), ids, model_bytes),
+                   {MODEL_FILE: path})
+
+    @classmethod
+    def _load_hf(cls, path: Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+
+        data = path.read_bytes()
+        try:
+            tokenizer = HFTokenizer.from_str(data.decode("utf-8"))
+        except Exception as error:  # tokenizers raises a bare Exception on malformed files
+            raise ValueError(f"{path} is not a Hugging Face tokenizer.json: {str(error).splitlines()[0]}") from None
+        companions = {name: path.parent / name for name in HF_COMPANIONS if (path.parent / name).is_file()}
+        declared = {}
+        for companion in companions.values():
+            try:
+                settings = json.loads(companion.read_text())
+            except (ValueError, UnicodeDecodeError) as error:
+                raise ValueError(f"{companion}: not valid JSON ({error})") from None
+            for role in _SPECIAL_NAMES:
+                declared.setdefault(role, _special_content(settings.get(f"{role}_token")))
+        ids = {}
+        for role, names in _SPECIAL_NAMES.items():
+            candidates = [declared[role]] if declared.get(role) else list(names)
+            found = [tokenizer.token_to_id(name) for name in candidates if tokenizer.token_to_id(name) is not None]
+            ids[f"{role}_id"] = found[0] if found else -1
+        return cls(_HFTokenizer(tokenizer),
+                   _external_info("hf", path, tokenizer.get_vocab_size(with_added_tokens=True), ids, data),
+                   {HF_FILE: path, **companions})
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
-        return self.processor.encode(list(texts), num_threads=num_threads)
+        return self.backend.encode_batch(list(texts), num_threads)
 
     def encode(self, text: str) -> list[int]:
-        return self.processor.encode(text)
+        return self.backend.encode_batch([text], 1)[0]
 
     def decode(self, ids) -> str:
         """Text of `ids`; padding is dropped, eos becomes a newline between documents."""
         ids = [int(i) for i in ids if int(i) != self.pad_id]
         pieces, start = [], 0
         for stop in [i for i, t in enumerate(ids) if t == self.eos_id] + [len(ids)]:
-            pieces.append(self.processor.decode(ids[start:stop]))
+            pieces.append(self.backend.decode(ids[start:stop]))
             start = stop + 1
         return "\n".join(pieces)
 
     def decode_batch(self, batch) -> list[str]:
         return [self.decode(ids) for ids in batch]
+
+
+def _our_info(path: Path) -> dict | None:
+    """Our metadata at `path`, or None (absent, or Hugging Face's tokenizer.json under the old name)."""
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    return info if isinstance(info, dict) and "sha256" in info and "model" not in info else None
+
+
+def _external_info(kind: str, path: Path, vocab_size: int, ids: dict, data: bytes) -> dict:
+    """Info of a tokenizer we did not train. It must have an eos (documents are joined with it);
+    without a pad token, padding uses unk (else eos), and without bos, eos starts a sequence."""
+    if ids["eos_id"] < 0:
+        raise ValueError(f"{path}: no eos token found (eos_token in tokenizer_config.json, or one of "
+                         f"{_SPECIAL_NAMES['eos']}); documents are joined with eos")
+    if ids["pad_id"] < 0:
+        ids["pad_id"] = ids["unk_id"] if ids["unk_id"] >= 0 else ids["eos_id"]
+    if ids["bos_id"] < 0:
+        ids["bos_id"] = ids["eos_id"]
+    return {"kind": kind, "vocab_size": vocab_size, **ids, "sentinel_ids": [],
+            "sha256": hashlib.sha256(data).hexdigest(), "source": path.name}

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .export import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS, export_model, load_exported
+from .export import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS, export_model, load_exported, manifest_summary
 from .model import BigLearner, ModelConfig
 
 CHECKPOINTS = "checkpoints"
@@ -343,11 +343,47 @@ def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tu
     return model.to(device).eval(), {**meta, "checkpoint": str(tag_dir)}
 
 
+def run_tokenizer(meta: dict):
+    """The tokenizer a run trained with (the one its dataset carries), or None when it is not here."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    manifest = meta.get("manifest")
+    try:
+        tokenizer = Tokenizer.load(Path(manifest).parent) if manifest else None
+    except ValueError:
+        return None
+    return tokenizer if tokenizer is not None and tokenizer.sha256 == meta.get("tokenizer_sha256") else None
+
+
+def last_eval(run_dir, step: int) -> dict | None:
+    """The validation matrix the run logged at `step` (metrics.jsonl), if any."""
+    from .evaluate import METRICS
+
+    try:
+        lines = (Path(run_dir) / METRICS).read_text().splitlines()
+    except (OSError, TypeError):
+        return None
+    records = [json.loads(line) for line in lines if '"eval"' in line]
+    found = [r["tasks"] for r in records if r.get("kind") == "eval" and r.get("step") == step]
+    return found[-1] if found else None
+
+
+def export_metadata(meta: dict) -> dict:
+    """What an export records of a checkpoint: its metadata, a summary of its data and the
+    validation matrix of its step (export_model makes the paths portable)."""
+    extra = {k: v for k, v in meta.items() if k not in ("model", "run_dir", "checkpoint")}
+    if meta.get("manifest"):
+        extra["data"] = manifest_summary(meta["manifest"])
+    extra["eval"] = last_eval(meta.get("run_dir"), meta.get("progress", {}).get("step"))
+    return extra
+
+
 def export_checkpoint(path, out_dir, trust_checkpoint: bool = False) -> Path:
-    """Consolidated fp32 export (pretrain.export format) of the newest complete checkpoint at `path`."""
+    """Consolidated fp32 export (pretrain.export format) of the newest complete checkpoint at `path`,
+    with the run's tokenizer, a summary of its data and its last validation matrix."""
     tag_dir = find_checkpoint(path)
     model, meta = load_for_inference(tag_dir or path, trust_checkpoint=trust_checkpoint)
-    return export_model(model, out_dir, {k: v for k, v in meta.items() if k != "model"})
+    return export_model(model, out_dir, export_metadata(meta), run_tokenizer(meta))
 
 
 def _main(argv: list[str]) -> int:

@@ -42,6 +42,10 @@ class ModelConfig:
     n_kv_heads: int | None = None  # None = n_heads (no grouped-query attention)
     ffn_hidden: int | None = None  # None = SwiGLU default: 8/3 d_model rounded up to 64
     rope_base: float = 10000.0
+    # Rotary frequency scaling as a transformers config writes it (rope_parameters / rope_scaling
+    # without rope_theta), e.g. {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}. None: plain RoPE.
+    rope_scaling: dict | None = None
     dropout: float = 0.0
     max_seq_len: int = 2048  # longest sample the model is meant for (inference checks it)
     tie_embeddings: bool = True
@@ -74,6 +78,8 @@ class ModelConfig:
             raise ValueError(f"model.streams must be 1 or 2; got {self.streams!r}")
         if not isinstance(self.bos_id, int) or not 0 <= self.bos_id < self.vocab_size:
             raise ValueError(f"model.bos_id must be a token id in [0, vocab_size={self.vocab_size}); got {self.bos_id!r}")
+        if self.rope_scaling is not None:
+            rope_inv_freq(self.head_dim, self.rope_base, self.rope_scaling)  # ValueError naming the missing key
         if self.attention_backend not in kernels.dispatch.BACKENDS:
             raise ValueError(f"model.attention_backend must be one of {kernels.dispatch.BACKENDS}; got {self.attention_backend!r}")
 
@@ -97,9 +103,40 @@ class RMSNorm(nn.Module):
         return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, base: float, dtype):
+ROPE_SCALING_KEYS = {"linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: dict | None = None, device=None) -> torch.Tensor:
+    """Rotary frequencies [head_dim/2], computed as transformers computes them (same formula, same
+    fp32 operations) so that imported Llama-family weights see the same angles: plain RoPE
+    ("RoFormer: Enhanced Transformer with Rotary Position Embedding", eq. 15), "linear" position
+    interpolation, and Llama 3's frequency-dependent "llama3" scaling."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    if scaling is None:
+        return inv_freq
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"model.rope_scaling.rope_type must be one of {tuple(ROPE_SCALING_KEYS)}; got {kind!r}")
+    missing = [k for k in ROPE_SCALING_KEYS[kind] if k not in scaling]
+    if missing:
+        raise ValueError(f"model.rope_scaling ({kind}) lacks {missing}")
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old_len / high) * ~(wavelen > old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(positions: torch.Tensor, config: ModelConfig, dtype):
     """cos/sin [B, 1, N, head_dim/2] for ORIGINAL positions (the sorted layout reorders rows)."""
-    inv_freq = base ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    inv_freq = rope_inv_freq(config.head_dim, config.rope_base, config.rope_scaling, positions.device)
     angles = positions.float()[:, None, :, None] * inv_freq
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -336,9 +373,9 @@ class BigLearner(nn.Module):
             query_positions = target_positions.gather(1, slot)
         else:
             query_groups, query_positions = batch.target_groups, target_positions
-        rope_content = rope_tables(positions, c.head_dim, c.rope_base, h.dtype)
+        rope_content = rope_tables(positions, c, h.dtype)
         g = self.query_start.to(h.dtype).expand(batch_size, n_query, -1) if n_query else None
-        rope_query = rope_tables(query_positions, c.head_dim, c.rope_base, h.dtype) if n_query else None
+        rope_query = rope_tables(query_positions, c, h.dtype) if n_query else None
         for block in self.blocks[:-1]:
             h, g = self._block(block, h, g, groups, query_groups, rope_content, rope_query, False)
         # Last layer: every target's predictor row, under the strict rule at the target's group
@@ -353,7 +390,7 @@ class BigLearner(nn.Module):
                 readout = torch.where(is_query[..., None], from_query, readout)
         else:
             readout, readout_positions = g, target_positions
-        rope_readout = rope_tables(readout_positions, c.head_dim, c.rope_base, h.dtype)
+        rope_readout = rope_tables(readout_positions, c, h.dtype)
         _, states = self._block(self.blocks[-1], h, readout, groups, batch.target_groups, rope_content,
                                 rope_readout, True)
         return self.norm(states)
@@ -425,12 +462,12 @@ class BigLearner(nn.Module):
                 h = h + self.segment_embed(segments)
             if readout:
                 h = h + self._offset_term(positions, target_positions) * (target_positions != NO_TARGET)[..., None]
-            rope_new = rope_tables(positions, c.head_dim, c.rope_base, h.dtype)
+            rope_new = rope_tables(positions, c, h.dtype)
         g = rope_query = None
         if has_queries:
             param = self.query_start
             g = param.expand(query_positions.shape[0], query_positions.shape[1], -1)
-            rope_query = rope_tables(query_positions, c.head_dim, c.rope_base, param.dtype)
+            rope_query = rope_tables(query_positions, c, param.dtype)
             query_groups = query_groups.to(torch.int32)
         for i, block in enumerate(self.blocks):
             content_out = readout or i < len(self.blocks) - 1

@@ -26,7 +26,7 @@ def test_tokenizer_shards_inspect_end_to_end(tmp_path):
     common = ["--input", tmp_path / "raw", "--txt-split", "blank_line", "--text-field", "content"]
     result = _cli("tokenizer", *common, "--vocab-size", 280, "--sentinels", 2, "--output", tmp_path / "tok")
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "tok" / "tokenizer.json").read_text())["sentinel_ids"] == [4, 5]
+    assert json.loads((tmp_path / "tok" / "biglearn_tokenizer.json").read_text())["sentinel_ids"] == [4, 5]
     result = _cli("shards", *common, "--tokenizer", tmp_path / "tok", "--seq-len", 48, "--workers", 1,
                   "--output", tmp_path / "ds")
     assert result.returncode == 0, result.stderr

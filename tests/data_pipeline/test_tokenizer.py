@@ -16,7 +16,7 @@ def tokenizer(tiny_demo):
 
 def test_output_dir_has_model_info_and_hash(tiny_demo, tokenizer):
     directory = tiny_demo.parent / "tokenizer"
-    info = json.loads((directory / "tokenizer.json").read_text())
+    info = json.loads((directory / "biglearn_tokenizer.json").read_text())
     assert info["sha256"] == hashlib.sha256((directory / "tokenizer.model").read_bytes()).hexdigest()
     assert (info["pad_id"], info["unk_id"], info["bos_id"], info["eos_id"]) == (0, 1, 2, 3)
     assert info["vocab_size"] == 400 == tokenizer.processor.get_piece_size()
@@ -37,7 +37,7 @@ def test_encode_decode_batches(tokenizer):
 
 def test_tampered_model_is_rejected(tmp_path, tiny_demo):
     directory = tiny_demo.parent / "tokenizer"
-    for name in ("tokenizer.model", "tokenizer.json"):
+    for name in ("tokenizer.model", "biglearn_tokenizer.json"):
         (tmp_path / name).write_bytes((directory / name).read_bytes())
     with open(tmp_path / "tokenizer.model", "ab") as f:
         f.write(b"x")
@@ -127,6 +127,6 @@ def test_outputs_honour_the_umask(tmp_path, tiny_demo):
     finally:
         os.umask(previous)
     written = [p for p in (tmp_path / "tok").iterdir()] + [p for p in (tmp_path / "data").iterdir()]
-    assert {p.name for p in written} >= {"tokenizer.model", "tokenizer.json", "manifest.json", "train-000000.tar",
+    assert {p.name for p in written} >= {"tokenizer.model", "biglearn_tokenizer.json", "manifest.json", "train-000000.tar",
                                          "train-000000.info.json"}
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}

@@ -260,7 +260,7 @@ def test_cli_errors_name_the_problem(text_model, capsys):
     other = ["score", "--model", str(directory / "other"), "--tokenizer", str(directory / "tok"), "--text", "the cat"]
     assert "tokenizer sha256 0000" in user_error(capsys, other)
     assert "label_layout" in user_error(capsys, ["classify", *base, "--input", str(directory / "corpus.txt")])
-    assert "tok2/tokenizer.model not found" in user_error(
+    assert "tok2 not found" in user_error(
         capsys, ["score", "--model", str(directory / "model"), "--tokenizer", str(directory / "tok2"), "--text", "a"])
     # A truncated download names the file; --debug shows the traceback instead of the one line.
     broken = directory / "truncated"

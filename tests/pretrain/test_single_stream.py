@@ -47,8 +47,8 @@ def attend(block, x_q, x_kv, pos_q, pos_kv, mask):
     """Dense attention sub-block + MLP of `block` for rows x_q over keys x_kv under bool mask [nq, nk]."""
     c = block.config
     hd, n_rep = c.head_dim, c.n_heads // c.n_kv_heads
-    rope_q = rope_tables(torch.as_tensor(pos_q)[None], hd, c.rope_base, x_q.dtype)
-    rope_k = rope_tables(torch.as_tensor(pos_kv)[None], hd, c.rope_base, x_q.dtype)
+    rope_q = rope_tables(torch.as_tensor(pos_q)[None], c, x_q.dtype)
+    rope_k = rope_tables(torch.as_tensor(pos_kv)[None], c, x_q.dtype)
     q = apply_rope(block.wq(block.attn_norm(x_q)).view(1, -1, c.n_heads, hd).transpose(1, 2), *rope_q)
     k, v = block.wkv(block.attn_norm(x_kv)).view(1, -1, 2 * c.n_kv_heads, hd).transpose(1, 2).split(c.n_kv_heads, 1)
     k = apply_rope(k, *rope_k).repeat_interleave(n_rep, 1)
