@@ -15,25 +15,32 @@ reader index, so every rank can compute every other rank's plan without communic
    readers can form (from the manifest's sample counts); readers are visited round robin. A reader
    that comes up short because of corrupt data re-reads its pieces (counted as `wraps`).
 
-The consumer-side cursor is updated when a batch is handed out, never when it is prefetched.
+Machinery: each reader is a loader worker of torchdata's StatefulDataLoader (what torchtitan
+uses) iterating a ShardReader (an IterableDataset) whose samples come from webdataset's tar
+stages (`tarfile_samples`: open, expand, group members by key); the sampler and the collator run
+in the worker. The loader snapshots every worker's cursor with each batch it hands out, so the
+state is that of the consumer, never of what was prefetched. Which parts are not webdataset's
+and why: docs/data.md.
 """
 from __future__ import annotations
 
+import atexit
 import logging
-import multiprocessing
-import queue as queue_module
-import traceback
+import signal
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipeline.shards import ShardError, load_manifest, read_shard, shard_file
+from data_pipeline.shards import decode_sample, load_manifest, shard_file
 
 from .collate import TaskBatch, collate
 from .objectives import ObjectiveSampler
 
 log = logging.getLogger(__name__)
-STATE_VERSION = 1
+STATE_VERSION = 2
 _SEED_SHUFFLE, _SEED_BLOCK, _SEED_OBJECTIVE = 11, 12, 13  # domain tags for the seed sequences
 
 
@@ -60,6 +67,7 @@ class ReaderContext:
     shuffle: bool
     shuffle_buffer: int
     one_pass: bool
+    n_segments: int = 0     # segments per sample in the manifest (0: plain windows)
 
 
 def _rng(*keys) -> np.random.Generator:
@@ -104,40 +112,85 @@ def start_cursor(epoch: int = 0) -> dict:
     return {"epoch": epoch, "batches": 0, "block": 0, "block_start": (0, 0, 0), "offset": 0}
 
 
-def _pass_samples(ctx: ReaderContext, pieces: list[Piece], position, counters: dict):
-    """Samples of one pass over `pieces` from `position`: yields (position after it, key, tokens)."""
-    wrap, first_piece, first_member = position
+def _sample_index(key: str) -> int | None:
+    """Sample index from a key `<stem>-<index:07d>` (docs/data.md); None for a foreign name."""
+    tail = key.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _piece_samples(ctx: ReaderContext, piece: Piece, start: int, counters: dict):
+    """Samples of one piece from sample index `start` on, read with webdataset's tar stages:
+    yields (index, key, tokens, segment ids or None). Bad samples and shards are logged and
+    counted; so are samples lost behind a damaged tar header (where tarfile, and so
+    webdataset, ends the archive quietly): the count falls short of the manifest's."""
+    import webdataset
+
+    entry = ctx.shards[piece.shard]
+    path = shard_file(ctx.manifest, entry)
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        size = error
+    if size != entry["bytes"]:
+        counters["skipped_shards"] += 1
+        log.warning("skipping corrupt shard %s: %s", entry["path"],
+                    size if isinstance(size, OSError) else f"{size} bytes, manifest says {entry['bytes']}")
+        return
+    failures = []
+
+    def stop_shard(error) -> bool:  # webdataset handler: note the error, give up on this shard
+        failures.append(error)
+        return False
+
+    def wanted(name: str) -> bool:  # members before `start` or of other pieces are not even read
+        index = _sample_index(name.split(".", 1)[0])
+        return index is None or (index >= start and index % piece.stride == piece.part)
+
     dtype = np.dtype(ctx.manifest["token_dtype"])
-    for piece_index in range(first_piece, len(pieces)):
-        piece = pieces[piece_index]
-        entry = ctx.shards[piece.shard]
-        start = first_member if piece_index == first_piece else 0
+    seen = 0
+    for sample in webdataset.tarfile_samples([{"url": str(path)}], handler=stop_shard, select_files=wanted):
+        seen += 1
+        key = sample["__key__"]
+        fields = {k: v for k, v in sample.items() if not k.startswith("__")}
         try:
-            for sample in read_shard(shard_file(ctx.manifest, entry), dtype, seq_len=ctx.manifest["seq_len"],
-                                     vocab_size=ctx.manifest["vocab_size"], expected_bytes=entry["bytes"],
-                                     start=start):
-                if sample.index % piece.stride != piece.part:
-                    continue
-                if sample.tokens is None:
-                    counters["skipped_samples"] += 1
-                    log.warning("skipping bad sample in %s: %s", entry["path"], sample.error)
-                    continue
-                yield (wrap, piece_index, sample.index + 1), sample.key, sample.tokens
-        except ShardError as error:
-            counters["skipped_shards"] += 1
-            log.warning("skipping corrupt shard %s: %s", entry["path"], error)
+            tokens, segments = decode_sample(key, fields, dtype, ctx.manifest["seq_len"], ctx.manifest["vocab_size"],
+                                             ctx.n_segments)
+        except ValueError as error:
+            counters["skipped_samples"] += 1
+            log.warning("skipping bad sample in %s: %s", entry["path"], error)
+            continue
+        yield _sample_index(key), key, tokens, segments
+    expected = len(range(start + (piece.part - start) % piece.stride, entry["samples"], piece.stride))
+    if failures or seen < expected:
+        counters["skipped_shards"] += 1
+        counters["skipped_samples"] += max(0, expected - seen)
+        reason = failures[0] if failures else "damaged tar header"
+        log.warning("corrupt shard %s: %d of its samples unreadable (%s)", entry["path"], max(0, expected - seen), reason)
+
+
+def _pass_samples(ctx: ReaderContext, pieces: list[Piece], position, counters: dict):
+    """Samples of one pass over `pieces` from `position`: yields (position after it, key, tokens, segments)."""
+    wrap, first_piece, first_member = position
+    for piece_index in range(first_piece, len(pieces)):
+        start = first_member if piece_index == first_piece else 0
+        for index, key, tokens, segments in _piece_samples(ctx, pieces[piece_index], start, counters):
+            yield (wrap, piece_index, index + 1), key, tokens, segments
 
 
 def _blocks(ctx: ReaderContext, epoch: int, pieces: list[Piece], cursor: dict, counters: dict):
-    """Shuffled blocks from the cursor's block on: yields (block index, start position, samples, end position)."""
+    """Shuffled blocks from the cursor's block on: yields (block index, start position, samples, end position).
+
+    webdataset's own shuffle stage is not used: its buffer and random state cannot be saved, so a
+    resumed run would see other samples. A block is a pure function of its start position and
+    index, so the cursor only needs those two and the offset inside the block."""
     block, position = cursor["block"], tuple(cursor["block_start"])
     while True:
         stream = _pass_samples(ctx, pieces, position, counters)
         found = False
         while True:
             samples, end = [], position
-            for end, key, tokens in stream:
-                samples.append((key, tokens))
+            for end, *sample in stream:
+                samples.append(sample)
                 if len(samples) == ctx.shuffle_buffer:
                     break
             if not samples:
@@ -155,74 +208,116 @@ def _blocks(ctx: ReaderContext, epoch: int, pieces: list[Piece], cursor: dict, c
         position = (position[0] + 1, 0, 0)
 
 
+def _make_batch(ctx: ReaderContext, epoch: int, batch_index: int, samples: list) -> TaskBatch:
+    """Sampler + collator on one batch of (key, tokens, segments) samples."""
+    rng = _rng(ctx.seed, epoch, ctx.rank, ctx.reader, batch_index, _SEED_OBJECTIVE)
+    windows = [tokens for _, tokens, _ in samples]
+    if not ctx.n_segments:
+        return collate(windows, [ctx.sampler(len(w), rng) for w in windows], ctx.manifest["pad_id"])
+    segments = [segs for _, _, segs in samples]
+    segmented = bool(ctx.sampler.config.segments)  # else the rules ignore segments; the model still sees them
+    specs = [ctx.sampler(len(w), rng, segment_lengths=np.bincount(s, minlength=ctx.n_segments).tolist() if segmented
+                         else None) for w, s in zip(windows, segments)]
+    return collate(windows, specs, ctx.manifest["pad_id"], segments=segments)
+
+
 def reader_batches(ctx: ReaderContext, cursor: dict):
-    """This reader's batches from `cursor` on: yields (TaskBatch, keys, cursor after it, counters)."""
+    """This reader's batches of the cursor's epoch from the cursor on: yields (TaskBatch, keys,
+    cursor after it, counters of this iteration)."""
     counters = {"skipped_shards": 0, "skipped_samples": 0, "wraps": 0}
-    pad_id = ctx.manifest["pad_id"]
     epoch = cursor["epoch"]
-    while not (ctx.one_pass and epoch > 0):
-        readers_pieces, schedule = epoch_plan(ctx, epoch)
-        quota = schedule.count(ctx.reader)
-        if cursor["batches"] < quota:
-            blocks = _blocks(ctx, epoch, readers_pieces[ctx.reader], cursor, counters)
-            block, start, samples, end = next(blocks)
-            offset = cursor["offset"]
-            for batch_index in range(cursor["batches"], quota):
-                windows, keys = [], []
-                while len(windows) < ctx.batch_size:
-                    if offset == len(samples):
-                        block, start, samples, end = next(blocks)
-                        offset = 0
-                    key, tokens = samples[offset]
-                    windows.append(tokens)
-                    keys.append(key)
-                    offset += 1
-                rng = _rng(ctx.seed, epoch, ctx.rank, ctx.reader, batch_index, _SEED_OBJECTIVE)
-                specs = [ctx.sampler(len(w), rng) for w in windows]
-                batch = collate(windows, specs, pad_id)
-                if batch_index + 1 == quota:
-                    after = start_cursor(epoch + 1)
-                elif offset == len(samples):
-                    after = {"epoch": epoch, "batches": batch_index + 1, "block": block + 1,
-                             "block_start": end, "offset": 0}
-                else:
-                    after = {"epoch": epoch, "batches": batch_index + 1, "block": block,
-                             "block_start": start, "offset": offset}
-                yield batch, keys, after, dict(counters)
-            blocks.close()
-        epoch += 1
-        cursor = start_cursor(epoch)
+    readers_pieces, schedule = epoch_plan(ctx, epoch)
+    quota = schedule.count(ctx.reader)
+    if cursor["batches"] >= quota:
+        return
+    blocks = _blocks(ctx, epoch, readers_pieces[ctx.reader], cursor, counters)
+    block, start, samples, end = next(blocks)
+    offset = cursor["offset"]
+    for batch_index in range(cursor["batches"], quota):
+        chosen = []
+        while len(chosen) < ctx.batch_size:
+            if offset == len(samples):
+                block, start, samples, end = next(blocks)
+                offset = 0
+            chosen.append(samples[offset])
+            offset += 1
+        batch = _make_batch(ctx, epoch, batch_index, chosen)
+        if offset == len(samples):
+            after = {"epoch": epoch, "batches": batch_index + 1, "block": block + 1, "block_start": end, "offset": 0}
+        else:
+            after = {"epoch": epoch, "batches": batch_index + 1, "block": block, "block_start": start, "offset": offset}
+        yield batch, [key for key, _, _ in chosen], after, dict(counters)
+    blocks.close()
 
 
-def _worker_main(ctx: ReaderContext, cursor: dict, out, stop) -> None:
-    # Exit without flushing the queue once the consumer has said stop (it wants nothing more);
-    # until then stay alive, so that a finished one-pass reader's last batches are delivered.
-    out.cancel_join_thread()
-    try:
-        for item in reader_batches(ctx, cursor):
-            while not stop.is_set():
-                try:
-                    out.put(item, timeout=0.1)
-                    break
-                except queue_module.Full:
-                    continue
-            if stop.is_set():
-                return
-    except BaseException:  # the consumer re-raises it with the traceback
-        out.put(("error", traceback.format_exc()))
-    stop.wait()
+def _worker_init(worker_id: int) -> None:
+    # The process that owns the loader decides when its workers stop (BatchStream.close, the
+    # loader's shutdown): a SIGTERM/SIGUSR1 sent to the whole process group (a pre-emption) must
+    # not kill them before the trainer has saved its checkpoint, and the trainer's own handlers,
+    # inherited through fork, must not run here. A worker whose parent dies exits by itself
+    # (torch's worker watchdog); one that outlives the shutdown is killed by close().
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+_LIVE_STREAMS: "weakref.WeakSet[BatchStream]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_streams() -> None:
+    # At interpreter exit torch's loader no longer shuts its workers down (it skips that once its
+    # own exit hook has run) and multiprocessing's terminate() is ignored by them (_worker_init):
+    # close every stream first. Registered after torch's and multiprocessing's hooks, so it runs before them.
+    for stream in list(_LIVE_STREAMS):
+        stream.close()
+
+
+class ShardReader(IterableDataset):
+    """One epoch of one rank's batches; in a loader worker, the share of reader `worker id`.
+
+    Each item is a dict: batch (TaskBatch), keys, reader, counters. state_dict() is this
+    reader's cursor after the last batch it yielded (StatefulDataLoader takes it in the worker)."""
+
+    def __init__(self, context: ReaderContext):
+        self.context = context
+        self.epoch = 0
+        self._cursor: dict | None = None  # after the last batch yielded
+        self._resume: dict | None = None  # a loaded cursor, used by the next iteration only
+
+    def __iter__(self):
+        info = get_worker_info()
+        reader = 0 if info is None else info.id
+        ctx = ReaderContext(**{**self.context.__dict__, "reader": reader})
+        cursor, self._resume = self._resume, None
+        self._cursor = cursor
+        for batch, keys, after, counters in reader_batches(ctx, cursor or start_cursor(self.epoch)):
+            self._cursor = after
+            yield {"batch": batch, "keys": keys, "reader": reader, "counters": counters}
+
+    def state_dict(self) -> dict:
+        return {"cursor": None if self._cursor is None else dict(self._cursor, block_start=list(self._cursor["block_start"]))}
+
+    def load_state_dict(self, state: dict) -> None:
+        cursor = state["cursor"]
+        self._resume = None if cursor is None else dict(cursor, block_start=tuple(cursor["block_start"]))
+        self._cursor = self._resume
+
+
+_COUNTERS = ("skipped_shards", "skipped_samples", "wraps")
 
 
 class BatchStream:
     """Batches (numpy TaskBatch) from a manifest's split; see the module docstring for the order.
 
+    A ShardReader served by torchdata's StatefulDataLoader (num_workers processes, or none).
     split="train" loops over epochs forever; any other split makes one pass per iteration.
     state_dict() after k consumed batches resumes at batch k + 1 (same settings required)."""
 
     def __init__(self, manifest_path, split: str = "train", sampler: ObjectiveSampler | None = None,
                  batch_size: int = 8, rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
-                 shuffle: bool = True, shuffle_buffer: int = 1024, prefetch: int = 4, mp_context: str | None = None):
-        self.manifest = load_manifest(manifest_path)
+                 shuffle: bool = True, shuffle_buffer: int = 1024, prefetch: int = 4, mp_context: str | None = None,
+                 allow_external_shards: bool = False):
+        self.manifest = load_manifest(manifest_path, allow_external_shards)
         self.shards = [s for s in self.manifest["shards"] if s["split"] == split]
         if not self.shards:
             raise ValueError(f"{manifest_path}: no shards for split {split!r}; "
@@ -236,25 +331,34 @@ class BatchStream:
             raise ValueError(f"seed must be an integer >= 0; got {seed!r}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}); got {rank!r}")
-        self.split, self.num_workers, self.prefetch, self.mp_context = split, num_workers, prefetch, mp_context
+        sampler = sampler or ObjectiveSampler("biglearn")
+        n_segments = len(self.manifest.get("segments") or [])
+        if sampler.config.segments and len(sampler.config.segments) != n_segments:
+            raise ValueError(f"objective.segments has {len(sampler.config.segments)} rules but {manifest_path} has "
+                             f"{n_segments} segments ({self.manifest.get('segments')}); give one rule per segment")
+        self.split, self.num_workers = split, num_workers
         self.pad_id = int(self.manifest["pad_id"])
         self.vocab_size = int(self.manifest["vocab_size"])
         self.seq_len = int(self.manifest["seq_len"])
+        self.n_segments = n_segments
         self.context = ReaderContext(
-            manifest=self.manifest, shards=self.shards, sampler=sampler or ObjectiveSampler("biglearn"),
-            batch_size=batch_size, rank=rank, world_size=world_size, n_readers=max(1, num_workers), reader=0,
-            seed=seed, shuffle=shuffle, shuffle_buffer=shuffle_buffer, one_pass=split != "train")
+            manifest=self.manifest, shards=self.shards, sampler=sampler, batch_size=batch_size, rank=rank,
+            world_size=world_size, n_readers=max(1, num_workers), reader=0, seed=seed, shuffle=shuffle,
+            shuffle_buffer=shuffle_buffer, one_pass=split != "train", n_segments=n_segments)
         self.batches_per_epoch = len(epoch_plan(self.context, 0)[1])  # same on every rank
+        self.dataset = ShardReader(self.context)
+        self.loader = StatefulDataLoader(
+            self.dataset, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch if num_workers else None,
+            worker_init_fn=_worker_init, multiprocessing_context=mp_context if num_workers else None)
         self.last_keys: list[str] = []  # sample keys of the batch handed out last
-        self._cursor = self._initial_cursor()
-        self._reader_counters = [dict(skipped_shards=0, skipped_samples=0, wraps=0) for _ in range(self.context.n_readers)]
-        self._samples = self._batches = 0
+        self._epoch = self._batch = self._batches = 0
+        self._loaded = False  # load_state_dict was called: the next iteration continues from it
+        self._loader_state = None  # the loader's state of this epoch's batches handed out, when not iterating
+        self._counters = dict.fromkeys(_COUNTERS, 0)  # totals of finished epochs
+        self._epoch_counters: dict[int, dict] = {}   # this epoch's latest counters per reader
+        self._iterator = None
         self._generation = 0  # a new iteration retires the previous one (and its workers)
-        self._resume_loaded = False
-        self._active = None
-
-    def _initial_cursor(self) -> dict:
-        return {"epoch": 0, "batch": 0, "readers": [start_cursor(0) for _ in range(self.context.n_readers)]}
+        _LIVE_STREAMS.add(self)
 
     # ------------------------------------------------------------------ state
     def _settings(self) -> dict:
@@ -268,11 +372,13 @@ class BatchStream:
         return [[p.shard, p.part] for pieces in readers_pieces for p in pieces]
 
     def state_dict(self) -> dict:
-        """Small picklable cursor: settings, epoch, batch in epoch, per-reader cursors, shard order."""
-        cursor = self._cursor
-        return {"version": STATE_VERSION, **self._settings(), "epoch": cursor["epoch"], "batch": cursor["batch"],
-                "readers": [dict(r, block_start=list(r["block_start"])) for r in cursor["readers"]],
-                "shard_order": self._shard_order(cursor["epoch"]), "batches_yielded": self._batches}
+        """Small picklable cursor: settings, epoch, batch in epoch, the loader's state (every
+        reader's cursor after the batches handed out, not those prefetched), shard order."""
+        loader = None
+        if self._batch:
+            loader = self.loader.state_dict() if self._iterator is not None else self._loader_state
+        return {"version": STATE_VERSION, **self._settings(), "epoch": self._epoch, "batch": self._batch,
+                "loader": loader, "shard_order": self._shard_order(self._epoch), "batches_yielded": self._batches}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
@@ -283,100 +389,78 @@ class BatchStream:
                                  f"{key}={value!r}; resume with the same settings")
         if state["shard_order"] != self._shard_order(state["epoch"]):
             raise ValueError("data state's shard order differs from this manifest's: the dataset changed")
-        self._cursor = {"epoch": state["epoch"], "batch": state["batch"],
-                        "readers": [dict(r, block_start=tuple(r["block_start"])) for r in state["readers"]]}
-        self._batches = state.get("batches_yielded", 0)
-        self._samples = self._batches * self.context.batch_size  # every batch is full
         self.close()
-        self._generation += 1
-        self._resume_loaded = True
+        self._epoch, self._batch, self._batches = state["epoch"], state["batch"], state.get("batches_yielded", 0)
+        self._loader_state = state["loader"]
+        self._loaded = True
 
     @property
     def stats(self) -> dict:
-        totals = {k: sum(c[k] for c in self._reader_counters) for k in ("skipped_shards", "skipped_samples", "wraps")}
-        return {**totals, "samples": self._samples, "batches": self._batches, "epoch": self._cursor["epoch"],
-                "batches_per_epoch": self.batches_per_epoch}
+        totals = {k: self._counters[k] + sum(c[k] for c in self._epoch_counters.values()) for k in _COUNTERS}
+        return {**totals, "samples": self._batches * self.context.batch_size, "batches": self._batches,
+                "epoch": self._epoch, "batches_per_epoch": self.batches_per_epoch}
 
     # ------------------------------------------------------------------ iteration
     def __iter__(self):
         self.close()
-        if self.context.one_pass and not self._resume_loaded:
-            self._cursor = self._initial_cursor()
-        self._resume_loaded = False
+        if self.context.one_pass and not self._loaded:
+            self._epoch = self._batch = 0
+            self._loader_state = None
+        self._loaded = False
         self._generation += 1
-        self._active = self._iterate(self._generation)
-        return self._active
+        return self._iterate(self._generation)
 
     def close(self) -> None:
         """Stop the current iteration's worker processes (a new iteration starts fresh ones)."""
-        if self._active is not None:
-            self._active.close()
-            self._active = None
-
-    def _reader_context(self, reader: int) -> ReaderContext:
-        return ReaderContext(**{**self.context.__dict__, "reader": reader})
+        iterator = self._iterator
+        if iterator is None:
+            return
+        if self._batch:  # a later iteration continues from here
+            self._loader_state = self.loader.state_dict()
+        self._iterator = None
+        workers = list(getattr(iterator, "_workers", []))
+        if hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()  # what the iterator's __del__ does; done now, not at garbage collection
+        for worker in workers:  # its terminate() is ignored by design (see _worker_init)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=10)
 
     def _iterate(self, generation: int):
-        cursor = self._cursor
-        processes, stop = [], None
-        if self.num_workers == 0:
-            readers = [reader_batches(self.context, cursor["readers"][0])]
-        else:
-            context = multiprocessing.get_context(self.mp_context)
-            stop = context.Event()
-            queues = [context.Queue(self.prefetch) for _ in range(self.num_workers)]
-            processes = [context.Process(target=_worker_main, daemon=True,
-                                         args=(self._reader_context(w), cursor["readers"][w], queues[w], stop))
-                         for w in range(self.num_workers)]
-            for process in processes:
-                process.start()
-            readers = [_drain(q, p, w) for w, (q, p) in enumerate(zip(queues, processes))]
-        try:
-            while True:
-                schedule = epoch_plan(self.context, cursor["epoch"])[1]
-                for index in range(cursor["batch"], len(schedule)):
-                    reader = schedule[index]
-                    batch, keys, after, counters = next(readers[reader])
-                    if generation != self._generation:
-                        raise RuntimeError("this BatchStream was re-iterated or reloaded; use the newest iterator")
-                    readers_cursors = list(cursor["readers"])
-                    readers_cursors[reader] = after
-                    done = index + 1 == len(schedule)
-                    cursor = {"epoch": cursor["epoch"] + done, "batch": 0 if done else index + 1,
-                              "readers": readers_cursors}
-                    self._cursor, self._reader_counters[reader] = cursor, counters
-                    self._samples += batch.batch_size
-                    self._batches += 1
-                    self.last_keys = keys
-                    yield batch
-                if self.context.one_pass:
-                    self._cursor = self._initial_cursor()
-                    return
-        finally:
-            if stop is not None:
-                stop.set()
-                for process in processes:
-                    process.join(timeout=5)
-                    if process.is_alive():
-                        process.terminate()
+        while True:
+            self.dataset.epoch = self._epoch  # workers get the dataset (and so the epoch) when the iterator starts
+            self.loader.load_state_dict(self._loader_state or {})
+            self._iterator = iter(self.loader)
+            for item in self._iterator:
+                if generation != self._generation:
+                    raise RuntimeError("this BatchStream was re-iterated or reloaded; use the newest iterator")
+                self._epoch_counters[item["reader"]] = item["counters"]
+                self._batch += 1
+                self._batches += 1
+                self.last_keys = item["keys"]
+                if self._batch == self.batches_per_epoch:
+                    self._end_epoch()
+                yield item["batch"]
+                if self._batch == 0:
+                    break
+            if self.context.one_pass:
+                self._epoch = 0
+                return
+
+    def _end_epoch(self) -> None:
+        """The epoch's last batch was handed out: the state now points at the next epoch."""
+        self.close()
+        for counters in self._epoch_counters.values():
+            for key in _COUNTERS:
+                self._counters[key] += counters[key]
+        self._epoch_counters = {}
+        self._epoch += 1
+        self._batch = 0
+        self._loader_state = None
 
     def __len__(self) -> int:
         """Batches per epoch (per pass for a one-pass split), identical on every rank."""
         return self.batches_per_epoch
 
 
-def _drain(q, process, reader: int):
-    """Items a worker process put on its queue; raises if the worker failed or died."""
-    while True:
-        try:
-            item = q.get(timeout=1.0)
-        except queue_module.Empty:
-            if not process.is_alive():
-                raise RuntimeError(f"data worker {reader} exited with code {process.exitcode}") from None
-            continue
-        if isinstance(item, tuple) and len(item) == 2 and item[0] == "error":
-            raise RuntimeError(f"data worker {reader} failed:\n{item[1]}")
-        yield item
-
-
-__all__ = ["BatchStream", "TaskBatch", "epoch_plan", "epoch_pieces", "reader_batches"]
+__all__ = ["BatchStream", "ShardReader", "TaskBatch", "epoch_plan", "epoch_pieces", "reader_batches"]

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tarfile
@@ -267,3 +268,117 @@ def test_uneven_shards_do_not_hang_a_distributed_run(tmp_path):
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, err
     assert outputs[0][0] == outputs[1][0] and outputs[0][0].startswith("val ")
+
+
+EXIT_SCRIPT = """
+import signal, sys, time
+import psutil
+from pretrain.data import BatchStream
+from pretrain.objectives import ObjectiveSampler
+flag = {"signum": 0}
+for signum in (signal.SIGTERM, signal.SIGUSR1):  # like the trainer: note it, act at the next batch
+    signal.signal(signum, lambda s, f: flag.update(signum=s))
+stream = BatchStream(sys.argv[1], sampler=ObjectiveSampler("clm"), batch_size=2, num_workers=int(sys.argv[2]))
+batches = iter(stream)
+next(batches)
+print(" ".join(str(c.pid) for c in psutil.Process().children()), flush=True)
+while not flag["signum"]:
+    next(batches)
+    time.sleep(0.01)
+next(batches)  # the batch in flight when the signal came still arrives
+if sys.argv[3] == "close":
+    stream.close()
+print("stopped by", flag["signum"], flush=True)  # then exits, with or without close()
+"""
+
+
+def _start(tmp_path, script_text, *args):
+    script = tmp_path / "script.py"
+    script.write_text(script_text)
+    proc = subprocess.Popen([sys.executable, str(script), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    line = proc.stdout.readline()
+    assert line, proc.stderr.read()
+    return proc, [int(pid) for pid in line.split()]
+
+
+def _wait_gone(pids, seconds=30.0):
+    import time
+
+    import psutil
+
+    def alive(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+    deadline = time.monotonic() + seconds
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if alive(p)]
+
+
+@pytest.mark.parametrize("num_workers, signum, close", [(0, signal.SIGTERM, "close"), (2, signal.SIGTERM, "close"),
+                                                        (1, signal.SIGUSR1, "no-close"), (2, signal.SIGTERM, "no-close")])
+def test_a_stop_signal_to_the_process_group_ends_the_run_and_its_workers(tmp_path, num_workers, signum, close):
+    manifest, _ = write_dataset(tmp_path, {"train": [40, 40]})
+    proc, workers = _start(tmp_path, EXIT_SCRIPT, manifest, num_workers, close)
+    assert len(workers) == num_workers
+    os.killpg(proc.pid, signum)  # as a scheduler's pre-emption does: the workers get it too
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert f"stopped by {int(signum)}" in out
+    assert _wait_gone(workers) == []
+
+
+def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    manifest, _ = write_dataset(tmp_path, {"train": [40, 40]})
+    script = EXIT_SCRIPT.replace("while not flag", "time.sleep(600)\nwhile not flag")
+    proc, workers = _start(tmp_path, script, manifest, 2, "close")
+    assert len(workers) == 2
+    proc.kill()
+    proc.wait(timeout=10)
+    assert _wait_gone(workers) == []  # torch's worker watchdog notices the parent is gone
+
+
+def test_samples_behind_a_damaged_tar_header_are_counted(tmp_path, caplog):
+    manifest_path, contents = write_dataset(tmp_path, {"val": [6, 6, 6]})
+    shard = tmp_path / "val-000001.tar"
+    with tarfile.open(shard) as tar:
+        fourth = tar.getmembers()[3].offset
+    data = bytearray(shard.read_bytes())
+    data[fourth + 148] ^= 0x07  # header checksum: tarfile (and webdataset) end the archive here, quietly
+    shard.write_bytes(bytes(data))  # same size: only reading finds it
+    stream = BatchStream(manifest_path, split="val", sampler=ObjectiveSampler("clm"), batch_size=2, shuffle=False)
+    with caplog.at_level(logging.WARNING, logger="pretrain.data"):
+        keys = [k for batch in stream for k in stream.last_keys]
+    good = [k for k in contents if not k.startswith("val-000001") or int(k[-7:]) < 3]
+    assert len(keys) == 18 and keys[:15] == good and keys[15:] == good[:3]
+    assert (stream.stats["skipped_shards"], stream.stats["skipped_samples"], stream.stats["wraps"]) == (2, 6, 1)  # met in both passes
+    assert "val-000001.tar: 3 of its samples unreadable (damaged tar header)" in caplog.text
+
+
+def test_segments_reach_the_sampler_and_the_batch(tmp_path):
+    from pretrain.objectives import ObjectiveConfig, SegmentRule
+    rng = np.random.default_rng()
+    windows = [rng.integers(4, VOCAB, size=rng.integers(3, SEQ_LEN + 1)) for _ in range(12)]
+    segments = [np.repeat([0, 1], [1, len(w) - 1]) for w in windows]  # a label slot, then text
+    info = write_shard(tmp_path / "train-000000.tar", "train-000000", windows, np.uint16, segments)
+    manifest_path, _ = write_dataset(tmp_path, {})
+    manifest = json.loads(manifest_path.read_text())
+    manifest.update(segments=["label", "text"], shards=[{"path": "train-000000.tar", "split": "train", **info}])
+    manifest_path.write_text(json.dumps(manifest))
+    label_in_target = ObjectiveConfig(name="biglearn", segments=[SegmentRule(p_target=1.0), SegmentRule()])
+    stream = BatchStream(manifest_path, sampler=ObjectiveSampler(label_in_target), batch_size=3, shuffle=False)
+    for batch in stream:
+        for b, key in enumerate(stream.last_keys):
+            window, segs = windows[int(key[-7:])], segments[int(key[-7:])]
+            n_keep = int(batch.n_source[b] + batch.n_target[b])
+            positions = batch.positions[b, :n_keep]
+            assert batch.positions[b, n_keep - 1] == 0  # the label slot is the last target, always
+            assert batch.segments[b, :n_keep].tolist() == segs[positions].tolist()
+            assert batch.tokens[b, :n_keep].tolist() == window[positions].tolist()
+        if stream.stats["batches"] == len(stream):
+            break
+    with pytest.raises(ValueError, match="objective.segments has 1 rules .* 2 segments"):
+        BatchStream(manifest_path, sampler=ObjectiveSampler(ObjectiveConfig(segments=[SegmentRule()])))
