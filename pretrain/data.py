@@ -25,10 +25,12 @@ and why: docs/data.md.
 from __future__ import annotations
 
 import atexit
+import hashlib
+import json
 import logging
 import signal
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
@@ -68,6 +70,25 @@ class ReaderContext:
     shuffle_buffer: int
     one_pass: bool
     n_segments: int = 0     # segments per sample in the manifest (0: plain windows)
+    # Set while finishing an epoch begun under another layout: {"epoch", "world_size",
+    # "num_workers", "batch"} of the saved run (see remainder_units).
+    resize: dict | None = None
+
+
+@dataclass(frozen=True)
+class Tail:
+    """Every `stride`-th (from `part`) of the samples an old reader (rank, reader of the saved
+    layout) had not handed out when the run was saved: its stream's samples skip..skip+count."""
+    rank: int
+    reader: int
+    skip: int
+    count: int
+    part: int
+    stride: int
+
+    @property
+    def samples(self) -> int:
+        return len(range(self.part, self.count, self.stride))
 
 
 def _rng(*keys) -> np.random.Generator:
@@ -84,16 +105,38 @@ def epoch_pieces(shards: list, epoch: int, seed: int, shuffle: bool, n_units: in
     return pieces
 
 
-def epoch_plan(ctx: ReaderContext, epoch: int) -> tuple[list[list[Piece]], list[int]]:
+def remainder_units(ctx: ReaderContext, epoch: int) -> list[Tail]:
+    """What is left of an epoch saved under another layout (world_size x num_workers), as units
+    to deal to this layout's readers: every old reader's not-yet-consumed samples (known without
+    communication: in lockstep every old rank had handed out resize["batch"] batches, whose
+    readers the old schedule says), each cut into one interleaved part per new reader."""
+    old_layout = ctx.resize
+    old = replace(ctx, world_size=old_layout["world_size"], n_readers=old_layout["num_workers"], resize=None)
+    stride = ctx.world_size * ctx.n_readers
+    units = []
+    for rank in range(old.world_size):
+        _, schedule = epoch_plan(replace(old, rank=rank), epoch)
+        done = schedule[:old_layout["batch"]]
+        for reader in range(old.n_readers):
+            skip, total = done.count(reader) * ctx.batch_size, schedule.count(reader) * ctx.batch_size
+            units.extend(Tail(rank, reader, skip, total - skip, part, stride) for part in range(stride))
+    return units
+
+
+def epoch_plan(ctx: ReaderContext, epoch: int) -> tuple[list[list[Piece | Tail]], list[int]]:
     """(pieces of each reader of ctx.rank, schedule: reader id of each batch the rank yields)."""
-    pieces = epoch_pieces(ctx.shards, epoch, ctx.seed, ctx.shuffle, ctx.world_size * ctx.n_readers)
+    remainder = ctx.resize is not None and epoch == ctx.resize["epoch"]
+    if remainder:
+        pieces = remainder_units(ctx, epoch)
+    else:
+        pieces = epoch_pieces(ctx.shards, epoch, ctx.seed, ctx.shuffle, ctx.world_size * ctx.n_readers)
     capacity = []  # full batches each reader of each rank can form
     for rank in range(ctx.world_size):
         mine = pieces[rank::ctx.world_size]
         capacity.append([sum(p.samples for p in mine[w::ctx.n_readers]) // ctx.batch_size
                          for w in range(ctx.n_readers)])
     n_batches = min(sum(c) for c in capacity)
-    if n_batches == 0:
+    if n_batches == 0 and not remainder:
         total = sum(entry["samples"] for entry in ctx.shards)
         raise ValueError(f"the split has {total} samples in {len(ctx.shards)} shards: too few for a batch of "
                          f"{ctx.batch_size} on every rank (world_size={ctx.world_size}, readers={ctx.n_readers})")
@@ -168,12 +211,31 @@ def _piece_samples(ctx: ReaderContext, piece: Piece, start: int, counters: dict)
         log.warning("corrupt shard %s: %d of its samples unreadable (%s)", entry["path"], max(0, expected - seen), reason)
 
 
-def _pass_samples(ctx: ReaderContext, pieces: list[Piece], position, counters: dict):
+def _tail_samples(ctx: ReaderContext, epoch: int, tail: Tail, start: int, counters: dict):
+    """The tail's samples from index `start` on (indices count the old reader's unconsumed
+    samples), read by replaying the old reader's stream: yields (index, key, tokens, segments)."""
+    old = replace(ctx, rank=tail.rank, reader=tail.reader, world_size=ctx.resize["world_size"],
+                  n_readers=ctx.resize["num_workers"], resize=None)
+    pieces = epoch_plan(old, epoch)[0][tail.reader]
+    index = -tail.skip
+    for _, _, samples, _ in _blocks(old, epoch, pieces, start_cursor(epoch), counters):
+        for sample in samples:
+            if index >= tail.count:
+                return
+            if index >= start and index >= 0 and index % tail.stride == tail.part:
+                yield (index, *sample)
+            index += 1
+
+
+def _pass_samples(ctx: ReaderContext, epoch: int, pieces: list, position, counters: dict):
     """Samples of one pass over `pieces` from `position`: yields (position after it, key, tokens, segments)."""
     wrap, first_piece, first_member = position
     for piece_index in range(first_piece, len(pieces)):
         start = first_member if piece_index == first_piece else 0
-        for index, key, tokens, segments in _piece_samples(ctx, pieces[piece_index], start, counters):
+        piece = pieces[piece_index]
+        samples = (_tail_samples(ctx, epoch, piece, start, counters) if isinstance(piece, Tail)
+                   else _piece_samples(ctx, piece, start, counters))
+        for index, key, tokens, segments in samples:
             yield (wrap, piece_index, index + 1), key, tokens, segments
 
 
@@ -185,7 +247,7 @@ def _blocks(ctx: ReaderContext, epoch: int, pieces: list[Piece], cursor: dict, c
     index, so the cursor only needs those two and the offset inside the block."""
     block, position = cursor["block"], tuple(cursor["block_start"])
     while True:
-        stream = _pass_samples(ctx, pieces, position, counters)
+        stream = _pass_samples(ctx, epoch, pieces, position, counters)
         found = False
         while True:
             samples, end = [], position
@@ -202,8 +264,9 @@ def _blocks(ctx: ReaderContext, epoch: int, pieces: list[Piece], cursor: dict, c
             yield block, position, samples, end
             block, position = block + 1, end
         if not found and position[1:] == (0, 0):
+            shards = sorted({ctx.shards[p.shard]["path"] for p in pieces if isinstance(p, Piece)})
             raise RuntimeError(f"reader {ctx.reader} of rank {ctx.rank} found no readable sample in its "
-                               f"{len(pieces)} pieces of shards {sorted({ctx.shards[p.shard]['path'] for p in pieces})}")
+                               f"{len(pieces)} pieces of shards {shards}")
         counters["wraps"] += 1  # corrupt data left this reader short of its quota: read its pieces again
         position = (position[0] + 1, 0, 0)
 
@@ -354,6 +417,7 @@ class BatchStream:
         self._epoch = self._batch = self._batches = 0
         self._loaded = False  # load_state_dict was called: the next iteration continues from it
         self._loader_state = None  # the loader's state of this epoch's batches handed out, when not iterating
+        self._remainder_length = (None, 0)  # cache of _epoch_length for a resized epoch
         self._counters = dict.fromkeys(_COUNTERS, 0)  # totals of finished epochs
         self._epoch_counters: dict[int, dict] = {}   # this epoch's latest counters per reader
         self._iterator = None
@@ -362,36 +426,68 @@ class BatchStream:
 
     # ------------------------------------------------------------------ state
     def _settings(self) -> dict:
+        """Settings a saved state must share with this stream (the layout may differ)."""
         c = self.context
-        return {"split": self.split, "seed": c.seed, "rank": c.rank, "world_size": c.world_size,
-                "num_workers": c.n_readers, "batch_size": c.batch_size, "shuffle": c.shuffle,
+        return {"split": self.split, "seed": c.seed, "batch_size": c.batch_size, "shuffle": c.shuffle,
                 "shuffle_buffer": c.shuffle_buffer}
 
-    def _shard_order(self, epoch: int) -> list:
-        readers_pieces, _ = epoch_plan(self.context, epoch)
-        return [[p.shard, p.part] for pieces in readers_pieces for p in pieces]
+    def _layout(self) -> dict:
+        c = self.context
+        return {"rank": c.rank, "world_size": c.world_size, "num_workers": c.n_readers}
+
+    def _dataset_digest(self) -> str:
+        entries = [[s["path"], s["samples"], s["bytes"], s.get("sha256")] for s in self.shards]
+        return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+    def _epoch_length(self) -> int:
+        """Batches of the current epoch per rank: a full epoch, or the remainder of a resized one."""
+        if self.context.resize is None or self.context.resize["epoch"] != self._epoch:
+            return self.batches_per_epoch
+        key = (self._epoch, json.dumps(self.context.resize))
+        if self._remainder_length[0] != key:
+            self._remainder_length = (key, len(epoch_plan(self.context, self._epoch)[1]))
+        return self._remainder_length[1]
 
     def state_dict(self) -> dict:
-        """Small picklable cursor: settings, epoch, batch in epoch, the loader's state (every
-        reader's cursor after the batches handed out, not those prefetched), shard order."""
+        """Small picklable cursor: settings, layout, epoch, batch in epoch (the global cursor: every
+        rank has handed out that many), the loader's state (every reader's cursor after the batches
+        handed out, not those prefetched), the layout an unfinished resized epoch came from."""
         loader = None
         if self._batch:
             loader = self.loader.state_dict() if self._iterator is not None else self._loader_state
-        return {"version": STATE_VERSION, **self._settings(), "epoch": self._epoch, "batch": self._batch,
-                "loader": loader, "shard_order": self._shard_order(self._epoch), "batches_yielded": self._batches}
+        resize = self.context.resize if self.context.resize and self.context.resize["epoch"] == self._epoch else None
+        return {"version": STATE_VERSION, **self._settings(), **self._layout(), "epoch": self._epoch,
+                "batch": self._batch, "loader": loader, "resize": resize, "dataset": self._dataset_digest(),
+                "batches_yielded": self._batches}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue where `state` stopped. A state from another layout (world_size x num_workers;
+        any rank's state will do) continues its epoch: the samples its ranks had not handed out
+        are dealt to this layout's readers (docs/data.md says what is preserved)."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {state.get('version')!r} is not {STATE_VERSION}")
         for key, value in self._settings().items():
             if state.get(key) != value:
                 raise ValueError(f"data state was saved with {key}={state.get(key)!r} but this stream has "
                                  f"{key}={value!r}; resume with the same settings")
-        if state["shard_order"] != self._shard_order(state["epoch"]):
-            raise ValueError("data state's shard order differs from this manifest's: the dataset changed")
+        if state["dataset"] != self._dataset_digest():
+            raise ValueError("data state was saved on other shards (paths, sizes or checksums differ): "
+                             "the dataset changed")
+        same_layout = all(state[k] == v for k, v in self._layout().items() if k != "rank")
+        if same_layout and state["rank"] != self.context.rank:
+            raise ValueError(f"data state of rank {state['rank']} given to rank {self.context.rank} of the same layout")
+        resize, loader, batch = state["resize"], state["loader"], state["batch"]
+        if not same_layout:
+            if batch and resize is not None:
+                raise ValueError(f"epoch {state['epoch']} was already resumed once on another layout; finish it on "
+                                 f"world_size={state['world_size']}, num_workers={state['num_workers']} first")
+            resize = {"epoch": state["epoch"], "world_size": state["world_size"],
+                      "num_workers": state["num_workers"], "batch": batch} if batch else None
+            loader, batch = None, 0
         self.close()
-        self._epoch, self._batch, self._batches = state["epoch"], state["batch"], state.get("batches_yielded", 0)
-        self._loader_state = state["loader"]
+        self.context.resize = resize  # ShardReader shares this context; workers get a copy at each iteration
+        self._epoch, self._batch, self._batches = state["epoch"], batch, state.get("batches_yielded", 0)
+        self._loader_state = loader
         self._loaded = True
 
     @property
@@ -428,6 +524,9 @@ class BatchStream:
 
     def _iterate(self, generation: int):
         while True:
+            if self._epoch_length() == 0:  # a resized epoch with nothing left for a full batch on every rank
+                self._end_epoch()
+                continue
             self.dataset.epoch = self._epoch  # workers get the dataset (and so the epoch) when the iterator starts
             self.loader.load_state_dict(self._loader_state or {})
             self._iterator = iter(self.loader)
@@ -438,7 +537,7 @@ class BatchStream:
                 self._batch += 1
                 self._batches += 1
                 self.last_keys = item["keys"]
-                if self._batch == self.batches_per_epoch:
+                if self._batch == self._epoch_length():
                     self._end_epoch()
                 yield item["batch"]
                 if self._batch == 0:
@@ -454,6 +553,8 @@ class BatchStream:
             for key in _COUNTERS:
                 self._counters[key] += counters[key]
         self._epoch_counters = {}
+        if self.context.resize is not None and self.context.resize["epoch"] <= self._epoch:
+            self.context.resize = None
         self._epoch += 1
         self._batch = 0
         self._loader_state = None

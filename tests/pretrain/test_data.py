@@ -197,8 +197,47 @@ def test_state_from_other_settings_is_refused(tmp_path):
     state = BatchStream(manifest, batch_size=2, num_workers=0).state_dict()
     with pytest.raises(ValueError, match="batch_size"):
         BatchStream(manifest, batch_size=3).load_state_dict(state)
-    with pytest.raises(ValueError, match="num_workers"):
-        BatchStream(manifest, batch_size=2, num_workers=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="rank 0 given to rank 1"):
+        BatchStream(manifest, batch_size=2, rank=1, world_size=2).load_state_dict(
+            BatchStream(manifest, batch_size=2, rank=0, world_size=2).state_dict())
+    other, _ = write_dataset(tmp_path / "other", {"train": [6, 7]})
+    with pytest.raises(ValueError, match="dataset changed"):
+        BatchStream(other, batch_size=2).load_state_dict(state)
+
+
+@pytest.mark.parametrize("new_world, new_workers, k", [(1, 0, 5), (3, 0, 6), (3, 2, 6)])
+def test_resume_on_another_world_size_finishes_the_epoch_exactly(tmp_path, new_world, new_workers, k):
+    manifest, contents = write_dataset(tmp_path, {"train": [12, 12, 12, 12]})
+    make = lambda rank, world, workers: BatchStream(manifest, sampler=ObjectiveSampler("clm"), batch_size=2,
+                                                    rank=rank, world_size=world, num_workers=workers, seed=9,
+                                                    shuffle_buffer=5)
+    before, states = [], []
+    for rank in range(2):  # two ranks run k steps of epoch 0 and save
+        stream = make(rank, 2, 0)
+        before += [key for keys, _ in read(stream, k) for key in keys]
+        states.append(pickle.loads(pickle.dumps(stream.state_dict())))
+    after = []
+    for rank in range(new_world):  # the new layout resumes from rank 0's state
+        stream = make(rank, new_world, new_workers)
+        stream.load_state_dict(states[0])
+        iterator, mine = iter(stream), []
+        while stream.stats["epoch"] == 0:
+            next(iterator)
+            mine.append(list(stream.last_keys))
+        next(iterator)  # epoch 1 begins under the new layout
+        assert stream.stats["epoch"] == 1
+        stream.close()
+        after.append(mine)
+    probe = make(0, new_world, new_workers)  # the resized epoch saved and resumed on its new layout
+    probe.load_state_dict(states[0])
+    head = [keys for keys, _ in read(probe, 1)]
+    again = make(0, new_world, new_workers)
+    again.load_state_dict(pickle.loads(pickle.dumps(probe.state_dict())))
+    assert head + [keys for keys, _ in read(again, len(after[0]) - 1)] == after[0]
+    assert len({len(m) for m in after}) == 1  # the same number of batches on every new rank
+    after = [key for mine in after for keys in mine for key in keys]
+    assert len(set(before + after)) == len(before + after)  # nothing repeated
+    assert sorted(before + after) == sorted(contents)  # nothing skipped: the whole epoch
 
 
 def _add_garbage_sample(path):
@@ -382,3 +421,37 @@ def test_segments_reach_the_sampler_and_the_batch(tmp_path):
             break
     with pytest.raises(ValueError, match="objective.segments has 1 rules .* 2 segments"):
         BatchStream(manifest_path, sampler=ObjectiveSampler(ObjectiveConfig(segments=[SegmentRule()])))
+
+
+def test_weighted_mix_interleaves_the_sources_and_resumes_exactly(tmp_path):
+    from pretrain.mixing import MixedStream
+    (path_a, contents_a), (path_b, contents_b) = (write_dataset(tmp_path / "a", {"train": [10, 7]}, seed=1),
+                                                  write_dataset(tmp_path / "b", {"train": [9, 9, 4]}, seed=2))
+    args = dict(sampler=ObjectiveSampler("clm"), batch_size=2, seed=4, shuffle_buffer=3)
+    make = lambda: MixedStream([(path_a, 3.0), (path_b, 1.0)], **args)
+    alone = {name: [keys for keys, _ in read(BatchStream(path, **args), 200)] for name, path in (("a", path_a), ("b", path_b))}
+    stream, taken = make(), {"a": [], "b": []}
+    mixed = read(stream, 200)
+    for keys, batch in mixed:  # every batch is one source's next batch, in that source's own order
+        windows = [w.tolist() for w in windows_of(batch)]
+        stored = {name: [c[k].tolist() if k in c else None for k in keys]
+                  for name, c in (("a", contents_a), ("b", contents_b))}
+        name = "a" if windows == stored["a"] else "b"
+        assert windows == stored[name]
+        taken[name].append(keys)
+    assert taken["a"] == alone["a"][:len(taken["a"])] and taken["b"] == alone["b"][:len(taken["b"])]
+    assert 125 <= len(taken["a"]) <= 175  # weight 3/4 of 200 batches, +-4 standard deviations
+    assert stream.stats["tokens_per_source"] == {str(path_a): len(taken["a"]) * 2 * SEQ_LEN,
+                                                 str(path_b): len(taken["b"]) * 2 * SEQ_LEN}
+    first = make()
+    head = [keys for keys, _ in read(first, 37)]
+    resumed = make()
+    resumed.load_state_dict(pickle.loads(pickle.dumps(first.state_dict())))
+    assert head + [keys for keys, _ in read(resumed, 200 - 37)] == [keys for keys, _ in mixed]
+    with pytest.raises(ValueError, match="same sources and weights"):
+        MixedStream([(path_a, 1.0), (path_b, 1.0)], **args).load_state_dict(first.state_dict())
+    raw = json.loads(path_b.read_text())
+    raw["tokenizer"]["sha256"] = "1" * 64
+    path_b.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        make()
