@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import signal
+import warnings
 import weakref
 from dataclasses import dataclass, replace
 
@@ -410,9 +411,11 @@ class BatchStream:
             shuffle_buffer=shuffle_buffer, one_pass=split != "train", n_segments=n_segments)
         self.batches_per_epoch = len(epoch_plan(self.context, 0)[1])  # same on every rank
         self.dataset = ShardReader(self.context)
-        self.loader = StatefulDataLoader(
-            self.dataset, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch if num_workers else None,
-            worker_init_fn=_worker_init, multiprocessing_context=mp_context if num_workers else None)
+        with warnings.catch_warnings():  # torchdata 0.11 calls a torch function torch 2.6+ deprecates
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            self.loader = StatefulDataLoader(
+                self.dataset, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch if num_workers else None,
+                worker_init_fn=_worker_init, multiprocessing_context=mp_context if num_workers else None)
         self.last_keys: list[str] = []  # sample keys of the batch handed out last
         self._epoch = self._batch = self._batches = 0
         self._loaded = False  # load_state_dict was called: the next iteration continues from it
