@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .collate import collate
+from .collate import TaskBatch, collate
 from .infer import label_log_probs
 from .model import BigLearner, ModelConfig
 from .objectives import TASKS, ObjectiveSampler, SplitSpec
@@ -155,6 +155,19 @@ def model_target_log_probs(model: BigLearner, x: np.ndarray, specs: list[SplitSp
     return out
 
 
+def train_step(model: torch.nn.Module, optimizer, schedule, batch: TaskBatch) -> torch.Tensor:
+    """One optimizer step on model.loss(batch), gradients clipped to norm 1: the step `fit` and
+    bench/shootout.py share. Returns the loss (detached)."""
+    model.train()
+    loss, _ = model.loss(batch)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss.detach()
+
+
 def fit(source: MarkovSource | HiddenMarkovSource, sampler: ObjectiveSampler, *, length: int = 32, steps: int = 400,
         batch_size: int = 64, lr: float = 3e-3, seed: int = 0, model_config: ModelConfig | None = None,
         progress: bool = False) -> BigLearner:
@@ -170,16 +183,10 @@ def fit(source: MarkovSource | HiddenMarkovSource, sampler: ObjectiveSampler, *,
     if progress:
         from tqdm import tqdm
         iterator = tqdm(iterator, desc="fit markov", unit="step")
-    model.train()
     for _ in iterator:
         x = source.sample(batch_size, length, rng)
-        batch = collate(x, [sampler(length, rng) for _ in range(batch_size)], pad_id=0).to_torch()
-        loss, _ = model.loss(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        loss = train_step(model, optimizer, schedule,
+                          collate(x, [sampler(length, rng) for _ in range(batch_size)], pad_id=0).to_torch())
         if progress:
             iterator.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval()
