@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from .config import TrainConfig
 from .model import BigLearner
+from .objectives import TASKS
 
 
 def use_cpu(config: TrainConfig) -> bool:
@@ -109,6 +110,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def task_stats(batch, nll: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-task sums {"nll_sum", "count"} [len(TASKS)] of target-row NLLs [B, Nt] (BigLearner.loss):
+    the model knows tensors, the training side knows which objective drew each row."""
+    mask = batch.target_mask
+    task_of_row = batch.task_id[:, None].expand_as(mask)[mask]
+    return {"nll_sum": torch.zeros(len(TASKS), device=nll.device).index_add_(0, task_of_row, nll.detach()[mask].float()),
+            "count": torch.bincount(task_of_row, minlength=len(TASKS)).to(nll.device, torch.float32)}
 
 
 class LossModel(nn.Module):

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import UserError
 from .model import BigLearner, ModelConfig
+from .utils import atomic_write, model_from_weights
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
@@ -71,17 +72,11 @@ def staged_directory(out_dir):
 
 
 def copy_tokenizer(tokenizer, out_dir) -> None:
-    """The tokenizer's defining files into out_dir (each written under a temporary name first)."""
+    """The tokenizer's defining files into out_dir (each written atomically)."""
     for name, source in tokenizer.files.items():
         target = Path(out_dir) / name
         if Path(source).resolve() != target.resolve():
-            shutil.copyfile(source, target.with_name(target.name + ".tmp"))
-            os.replace(target.with_name(target.name + ".tmp"), target)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.with_name(path.name + ".tmp").write_text(text)
-    os.replace(path.with_name(path.name + ".tmp"), path)
+            atomic_write(target, Path(source).read_bytes())
 
 
 def export_model(model: BigLearner, out_dir, metadata: dict | None = None, tokenizer=None) -> Path:
@@ -97,15 +92,13 @@ def export_model(model: BigLearner, out_dir, metadata: dict | None = None, token
     out_dir.mkdir(parents=True, exist_ok=True)
     if model.config.tie_embeddings:
         state.pop("head.weight", None)  # tied to embed.weight; safetensors rejects shared storage
-    tmp = out_dir / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, out_dir / WEIGHTS)
+    atomic_write(out_dir / WEIGHTS, save(state))
     meta = portable({"model": model.config.to_dict(), **(metadata or {})})
     if tokenizer is not None:
         copy_tokenizer(tokenizer, out_dir)
         meta.setdefault("tokenizer_sha256", tokenizer.sha256)
-    _write_text(out_dir / CONFIG, json.dumps(meta, indent=2, sort_keys=True))
-    _write_text(out_dir / CARD, model_card(meta, model.num_parameters()))
+    atomic_write(out_dir / CONFIG, json.dumps(meta, indent=2, sort_keys=True))
+    atomic_write(out_dir / CARD, model_card(meta, model.num_parameters()))
     return out_dir
 
 
@@ -116,18 +109,14 @@ def load_exported(path, device="cpu") -> tuple[BigLearner, dict]:
         raise UserError(f"{path} is not an exported model: expected {WEIGHTS} and {CONFIG} in it")
     try:
         meta = json.loads((path / CONFIG).read_text())
-        model = BigLearner(ModelConfig(**meta["model"]))
+        ModelConfig(**meta["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"{path / CONFIG}: not a model config written by pretrain.export ({err})") from None
     try:
         state = load_file(str(path / WEIGHTS), device="cpu")
     except SafetensorError as err:  # e.g. a truncated download
         raise UserError(f"{path / WEIGHTS}: unreadable safetensors file ({err}); download or export it again") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "head.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise UserError(f"{path / WEIGHTS} does not match its config: missing {missing}, unexpected {unexpected}")
-    return model.to(device).eval(), meta
+    return model_from_weights(meta["model"], state, path / WEIGHTS, device), meta
 
 
 # --------------------------------------------------------------------------- model card

@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 
 from .collate import IGNORE_LABEL, QUERY_PREDICTOR, START_PREDICTOR, TaskBatch
-from .objectives import TASKS
 
 
 @dataclass
@@ -483,8 +482,8 @@ class BigLearner(nn.Module):
 
     def loss(self, batch: TaskBatch):
         """The objective's weighted NLL, sum(target_weights * nll) / sum(loss_norm) (the mean NLL per
-        target when the batch carries no weights), and per-task sums of the UNWEIGHTED NLL
-        {"nll_sum", "count"} [len(TASKS)]."""
+        target when the batch carries no weights), and the UNWEIGHTED NLL of every target row
+        [B, Nt] (0 on padding rows)."""
         states = self.predictor_states(batch)
         mask = batch.target_mask
         logits = self.head(states[mask])  # only real targets reach the vocabulary projection
@@ -495,9 +494,4 @@ class BigLearner(nn.Module):
         weights = 1.0 if batch.target_weights is None else batch.target_weights[mask].to(nll.dtype)
         norm = batch.n_target.sum() if batch.loss_norm is None else batch.loss_norm.sum()
         loss = (nll * weights).sum() / norm.to(nll.dtype)
-        task_of_row = batch.task_id[:, None].expand_as(mask)[mask]
-        stats = {
-            "nll_sum": torch.zeros(len(TASKS), device=nll.device).index_add_(0, task_of_row, nll.detach().float()),
-            "count": torch.bincount(task_of_row, minlength=len(TASKS)).to(nll.device, torch.float32),
-        }
-        return loss, stats
+        return loss, torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, nll)

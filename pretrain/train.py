@@ -31,7 +31,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import CONFIG_DIR, TrainConfig, available_options, load_config, resolve_run_dir, to_dict, to_yaml
 from .data import BatchStream
-from .engine import build_engine, dynamic_loss_scale, init_distributed, use_cpu
+from .engine import build_engine, dynamic_loss_scale, init_distributed, task_stats, use_cpu
 from .evaluate import METRICS, eval_batches, evaluate, format_matrix, plot_run, validation_windows
 from .guard import BadStepGuard, TrainingError
 from .model import BigLearner, ModelConfig
@@ -271,7 +271,8 @@ def train(config: TrainConfig) -> dict:
             while micro < t.grad_accum:
                 batch = next(batches)
                 keys_crc = zlib.crc32("\n".join(stream.last_keys).encode())
-                loss, stats = engine(batch.to_torch(device))
+                device_batch = batch.to_torch(device)
+                loss, nll = engine(device_batch)
                 over_time = t.max_minutes > 0 and rank == 0 and time.perf_counter() - started > 60 * t.max_minutes
                 flags = torch.tensor([0.0, float(stop_signal["signum"] != 0), float(over_time), float(keys_crc)],
                                      dtype=torch.float64, device=device)
@@ -289,6 +290,7 @@ def train(config: TrainConfig) -> dict:
                 engine.backward(loss)
                 engine.step()
                 micro += 1
+                stats = task_stats(device_batch, nll)
                 window[:len(TASKS)] += stats["nll_sum"].double().cpu()
                 window[len(TASKS):2 * len(TASKS)] += stats["count"].double().cpu()
                 window[-3] += batch.tokens.shape[0] * stream.seq_len
