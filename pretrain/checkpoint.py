@@ -40,7 +40,7 @@ import torch
 from .errors import UserError
 from .export import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS, export_model, load_exported, manifest_summary
 from .model import BigLearner
-from .utils import atomic_write, model_from_weights
+from .utils import METRICS, atomic_write, model_from_weights
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -343,8 +343,6 @@ def run_tokenizer(meta: dict):
 
 def last_eval(run_dir, step: int) -> dict | None:
     """The validation matrix the run logged at `step` (metrics.jsonl), if any."""
-    from .evaluate import METRICS
-
     try:
         lines = (Path(run_dir) / METRICS).read_text().splitlines()
     except (OSError, TypeError):

@@ -28,8 +28,8 @@ import torch
 from .collate import TaskBatch, collate
 from .config import EvalConfig
 from .objectives import EVAL_TASKS, ObjectiveSampler, eval_split
+from .utils import METRICS, format_matrix
 
-METRICS = "metrics.jsonl"
 PLOT = "training.png"
 _SEED_TAG = 7919  # keeps these draws apart from the training sampler's streams
 
@@ -152,14 +152,6 @@ def plot_run(run_dir, matrix: dict | None = None, baseline: dict | None = None, 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def format_matrix(matrix: dict, baseline: dict | None = None) -> str:
-    lines = [f"{'task':<14}{'NLL/token':>11}{'perplexity':>12}" + (f"{'untrained NLL':>15}" if baseline else "")]
-    for task, row in matrix.items():
-        line = f"{task:<14}{row['nll']:>11.4f}{row['ppl']:>12.2f}"
-        lines.append(line + (f"{baseline[task]['nll']:>15.4f}" if baseline else ""))
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- command line

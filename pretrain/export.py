@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save
 
 from .errors import UserError
 from .model import BigLearner, ModelConfig
-from .utils import atomic_write, model_from_weights
+from .utils import atomic_write, format_matrix, model_from_weights
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
@@ -127,8 +127,6 @@ def _table(rows: list[tuple]) -> list[str]:
 
 def model_card(meta: dict, n_parameters: int, hf: bool = False) -> str:
     """README.md: architecture, stream mode, objective mix, data summary, tokens seen, evaluation."""
-    from .evaluate import format_matrix
-
     m = meta["model"]
     streams = m.get("streams", 2)
     config = meta.get("config", {})

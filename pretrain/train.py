@@ -32,10 +32,11 @@ from . import checkpoint as ckpt
 from .config import CONFIG_DIR, TrainConfig, available_options, load_config, resolve_run_dir, to_dict, to_yaml
 from .data import BatchStream
 from .engine import build_engine, dynamic_loss_scale, init_distributed, task_stats, use_cpu
-from .evaluate import METRICS, eval_batches, evaluate, format_matrix, plot_run, validation_windows
+from .evaluate import eval_batches, evaluate, plot_run, validation_windows
 from .guard import BadStepGuard, TrainingError
 from .model import BigLearner, ModelConfig
 from .objectives import TASKS, ObjectiveSampler
+from .utils import METRICS, format_matrix
 
 log = logging.getLogger("pretrain.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -1,5 +1,6 @@
 """Small helpers every part of pretrain shares: the atomic write and sha256 (torch-free, from
-data_pipeline.files, so launch/ and data workers use the same ones) and the one weights loader."""
+data_pipeline.files, so launch/ and data workers use the same ones), the one weights loader, and
+the run directory's metrics file name and matrix format (read by training, evaluation, export)."""
 from __future__ import annotations
 
 import torch
@@ -9,7 +10,8 @@ from data_pipeline.files import atomic_write, file_sha256
 from .errors import UserError
 from .model import BigLearner, ModelConfig
 
-__all__ = ["atomic_write", "file_sha256", "model_from_weights"]
+__all__ = ["METRICS", "atomic_write", "file_sha256", "format_matrix", "model_from_weights"]
+METRICS = "metrics.jsonl"  # JSON lines of a run directory: train and eval records
 
 
 def model_from_weights(model_config: dict, state: dict[str, torch.Tensor], where, device="cpu") -> BigLearner:
@@ -22,3 +24,11 @@ def model_from_weights(model_config: dict, state: dict[str, torch.Tensor], where
     if missing or unexpected:
         raise UserError(f"{where}: weights do not match the model config: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval()
+
+
+def format_matrix(matrix: dict, baseline: dict | None = None) -> str:
+    lines = [f"{'task':<14}{'NLL/token':>11}{'perplexity':>12}" + (f"{'untrained NLL':>15}" if baseline else "")]
+    for task, row in matrix.items():
+        line = f"{task:<14}{row['nll']:>11.4f}{row['ppl']:>12.2f}"
+        lines.append(line + (f"{baseline[task]['nll']:>15.4f}" if baseline else ""))
+    return "\n".join(lines)
