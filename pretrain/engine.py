@@ -6,6 +6,7 @@ CPU runs (no CUDA, or deepspeed.accelerator=cpu) use DeepSpeed's CPU accelerator
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -43,8 +44,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(on_cpu: bool) -> tuple[int, int, int]:
-    """Join (or create, for a plain `python -m pretrain.train`) the process group.
+def init_distributed(on_cpu: bool, timeout_s: float = 1800.0) -> tuple[int, int, int]:
+    """Join (or create, for a plain `python -m pretrain.train`) the process group, whose
+    collectives fail after timeout_s instead of waiting forever for a lost rank.
     Returns (rank, world_size, local_rank). Must run before deepspeed is imported on CPU."""
     if on_cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -56,7 +58,7 @@ def init_distributed(on_cpu: bool) -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not on_cpu:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=datetime.timedelta(seconds=timeout_s))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
 
 

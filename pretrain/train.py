@@ -172,7 +172,7 @@ def train(config: TrainConfig) -> dict:
     if t.deterministic:  # deterministic cuBLAS needs a fixed workspace, set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     on_cpu = use_cpu(config)
-    rank, world_size, _ = init_distributed(on_cpu)
+    rank, world_size, _ = init_distributed(on_cpu, config.deepspeed.dist_timeout_s)
     run_dir = resolve_run_dir(config).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(run_dir, rank)
