@@ -184,6 +184,7 @@ def schema() -> DictConfig:
     for f in fields(ModelConfig):
         if f.default is None:
             base.model[f.name] = None
+    OmegaConf.set_struct(base.model.rope_scaling, False)  # free-form, as transformers' rope_parameters
     return base
 
 

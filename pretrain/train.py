@@ -33,6 +33,7 @@ from .config import CONFIG_DIR, TrainConfig, available_options, load_config, res
 from .data import BatchStream
 from .engine import build_engine, dynamic_loss_scale, init_distributed, task_stats, use_cpu
 from .evaluate import eval_batches, evaluate, plot_run, validation_windows
+from .export import init_config, load_init
 from .guard import BadStepGuard, TrainingError
 from .model import BigLearner, ModelConfig
 from .objectives import TASKS, ObjectiveSampler
@@ -187,13 +188,18 @@ def train(config: TrainConfig) -> dict:
         manifest, split="train", sampler=ObjectiveSampler(config.objective), batch_size=config.data.batch_size,
         rank=rank, world_size=world_size, num_workers=config.data.num_workers, seed=config.data.seed,
         shuffle=config.data.shuffle)
+    tokenizer = stream.manifest["tokenizer"]
+    if config.model.init:  # architecture and weights of an export (docs/hf.md)
+        config = replace(config, model=init_config(config.model, stream.vocab_size, tokenizer["sha256"]))
+    elif (config.model.vocab_size, config.model.bos_id) != (stream.vocab_size, tokenizer["bos_id"]):
+        log.info("model.vocab_size, model.bos_id set to %d, %d from %s", stream.vocab_size, tokenizer["bos_id"], manifest)
+        config = replace(config, model=replace(config.model, vocab_size=stream.vocab_size, bos_id=tokenizer["bos_id"]))
     if stream.seq_len > config.model.max_seq_len:
         raise ValueError(f"model.max_seq_len={config.model.max_seq_len} is shorter than the data's windows "
                          f"({stream.seq_len} tokens, {manifest})")
-    if config.model.vocab_size != stream.vocab_size:
-        log.info("model.vocab_size set to %d from %s", stream.vocab_size, manifest)
-        config = replace(config, model=replace(config.model, vocab_size=stream.vocab_size))
     model = BigLearner(config.model)
+    if config.model.init:
+        load_init(model)
     first_save_bytes = ckpt.BYTES_PER_PARAMETER * model.num_parameters()  # free-space check before a first save
     engine, ds_config = build_engine(config, model, world_size, on_cpu)
     device = engine.device
