@@ -25,8 +25,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from .sources import SourceConfig, SourceStats, iter_documents
-from .files import atomic_write, file_sha256
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, atomic_write_bytes, file_sha256
 
 FORMAT = "biglearn-token-shards"
 FORMAT_VERSION = 1
@@ -333,7 +332,7 @@ def _build_one(task: dict) -> dict:
     info.update(path=f"{task['stem']}.tar", split=task["split"], documents=len(task["documents"]), too_long=too_long,
                 docs_sha256=task["docs_sha256"], fingerprint=task["fingerprint"],
                 seconds=time.perf_counter() - started)
-    atomic_write(out / f"{task['stem']}.info.json", json.dumps(info).encode())
+    atomic_write_bytes(out / f"{task['stem']}.info.json", json.dumps(info).encode())
     return info
 
 
@@ -469,5 +468,5 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
                   "tokens_per_second_per_worker": fresh_tokens / busy_seconds if busy_seconds else None},
     }
     path = output_dir / MANIFEST
-    atomic_write(path, (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
     return path

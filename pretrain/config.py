@@ -27,6 +27,7 @@ from . import objectives
 from .errors import UserError
 from .model import ModelConfig
 from .objectives import EVAL_TASKS, ObjectiveConfig
+from .vae.config import VAEExperiment, validate as validate_vae
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 GROUPS = ("model", "objective", "data", "deepspeed", "trainer", "eval", "experiment")
@@ -59,7 +60,6 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
-    dist_timeout_s: float = 1800.0  # a collective waiting this long for a lost rank fails the run instead of hanging
 
 
 @dataclass
@@ -110,6 +110,7 @@ class TrainConfig:
     run_name: str = "run"
     run_dir: str | None = None  # default: runs/slurm-<SLURM_JOB_ID>, else runs/<run_name>
     resume: str = "auto"  # auto: newest complete checkpoint in run_dir if any; never; or a checkpoint path
+    vae: VAEExperiment | None = None  # set by experiment=vae_digits: the BigLearn-VAE run of bench/vae.py
 
 
 def _check(condition: bool, key: str, message: str, value) -> None:
@@ -141,6 +142,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     for key, value in non_finite_numbers(config):  # e.g. model.init_std=inf would pass every range check below
         _check(False, key, "must be a finite number", value)
     objectives.validate(config.objective)
+    if config.vae is not None:
+        validate_vae(config.vae)
     d, ds, t, e = config.data, config.deepspeed, config.trainer, config.eval
     _check(d.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}", d.kind)
     if d.kind == "manifest":
@@ -157,7 +160,6 @@ def validate(config: TrainConfig) -> TrainConfig:
            ds.offload_optimizer)
     for key in ("max_steps", "warmup_steps", "grad_accum", "log_every", "keep_last", "max_bad_steps"):
         _check(getattr(t, key) >= 1, f"trainer.{key}", "must be >= 1", getattr(t, key))
-    _check(ds.dist_timeout_s > 0, "deepspeed.dist_timeout_s", "must be > 0 (seconds)", ds.dist_timeout_s)
     for key in ("eval_every", "save_every", "max_minutes", "grad_clip", "weight_decay", "peak_tflops"):
         _check(getattr(t, key) >= 0, f"trainer.{key}", "must be >= 0", getattr(t, key))
     _check(math.isfinite(t.lr) and t.lr > 0, "trainer.lr", "must be a positive number", t.lr)
@@ -184,7 +186,6 @@ def schema() -> DictConfig:
     for f in fields(ModelConfig):
         if f.default is None:
             base.model[f.name] = None
-    OmegaConf.set_struct(base.model.rope_scaling, False)  # free-form, as transformers' rope_parameters
     return base
 
 

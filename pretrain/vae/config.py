@@ -1,0 +1,113 @@
+"""Schemas of the BigLearn-VAE experiment (torch-free; configs/experiment/vae_digits.yaml fills them).
+
+`model` sizes BOTH compared models: the universal BigLearn-VAE stacks `n_layers` blocks; the
+jointly trained VAE splits the same number of blocks into an encoder of `encoder_layers` and a
+decoder of the rest, so both have exactly the same number of parameters ("Big Learning
+Variational Auto-Encoders", Appendix A: the universal model is deepened to match).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..objectives import BigLearnConfig
+
+
+@dataclass
+class VAEConfig:
+    z_dim: int = 16
+    d_model: int = 64
+    n_heads: int = 4
+    n_layers: int = 4  # universal model depth = jointly trained VAE encoder + decoder depth
+    encoder_layers: int = 2  # the jointly trained VAE's encoder; its decoder gets n_layers - encoder_layers
+    ffn_hidden: int | None = None  # None: the SwiGLU default of pretrain.model.ModelConfig
+    dropout: float = 0.0
+    decoder_std: float = 1.0  # p(x_T | z, x_S) = N(mean, decoder_std^2 I), as the paper's N(mu(z), I)
+    attention_backend: str = "auto"
+
+    def __post_init__(self):
+        for key in ("z_dim", "d_model", "n_heads", "n_layers", "encoder_layers"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"vae.model.{key} must be a positive integer; got {value!r}")
+        if self.encoder_layers >= self.n_layers:
+            raise ValueError(f"vae.model.encoder_layers={self.encoder_layers} must be below vae.model.n_layers="
+                             f"{self.n_layers} (the jointly trained VAE's decoder needs at least one block)")
+        if not (math.isfinite(self.decoder_std) and self.decoder_std > 0):
+            raise ValueError(f"vae.model.decoder_std must be a positive number; got {self.decoder_std!r}")
+
+
+@dataclass
+class VAEDataConfig:
+    path: str | None = None  # None: scikit-learn's 8x8 digits; else an .npz (pretrain.vae.patches.load_npz)
+    patch_size: int = 2
+    test_fraction: float = 0.3  # digits only: the fixed stratified split
+    split_seed: int = 0
+
+
+@dataclass
+class VAETrainConfig:
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    grad_clip: float = 1.0  # 0 disables clipping
+    kl_weight: float = 0.01  # beta of eqs. (1), (6), (7); 0.01 as in Appendix A
+    kl_warmup_steps: int = 0  # beta rises linearly from 0 over these steps (KL annealing, Bowman et al.)
+    seed: int = 0
+
+
+@dataclass
+class VAEEvalConfig:
+    probe_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
+    probe_draws: int = 4  # random x_S draws per TRAINING image for the probe's training codes
+    elbo_samples: int = 4  # z draws per test image for the test JointELBO
+    batch_size: int = 256
+
+
+@dataclass
+class VAEExperiment:
+    model: VAEConfig = field(default_factory=VAEConfig)
+    objective: BigLearnConfig = field(default_factory=BigLearnConfig)  # S- and T-ratio Betas (Algorithm 1)
+    data: VAEDataConfig = field(default_factory=VAEDataConfig)
+    train: VAETrainConfig = field(default_factory=VAETrainConfig)
+    eval: VAEEvalConfig = field(default_factory=VAEEvalConfig)
+
+
+def validate(config: VAEExperiment) -> VAEExperiment:
+    """ValueError naming the first bad key (vae.<section>.<key>)."""
+    config.model.__post_init__()
+    t, d, e = config.train, config.data, config.eval
+    for key in ("alpha", "beta"):
+        for side in ("source", "target"):
+            value = getattr(config.objective, f"{side}_{key}")
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"vae.objective.{side}_{key} must be a positive number; got {value!r}")
+    for key in ("steps", "batch_size"):
+        if getattr(t, key) < 1:
+            raise ValueError(f"vae.train.{key} must be >= 1; got {getattr(t, key)!r}")
+    for key in ("warmup_steps", "kl_warmup_steps", "weight_decay", "grad_clip", "kl_weight"):
+        value = getattr(t, key)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"vae.train.{key} must be a number >= 0; got {value!r}")
+    if not (math.isfinite(t.lr) and t.lr > 0):
+        raise ValueError(f"vae.train.lr must be a positive number; got {t.lr!r}")
+    if not 0 <= t.min_lr_ratio <= 1:
+        raise ValueError(f"vae.train.min_lr_ratio must be in [0, 1]; got {t.min_lr_ratio!r}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(t, key) < 1:
+            raise ValueError(f"vae.train.{key} must be in [0, 1); got {getattr(t, key)!r}")
+    if d.patch_size < 1:
+        raise ValueError(f"vae.data.patch_size must be >= 1; got {d.patch_size!r}")
+    if not 0 < d.test_fraction < 1:
+        raise ValueError(f"vae.data.test_fraction must be in (0, 1); got {d.test_fraction!r}")
+    if not e.probe_ratios or any(not 0 < r <= 1 for r in e.probe_ratios):
+        raise ValueError(f"vae.eval.probe_ratios must be ratios in (0, 1]; got {list(e.probe_ratios)!r}")
+    for key in ("probe_draws", "elbo_samples", "batch_size"):
+        if getattr(e, key) < 1:
+            raise ValueError(f"vae.eval.{key} must be >= 1; got {getattr(e, key)!r}")
+    return config
