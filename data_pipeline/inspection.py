@@ -6,7 +6,8 @@ from pathlib import Path
 import numpy as np
 
 from .shards import ShardError, load_manifest, read_shard, shard_file
-from .tokenizer import Tokenizer, file_sha256
+from .files import file_sha256
+from .tokenizer import Tokenizer
 
 
 def inspect_dataset(manifest_path, n_examples: int = 3, verify: bool = True, progress: bool = False,

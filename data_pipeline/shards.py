@@ -25,7 +25,8 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from .sources import SourceConfig, SourceStats, iter_documents
-from .tokenizer import Tokenizer, atomic_write_bytes, file_sha256
+from .files import atomic_write, file_sha256
+from .tokenizer import Tokenizer
 
 FORMAT = "biglearn-token-shards"
 FORMAT_VERSION = 1
@@ -332,7 +333,7 @@ def _build_one(task: dict) -> dict:
     info.update(path=f"{task['stem']}.tar", split=task["split"], documents=len(task["documents"]), too_long=too_long,
                 docs_sha256=task["docs_sha256"], fingerprint=task["fingerprint"],
                 seconds=time.perf_counter() - started)
-    atomic_write_bytes(out / f"{task['stem']}.info.json", json.dumps(info).encode())
+    atomic_write(out / f"{task['stem']}.info.json", json.dumps(info).encode())
     return info
 
 
@@ -468,5 +469,5 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
                   "tokens_per_second_per_worker": fresh_tokens / busy_seconds if busy_seconds else None},
     }
     path = output_dir / MANIFEST
-    atomic_write_bytes(path, (json.dumps(manifest, indent=1) + "\n").encode())
+    atomic_write(path, (json.dumps(manifest, indent=1) + "\n").encode())
     return path

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .files import atomic_write
 from .sources import SourceConfig, SourceStats, iter_documents
 
 MODEL_FILE = "tokenizer.model"
@@ -69,37 +70,6 @@ class TokenizerConfig:
             raise ValueError(f"vocab_size={self.vocab_size} is too small: the {len(SPECIAL_IDS)} special tokens, "
                              f"{self.n_sentinels} sentinels{' and 256 byte-fallback tokens' if self.byte_fallback else ''} "
                              f"need at least {minimum}")
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600; the result must read like open()'s
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _training_lines(text: str):
@@ -172,7 +142,7 @@ def train_tokenizer(inputs, output_dir, config: TokenizerConfig | None = None,
             raise ValueError(f"sentencepiece could not train a {config.vocab_size}-token {config.model_type} model "
                              f"on {n_lines} lines ({stats.report()}): {error}") from None
         model_bytes = (Path(tmp) / "sp.model").read_bytes()
-    atomic_write_bytes(output_dir / MODEL_FILE, model_bytes)
+    atomic_write(output_dir / MODEL_FILE, model_bytes)
     processor = spm.SentencePieceProcessor(model_proto=model_bytes)
     # Characters per token on (part of) the training sample: used to size shards.
     probe = lines[:5000]
@@ -188,7 +158,7 @@ def train_tokenizer(inputs, output_dir, config: TokenizerConfig | None = None,
                      "inputs": [str(i) for i in inputs], "sources": stats.to_dict()},
     }
     info["training"].pop("num_threads")  # does not change the model
-    atomic_write_bytes(output_dir / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    atomic_write(output_dir / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
     return Tokenizer.load(output_dir)
 
 

@@ -37,7 +37,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 # The function the shard builder records hashes with, so both sides hash the same way.
-from data_pipeline.tokenizer import file_sha256
+from data_pipeline.files import file_sha256
 
 MAX_LISTED = 10  # failures listed per check and node before "... and N more"
 

@@ -39,7 +39,8 @@ import torch
 
 from .errors import UserError
 from .export import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS, export_model, load_exported, manifest_summary
-from .model import BigLearner, ModelConfig
+from .model import BigLearner
+from .utils import METRICS, atomic_write, model_from_weights
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -250,14 +251,14 @@ def save_checkpoint(engine, checkpoint_dir, step: int, meta: dict, rank_state: d
     _barrier()
     if rank == 0:
         try:
-            _write_atomic(partial / META, json.dumps(meta, indent=2, sort_keys=True, default=str))
-            _write_atomic(partial / COMPLETE, "")
+            atomic_write(partial / META, json.dumps(meta, indent=2, sort_keys=True, default=str))
+            atomic_write(partial / COMPLETE, "")
             stale = checkpoint_dir / (STALE + tag_dir.name)
             if tag_dir.exists():
                 os.replace(tag_dir, stale)
             os.replace(partial, tag_dir)
             shutil.rmtree(stale, ignore_errors=True)
-            _write_atomic(checkpoint_dir / LATEST, tag_dir.name)
+            atomic_write(checkpoint_dir / LATEST, tag_dir.name)
         except OSError as err:
             raise _write_failed(partial, step, err) from err
         for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
@@ -265,15 +266,6 @@ def save_checkpoint(engine, checkpoint_dir, step: int, meta: dict, rank_state: d
                 shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return tag_dir
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(engine, tag_dir) -> tuple[dict, dict]:
@@ -333,14 +325,8 @@ def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tu
             "pickles; pass --trust-checkpoint to read it (weights-only), or export it first with "
             f"`python -m pretrain.checkpoint {tag_dir} OUT_DIR --trust-checkpoint`")
     meta = json.loads((tag_dir / META).read_text())
-    model = BigLearner(ModelConfig(**meta["config"]["model"]))
-    state = consolidated_state_dict(tag_dir)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "head.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise CheckpointError(f"{tag_dir}: weights do not match the model config: missing {missing}, "
-                              f"unexpected {unexpected}")
-    return model.to(device).eval(), {**meta, "checkpoint": str(tag_dir)}
+    model = model_from_weights(meta["config"]["model"], consolidated_state_dict(tag_dir), tag_dir, device)
+    return model, {**meta, "checkpoint": str(tag_dir)}
 
 
 def run_tokenizer(meta: dict):
@@ -357,8 +343,6 @@ def run_tokenizer(meta: dict):
 
 def last_eval(run_dir, step: int) -> dict | None:
     """The validation matrix the run logged at `step` (metrics.jsonl), if any."""
-    from .evaluate import METRICS
-
     try:
         lines = (Path(run_dir) / METRICS).read_text().splitlines()
     except (OSError, TypeError):

@@ -1,8 +1,11 @@
-"""Windows + (S, T) draws -> one batch in the sorted layout (design.md §2).
+"""The sorted layout (docs/design.md, "Sorted layout"): (S, T) draws and windows -> one batch.
 
-Runs in data-loader workers, in numpy only. Each row is reordered to
-[S | T in prediction order | padding] and trimmed to the longest S ∪ T in the batch, so
-dropped tokens cost nothing. Tokens keep their original positions for RoPE.
+The layout module of the project: numpy only, no torch, so data-loader workers, objectives and
+inference share it without importing the model. Each sample's positions are ordered
+[S ascending | T in prediction order | the dropped rest] by `make_split`, the one place that
+builds this order; `collate` reorders the windows accordingly and trims every row to the
+longest S ∪ T in the batch, so dropped tokens cost nothing. Tokens keep their original
+positions for RoPE.
 """
 from __future__ import annotations
 
@@ -10,14 +13,46 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from kernels import INVALID_GROUP
-
-from .objectives import SplitSpec
-
+# Group of padding and dropped rows: above every real group, so rows stay sorted. kernels/
+# defines the same value for itself (it imports nothing from the project); a test checks they agree.
+INVALID_GROUP = 2**31 - 1
 IGNORE_LABEL = -100  # label of padding target rows (torch cross_entropy's ignore_index)
 # TaskBatch.predictor values that are not a row of the sorted layout (docs/design.md, single stream).
 START_PREDICTOR = -1  # the START row (the BOS token, group 0, one position left of the window)
 QUERY_PREDICTOR = -2  # a query-stream row
+
+
+@dataclass
+class SplitSpec:
+    """One sample's (S, T) draw in the sorted layout."""
+    order: np.ndarray  # int32 [L]: S ascending, T in prediction order, then the dropped rest
+    n_source: int
+    n_target: int
+    target_groups: np.ndarray  # int32 [n_target], 1..G non-decreasing
+    task_id: int
+    # Loss weighting (docs/design.md, "Losses and statistics"): the sample adds
+    # sum_k target_weights[k] * nll_k to the batch's numerator and loss_norm to its denominator.
+    # None means weight 1 per target and loss_norm = n_target (the mean over targets).
+    target_weights: np.ndarray | None = None  # float [n_target]
+    loss_norm: float | None = None
+
+
+def make_split(length: int, source, targets, groups=None, weights=None, norm=None, *, task_id: int = 0) -> SplitSpec:
+    """SplitSpec of a window of `length` positions: S = `source` (any order), T = `targets` in
+    prediction order with `groups` (default: one group per target, 1..n), the rest dropped;
+    optional per-target loss `weights` and the sample's loss normaliser `norm`."""
+    source = np.sort(np.asarray(source, dtype=np.int64).reshape(-1))
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    if groups is None:
+        groups = np.arange(1, len(targets) + 1)
+    used = np.zeros(length, dtype=bool)
+    used[source] = True
+    used[targets] = True
+    order = np.concatenate([source, targets, np.flatnonzero(~used)]).astype(np.int32)
+    return SplitSpec(order=order, n_source=len(source), n_target=len(targets),
+                     target_groups=np.asarray(groups, dtype=np.int32), task_id=task_id,
+                     target_weights=None if weights is None else np.asarray(weights, dtype=np.float32),
+                     loss_norm=norm)
 
 
 @dataclass

@@ -60,6 +60,7 @@ class DeepSpeedConfig:
     reduce_bucket_size: int = 50_000_000
     stage3_prefetch_bucket_size: int = 50_000_000
     initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
+    dist_timeout_s: float = 1800.0  # a collective waiting this long for a lost rank fails the run instead of hanging
 
 
 @dataclass
@@ -160,6 +161,7 @@ def validate(config: TrainConfig) -> TrainConfig:
            ds.offload_optimizer)
     for key in ("max_steps", "warmup_steps", "grad_accum", "log_every", "keep_last", "max_bad_steps"):
         _check(getattr(t, key) >= 1, f"trainer.{key}", "must be >= 1", getattr(t, key))
+    _check(ds.dist_timeout_s > 0, "deepspeed.dist_timeout_s", "must be > 0 (seconds)", ds.dist_timeout_s)
     for key in ("eval_every", "save_every", "max_minutes", "grad_clip", "weight_decay", "peak_tflops"):
         _check(getattr(t, key) >= 0, f"trainer.{key}", "must be >= 0", getattr(t, key))
     _check(math.isfinite(t.lr) and t.lr > 0, "trainer.lr", "must be a positive number", t.lr)
@@ -186,6 +188,7 @@ def schema() -> DictConfig:
     for f in fields(ModelConfig):
         if f.default is None:
             base.model[f.name] = None
+    OmegaConf.set_struct(base.model.rope_scaling, False)  # free-form, as transformers' rope_parameters
     return base
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from .export import copy_tokenizer, export_model, model_card, portable, staged_directory
+from .export import copy_tokenizer, export_model, model_card, new_parameters, portable, staged_directory
 from .model import ROPE_SCALING_KEYS, BigLearner, ModelConfig
 
 HF_CONFIG = "config.json"
@@ -31,14 +31,14 @@ _IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints store; rec
 
 # --------------------------------------------------------------------------- from Hugging Face
 
-def _hf_rope(cfg: dict, path: Path) -> tuple[float, dict | None]:
+def _hf_rope(cfg: dict, path: Path) -> tuple[float, dict]:
     """(rope base, scaling) from a transformers 5 `rope_parameters` or a 4.x `rope_theta` + `rope_scaling`."""
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
     base = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
-        return base, None
+        return base, {}
     if kind not in ROPE_SCALING_KEYS:
         raise ValueError(f"{path}: {field}.rope_type={kind!r} is not supported (supported: default, "
                          f"{', '.join(ROPE_SCALING_KEYS)})")
@@ -153,20 +153,6 @@ def state_from_hf(tensors: dict[str, torch.Tensor], config: ModelConfig, source:
         raise ValueError(f"{source}: tensor {extra[0]} has no counterpart in the Llama block "
                          f"({len(extra)} unmapped tensors)")
     return state
-
-
-def new_parameters(model: BigLearner, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Values for the parameters a causal LM does not have (docs/hf.md, "New parameters"):
-    the query stream's start vector is the mean token embedding (an input of typical scale that
-    carries no token identity), and any other new parameter (the single-stream offset term,
-    segment embeddings) starts at zero, so the imported model computes exactly what the causal
-    model computes until training moves it."""
-    filled = {}
-    for name, value in model.state_dict().items():
-        if name in state or (name == "head.weight" and model.config.tie_embeddings):
-            continue
-        filled[name] = state["embed.weight"].mean(0) if name == "query_start" else torch.zeros_like(value)
-    return filled
 
 
 def load_hf(hf_dir, streams: int = 1, max_seq_len: int | None = None, bos_id: int | None = None

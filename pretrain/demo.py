@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     from .config import load_config
-    from .evaluate import eval_batches, evaluate, format_matrix, plot_run, validation_windows
+    from .evaluate import eval_batches, evaluate, plot_run, validation_windows
+    from .utils import format_matrix
     from .model import BigLearner
     from .train import TrainingError, train
 

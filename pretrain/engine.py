@@ -6,6 +6,7 @@ CPU runs (no CUDA, or deepspeed.accelerator=cpu) use DeepSpeed's CPU accelerator
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 
@@ -14,6 +15,7 @@ import torch.nn as nn
 
 from .config import TrainConfig
 from .model import BigLearner
+from .objectives import TASKS
 
 
 def use_cpu(config: TrainConfig) -> bool:
@@ -42,8 +44,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(on_cpu: bool) -> tuple[int, int, int]:
-    """Join (or create, for a plain `python -m pretrain.train`) the process group.
+def init_distributed(on_cpu: bool, timeout_s: float = 1800.0) -> tuple[int, int, int]:
+    """Join (or create, for a plain `python -m pretrain.train`) the process group, whose
+    collectives fail after timeout_s instead of waiting forever for a lost rank.
     Returns (rank, world_size, local_rank). Must run before deepspeed is imported on CPU."""
     if on_cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -55,7 +58,7 @@ def init_distributed(on_cpu: bool) -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if not on_cpu:
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=datetime.timedelta(seconds=timeout_s))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
 
 
@@ -109,6 +112,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def task_stats(batch, nll: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-task sums {"nll_sum", "count"} [len(TASKS)] of target-row NLLs [B, Nt] (BigLearner.loss):
+    the model knows tensors, the training side knows which objective drew each row."""
+    mask = batch.target_mask
+    task_of_row = batch.task_id[:, None].expand_as(mask)[mask]
+    return {"nll_sum": torch.zeros(len(TASKS), device=nll.device).index_add_(0, task_of_row, nll.detach()[mask].float()),
+            "count": torch.bincount(task_of_row, minlength=len(TASKS)).to(nll.device, torch.float32)}
 
 
 class LossModel(nn.Module):

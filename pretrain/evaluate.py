@@ -28,8 +28,8 @@ import torch
 from .collate import TaskBatch, collate
 from .config import EvalConfig
 from .objectives import EVAL_TASKS, ObjectiveSampler, eval_split
+from .utils import METRICS, format_matrix
 
-METRICS = "metrics.jsonl"
 PLOT = "training.png"
 _SEED_TAG = 7919  # keeps these draws apart from the training sampler's streams
 
@@ -69,7 +69,7 @@ def eval_batches(windows: list[list[np.ndarray]], config: EvalConfig, pad_id: in
 def evaluate(loss_fn, batches: dict[str, list[TaskBatch]], device, rank: int = 0, world_size: int = 1) -> dict:
     """{task: {"nll": per token, "ppl": exp(nll), "tokens": predicted tokens}}.
 
-    loss_fn(TaskBatch) -> (loss, {"nll_sum", "count"}): a DeepSpeed engine or BigLearner.loss.
+    loss_fn(TaskBatch) -> (loss, per-target NLL [B, Nt]): a DeepSpeed engine or BigLearner.loss.
     Rank r scores batches r, r + world, ...; every rank runs the same number of forward passes
     (ZeRO-3 gathers parameters collectively), the extra ones weighted 0, then sums are all-reduced."""
     totals = torch.zeros(len(batches), 2, dtype=torch.float64, device=device)
@@ -78,10 +78,11 @@ def evaluate(loss_fn, batches: dict[str, list[TaskBatch]], device, rank: int = 0
         for i in range(rounds):
             index = i * world_size + rank
             real = index < len(task_batches)
-            _, stats = loss_fn(task_batches[index if real else 0].to_torch(device))
+            batch = task_batches[index if real else 0].to_torch(device)
+            _, nll = loss_fn(batch)
             if real:
-                totals[t, 0] += stats["nll_sum"].sum().double()
-                totals[t, 1] += stats["count"].sum().double()
+                totals[t, 0] += nll.sum().double()
+                totals[t, 1] += batch.target_mask.sum().double()
     if world_size > 1:
         torch.distributed.all_reduce(totals)
     result = {}
@@ -151,14 +152,6 @@ def plot_run(run_dir, matrix: dict | None = None, baseline: dict | None = None, 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-
-def format_matrix(matrix: dict, baseline: dict | None = None) -> str:
-    lines = [f"{'task':<14}{'NLL/token':>11}{'perplexity':>12}" + (f"{'untrained NLL':>15}" if baseline else "")]
-    for task, row in matrix.items():
-        line = f"{task:<14}{row['nll']:>11.4f}{row['ppl']:>12.2f}"
-        lines.append(line + (f"{baseline[task]['nll']:>15.4f}" if baseline else ""))
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- command line

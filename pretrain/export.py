@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .errors import UserError
 from .model import BigLearner, ModelConfig
+from .utils import atomic_write, format_matrix, model_from_weights
 
 WEIGHTS = "model.safetensors"
 CONFIG = "model_config.json"
@@ -71,17 +72,11 @@ def staged_directory(out_dir):
 
 
 def copy_tokenizer(tokenizer, out_dir) -> None:
-    """The tokenizer's defining files into out_dir (each written under a temporary name first)."""
+    """The tokenizer's defining files into out_dir (each written atomically)."""
     for name, source in tokenizer.files.items():
         target = Path(out_dir) / name
         if Path(source).resolve() != target.resolve():
-            shutil.copyfile(source, target.with_name(target.name + ".tmp"))
-            os.replace(target.with_name(target.name + ".tmp"), target)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.with_name(path.name + ".tmp").write_text(text)
-    os.replace(path.with_name(path.name + ".tmp"), path)
+            atomic_write(target, Path(source).read_bytes())
 
 
 def export_model(model: BigLearner, out_dir, metadata: dict | None = None, tokenizer=None) -> Path:
@@ -97,15 +92,13 @@ def export_model(model: BigLearner, out_dir, metadata: dict | None = None, token
     out_dir.mkdir(parents=True, exist_ok=True)
     if model.config.tie_embeddings:
         state.pop("head.weight", None)  # tied to embed.weight; safetensors rejects shared storage
-    tmp = out_dir / (WEIGHTS + ".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, out_dir / WEIGHTS)
+    atomic_write(out_dir / WEIGHTS, save(state))
     meta = portable({"model": model.config.to_dict(), **(metadata or {})})
     if tokenizer is not None:
         copy_tokenizer(tokenizer, out_dir)
         meta.setdefault("tokenizer_sha256", tokenizer.sha256)
-    _write_text(out_dir / CONFIG, json.dumps(meta, indent=2, sort_keys=True))
-    _write_text(out_dir / CARD, model_card(meta, model.num_parameters()))
+    atomic_write(out_dir / CONFIG, json.dumps(meta, indent=2, sort_keys=True))
+    atomic_write(out_dir / CARD, model_card(meta, model.num_parameters()))
     return out_dir
 
 
@@ -116,18 +109,66 @@ def load_exported(path, device="cpu") -> tuple[BigLearner, dict]:
         raise UserError(f"{path} is not an exported model: expected {WEIGHTS} and {CONFIG} in it")
     try:
         meta = json.loads((path / CONFIG).read_text())
-        model = BigLearner(ModelConfig(**meta["model"]))
+        ModelConfig(**meta["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise UserError(f"{path / CONFIG}: not a model config written by pretrain.export ({err})") from None
     try:
         state = load_file(str(path / WEIGHTS), device="cpu")
     except SafetensorError as err:  # e.g. a truncated download
         raise UserError(f"{path / WEIGHTS}: unreadable safetensors file ({err}); download or export it again") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "head.weight" and model.config.tie_embeddings)]
-    if missing or unexpected:
-        raise UserError(f"{path / WEIGHTS} does not match its config: missing {missing}, unexpected {unexpected}")
-    return model.to(device).eval(), meta
+    return model_from_weights(meta["model"], state, path / WEIGHTS, device), meta
+
+
+# --------------------------------------------------------------------------- model.init
+
+RUN_KEYS = ("streams", "dropout", "attention_backend", "activation_checkpointing", "n_segment_types", "init")
+
+
+def new_parameters(model: BigLearner, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Values for the parameters a causal LM does not have (docs/hf.md, "New parameters"):
+    the query stream's start vector is the mean token embedding (an input of typical scale that
+    carries no token identity), and any other new parameter (the single-stream offset term,
+    segment embeddings) starts at zero, so the imported model computes exactly what the causal
+    model computes until training moves it."""
+    filled = {}
+    for name, value in model.state_dict().items():
+        if name in state or (name == "head.weight" and model.config.tie_embeddings):
+            continue
+        filled[name] = state["embed.weight"].mean(0) if name == "query_start" else torch.zeros_like(value)
+    return filled
+
+
+def init_config(config: ModelConfig, vocab_size: int, tokenizer_sha256: str | None) -> ModelConfig:
+    """The model config of a run with model.init: the architecture of the export at config.init
+    and this config's RUN_KEYS (stream mode, dropout, ...). Refuses data tokenized otherwise."""
+    path = Path(config.init)
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+        saved = ModelConfig(**{**meta["model"], **{k: getattr(config, k) for k in RUN_KEYS}})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UserError(f"model.init={path}: not an exported model ({path / CONFIG}: {err}); import a Hugging Face "
+                        "checkpoint with `python -m pretrain.convert from-hf`") from None
+    recorded = meta.get("tokenizer_sha256")
+    if recorded and tokenizer_sha256 and recorded != tokenizer_sha256:
+        raise UserError(f"model.init={path} was trained with tokenizer sha256 {recorded} but the data's tokenizer has "
+                        f"{tokenizer_sha256}: token ids would not match; shard the data with the tokenizer in {path}")
+    if vocab_size > saved.vocab_size:
+        raise UserError(f"model.init={path}: vocab_size={saved.vocab_size} is smaller than the data's tokenizer "
+                        f"({vocab_size})")
+    return saved
+
+
+def load_init(model: BigLearner) -> None:
+    """Weights of the export at model.config.init into `model`: parameters the export lacks get
+    new_parameters' values, those the model's stream mode does not use are left out."""
+    source, _ = load_exported(model.config.init)
+    wanted = model.state_dict()
+    state = {k: v for k, v in source.state_dict().items() if k in wanted}
+    for name, value in state.items():
+        if value.shape != wanted[name].shape:
+            raise UserError(f"model.init={model.config.init}: {name} has shape {tuple(value.shape)}, the model "
+                            f"needs {tuple(wanted[name].shape)}")
+    model.load_state_dict({**state, **new_parameters(model, state)})
 
 
 # --------------------------------------------------------------------------- model card
@@ -138,8 +179,6 @@ def _table(rows: list[tuple]) -> list[str]:
 
 def model_card(meta: dict, n_parameters: int, hf: bool = False) -> str:
     """README.md: architecture, stream mode, objective mix, data summary, tokens seen, evaluation."""
-    from .evaluate import format_matrix
-
     m = meta["model"]
     streams = m.get("streams", 2)
     config = meta.get("config", {})
@@ -159,7 +198,7 @@ def model_card(meta: dict, n_parameters: int, hf: bool = False) -> str:
     lines += ["## Architecture", "", *_table([
         ("parameters", f"{n_parameters / 1e6:.2f}M"), ("layers", m["n_layers"]), ("d_model", m["d_model"]),
         ("heads / kv heads", f"{m['n_heads']} / {m['n_kv_heads']}"), ("SwiGLU hidden", m["ffn_hidden"]),
-        ("vocabulary", m["vocab_size"]), ("RoPE base", m["rope_base"]), ("RoPE scaling", m.get("rope_scaling")),
+        ("vocabulary", m["vocab_size"]), ("RoPE base", m["rope_base"]), ("RoPE scaling", m.get("rope_scaling") or "none"),
         ("RMSNorm eps", m["norm_eps"]), ("tied embeddings", m["tie_embeddings"]), ("max sequence", m["max_seq_len"]),
         ("stream mode", "single-stream (streams=1)" if streams == 1 else "two-stream (streams=2)")]), ""]
     objective = config.get("objective", {})

@@ -16,7 +16,6 @@ Label c is the tokenizer's sentinel token c; the separator is the next sentinel.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 
 from .collate import collate
-from .infer import classify, load_model, split_spec
+from .infer import LabelLayout, evaluate_classifier, load_model, read_examples, split_spec
 from .model import BigLearner, ModelConfig
 from .objectives import ObjectiveConfig, ObjectiveSampler, SegmentRule, validate
 
@@ -111,95 +110,7 @@ def config_from_dict(values: dict) -> FinetuneConfig:
     return _from_dict(FinetuneConfig, values, "finetune")
 
 
-# --------------------------------------------------------------------------- data
-
-@dataclass
-class Example:
-    text: str
-    text_pair: str | None
-    label: str | None
-
-
-@dataclass
-class LabelLayout:
-    """How an example becomes a sample; stored in the exported model's metadata."""
-    labels: list[str]
-    label_token_ids: list[int]
-    separator_id: int
-    max_len: int
-
-    @classmethod
-    def from_tokenizer(cls, tokenizer, labels: list[str], max_len: int) -> "LabelLayout":
-        if len(labels) < 2:
-            raise ValueError(f"classification needs at least 2 labels; got {labels}")
-        if len(labels) + 1 > len(tokenizer.sentinel_ids):
-            raise ValueError(f"{len(labels)} labels and a separator need {len(labels) + 1} sentinel tokens; the "
-                             f"tokenizer has {len(tokenizer.sentinel_ids)} (train it with more n_sentinels)")
-        return cls(list(labels), list(tokenizer.sentinel_ids[:len(labels)]), tokenizer.sentinel_ids[len(labels)], max_len)
-
-    def encode(self, tokenizer, text: str, text_pair: str | None = None, label: str | None = None) -> np.ndarray:
-        ids = tokenizer.encode(text)
-        if text_pair is not None:
-            ids = ids + [self.separator_id] + tokenizer.encode(text_pair)
-        slot = self.label_token_ids[self.labels.index(label)] if label is not None else tokenizer.pad_id
-        return np.asarray([slot] + ids[:self.max_len - 1], dtype=np.int64)
-
-
-def read_examples(path, layout_or_fields, require_labels: bool = True) -> list[Example]:
-    """Examples of a JSONL or TSV (header row naming the columns) file. `layout_or_fields` is a
-    DataConfig (field names) or a LabelLayout (default field names, labels checked)."""
-    path = Path(path)
-    fields = layout_or_fields if isinstance(layout_or_fields, DataConfig) else DataConfig()
-    known = getattr(layout_or_fields, "labels", None)
-    if not path.is_file():
-        raise ValueError(f"data file {path} does not exist")
-    if path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        records = [(i + 1, json.loads(line)) for i, line in enumerate(lines) if line.strip()]
-    elif path.suffix in (".tsv", ".txt"):
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            records = [(i + 2, row) for i, row in enumerate(reader)]
-    else:
-        raise ValueError(f"{path}: expected a .jsonl or .tsv file")
-    examples = []
-    for line, record in records:
-        text = record.get(fields.text_field)
-        if text is None or not str(text).strip():
-            raise ValueError(f"{path}:{line}: empty or missing text field {fields.text_field!r}")
-        label = record.get(fields.label_field)
-        label = None if label is None or str(label) == "" else str(label)
-        if label is None and require_labels:
-            raise ValueError(f"{path}:{line}: missing label field {fields.label_field!r}")
-        if label is not None and known is not None and label not in known:
-            raise ValueError(f"{path}:{line}: unknown label {label!r}; known labels are {known}")
-        pair = record.get(fields.pair_field)
-        examples.append(Example(str(text), None if pair in (None, "") else str(pair), label))
-    if not examples:
-        raise ValueError(f"{path} holds no examples")
-    return examples
-
-
 # --------------------------------------------------------------------------- training
-
-def classification_metrics(predicted: np.ndarray, gold: np.ndarray, n_labels: int) -> dict:
-    """Accuracy and F1: of label 1 for two labels (GLUE MRPC style), else macro-F1."""
-    f1s = []
-    for c in range(n_labels):
-        tp = np.sum((predicted == c) & (gold == c))
-        denominator = np.sum(predicted == c) + np.sum(gold == c)
-        f1s.append(2 * tp / denominator if denominator else 0.0)
-    return {"accuracy": float(np.mean(predicted == gold)), "f1": float(f1s[1] if n_labels == 2 else np.mean(f1s))}
-
-
-def evaluate(model, samples: list[np.ndarray], labels: np.ndarray, layout: LabelLayout, pad_id: int,
-             batch_size: int = 64) -> dict:
-    predicted = []
-    for start in range(0, len(samples), batch_size):
-        probs, _ = classify(model, samples[start:start + batch_size], 0, layout.label_token_ids, pad_id=pad_id)
-        predicted.append(probs.argmax(-1).numpy())
-    return classification_metrics(np.concatenate(predicted), labels, len(layout.labels))
-
 
 def _build_model(cfg: FinetuneConfig, tokenizer) -> BigLearner:
     if cfg.init:
@@ -269,7 +180,7 @@ def run(cfg: FinetuneConfig, tokenizer, progress: bool = True) -> dict:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
     bar.close()
     model.eval()
-    metrics = evaluate(model, dev_samples, dev_labels, layout, tokenizer.pad_id)
+    metrics = evaluate_classifier(model, dev_samples, dev_labels, layout, tokenizer.pad_id)
     result = {"strategy": cfg.strategy, "beta": cfg.beta, "lr": cfg.lr, "epochs": cfg.epochs,
               "warmup_steps": cfg.warmup_steps, "seed": cfg.seed, "n_train": len(train_samples),
               "n_dev": len(dev_samples), **{f"dev_{k}": v for k, v in metrics.items()},

@@ -20,7 +20,7 @@ Loss = sum over targets of -log p(x_t | x_S, x_{T_<g}) ("Big Learning" eq. 6,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
@@ -30,7 +30,6 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 
 from .collate import IGNORE_LABEL, QUERY_PREDICTOR, START_PREDICTOR, TaskBatch
-from .objectives import TASKS
 
 
 @dataclass
@@ -44,8 +43,8 @@ class ModelConfig:
     rope_base: float = 10000.0
     # Rotary frequency scaling as a transformers config writes it (rope_parameters / rope_scaling
     # without rope_theta), e.g. {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}. None: plain RoPE.
-    rope_scaling: dict | None = None
+    # "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}. Empty: plain RoPE.
+    rope_scaling: dict = field(default_factory=dict)
     dropout: float = 0.0
     max_seq_len: int = 2048  # longest sample the model is meant for (inference checks it)
     tie_embeddings: bool = True
@@ -56,6 +55,9 @@ class ModelConfig:
     activation_checkpointing: bool = False
     streams: int = 2  # 2: two-stream attention; 1: single stream, query rows only where needed
     bos_id: int = 2  # streams=1: token of the START row (the tokenizer's BOS id)
+    # Path of an export (ours, or a checkpoint imported by `pretrain.convert from-hf`) to start
+    # training from: its architecture and weights, this config's stream mode (docs/hf.md).
+    init: str = ""
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -78,7 +80,7 @@ class ModelConfig:
             raise ValueError(f"model.streams must be 1 or 2; got {self.streams!r}")
         if not isinstance(self.bos_id, int) or not 0 <= self.bos_id < self.vocab_size:
             raise ValueError(f"model.bos_id must be a token id in [0, vocab_size={self.vocab_size}); got {self.bos_id!r}")
-        if self.rope_scaling is not None:
+        if self.rope_scaling:
             rope_inv_freq(self.head_dim, self.rope_base, self.rope_scaling)  # ValueError naming the missing key
         if self.attention_backend not in kernels.dispatch.BACKENDS:
             raise ValueError(f"model.attention_backend must be one of {kernels.dispatch.BACKENDS}; got {self.attention_backend!r}")
@@ -113,7 +115,7 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict | None = None, devic
     ("RoFormer: Enhanced Transformer with Rotary Position Embedding", eq. 15), "linear" position
     interpolation, and Llama 3's frequency-dependent "llama3" scaling."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    if scaling is None:
+    if not scaling:
         return inv_freq
     kind = scaling.get("rope_type", scaling.get("type"))
     if kind not in ROPE_SCALING_KEYS:
@@ -483,8 +485,8 @@ class BigLearner(nn.Module):
 
     def loss(self, batch: TaskBatch):
         """The objective's weighted NLL, sum(target_weights * nll) / sum(loss_norm) (the mean NLL per
-        target when the batch carries no weights), and per-task sums of the UNWEIGHTED NLL
-        {"nll_sum", "count"} [len(TASKS)]."""
+        target when the batch carries no weights), and the UNWEIGHTED NLL of every target row
+        [B, Nt] (0 on padding rows)."""
         states = self.predictor_states(batch)
         mask = batch.target_mask
         logits = self.head(states[mask])  # only real targets reach the vocabulary projection
@@ -495,9 +497,4 @@ class BigLearner(nn.Module):
         weights = 1.0 if batch.target_weights is None else batch.target_weights[mask].to(nll.dtype)
         norm = batch.n_target.sum() if batch.loss_norm is None else batch.loss_norm.sum()
         loss = (nll * weights).sum() / norm.to(nll.dtype)
-        task_of_row = batch.task_id[:, None].expand_as(mask)[mask]
-        stats = {
-            "nll_sum": torch.zeros(len(TASKS), device=nll.device).index_add_(0, task_of_row, nll.detach().float()),
-            "count": torch.bincount(task_of_row, minlength=len(TASKS)).to(nll.device, torch.float32),
-        }
-        return loss, stats
+        return loss, torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, nll)

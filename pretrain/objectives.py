@@ -1,6 +1,6 @@
 """(Source, target) samplers: one draw of q(S, T) and a prediction order per sample.
 
-Every preset is a way of filling the sorted layout of design.md §2:
+Every preset is a way of filling the sorted layout (docs/design.md, "Sorted layout"):
 
     order = [ S positions (ascending) | T positions in prediction order | dropped positions ]
 
@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .collate import SplitSpec, make_split
 
 # Task ids index this tuple (TaskBatch.task_id, per-task loss statistics).
 TASKS = ("biglearn", "mlm", "clm", "plm", "prefix_lm", "span", "semi_ar", "mdm", "block_mdm", "group_ar")
@@ -117,21 +119,6 @@ class ObjectiveConfig:
     group_ar: GroupARConfig = field(default_factory=GroupARConfig)
     mixture: dict[str, float] = field(default_factory=dict)  # preset name -> weight, per sample
     segments: list[SegmentRule] = field(default_factory=list)  # one rule per segment, if any
-
-
-@dataclass
-class SplitSpec:
-    """One sample's (S, T) draw in the sorted layout (design.md §2, §4)."""
-    order: np.ndarray  # int32 [L]: S ascending, T in prediction order, then the dropped rest
-    n_source: int
-    n_target: int
-    target_groups: np.ndarray  # int32 [n_target], 1..G non-decreasing
-    task_id: int
-    # Loss weighting (docs/design.md, per-target weights): the sample adds
-    # sum_k target_weights[k] * nll_k to the batch's numerator and loss_norm to its denominator.
-    # None means weight 1 per target and loss_norm = n_target (the mean over targets).
-    target_weights: np.ndarray | None = None  # float [n_target]
-    loss_norm: float | None = None
 
 
 # --------------------------------------------------------------------------- validation
@@ -357,7 +344,7 @@ class ObjectiveSampler:
             names, probs = self._mixture
             name = names[int(rng.choice(len(names), p=probs))]
         if not self.config.segments:
-            return _spec(length, *_draw(name, length, rng, self.config), task_id=TASKS.index(name))
+            return make_split(length, *_draw(name, length, rng, self.config), task_id=TASKS.index(name))
         return self._segmented(name, length, rng, segment_lengths)
 
     def _segmented(self, name, length, rng, segment_lengths) -> SplitSpec:
@@ -397,19 +384,8 @@ class ObjectiveSampler:
                 norm += len(forced_target)
             targets = np.concatenate([targets, forced_target])
             source = np.sort(np.concatenate([source] + forced_source))
-            return _spec(length, source, targets, groups, weights, norm, task_id=TASKS.index(name))
+            return make_split(length, source, targets, groups, weights, norm, task_id=TASKS.index(name))
         raise ValueError("objective.segments: rules left no target in 100 draws; raise some p_target or lower p_drop")
-
-
-def _spec(length, source, targets, groups, weights=None, norm=None, *, task_id) -> SplitSpec:
-    used = np.zeros(length, dtype=bool)
-    used[source] = True
-    used[targets] = True
-    order = np.concatenate([source, targets, np.flatnonzero(~used)]).astype(np.int32)
-    return SplitSpec(order=order, n_source=len(source), n_target=len(targets),
-                     target_groups=np.asarray(groups, dtype=np.int32), task_id=task_id,
-                     target_weights=None if weights is None else np.asarray(weights, dtype=np.float32),
-                     loss_norm=norm)
 
 
 # --------------------------------------------------------------------------- evaluation tasks
@@ -430,22 +406,22 @@ def eval_split(task: str, length: int, rng: np.random.Generator, *, mlm_ratio: f
     if length < 2:
         raise ValueError(f"length must be >= 2; got {length}")
     if task == "joint":
-        return _spec(length, np.arange(0), rng.permutation(length), np.arange(1, length + 1), task_id=TASKS.index("biglearn"))
+        return make_split(length, np.arange(0), rng.permutation(length), np.arange(1, length + 1), task_id=TASKS.index("biglearn"))
     if task == "left_to_right":
-        return _spec(length, *_clm(length, rng), task_id=TASKS.index("clm"))
+        return make_split(length, *_clm(length, rng), task_id=TASKS.index("clm"))
     if task == "mlm":
-        return _spec(length, *_mlm(length, rng, MLMConfig(ratio=mlm_ratio)), task_id=TASKS.index("mlm"))
+        return make_split(length, *_mlm(length, rng, MLMConfig(ratio=mlm_ratio)), task_id=TASKS.index("mlm"))
     if task == "infill":
         if length == 2:  # no room for both a prefix and a suffix
-            return _spec(length, np.arange(1), np.arange(1, 2), np.ones(1), task_id=TASKS.index("span"))
+            return make_split(length, np.arange(1), np.arange(1, 2), np.ones(1), task_id=TASKS.index("span"))
         middle = min(length - 2, max(1, int(round(infill_ratio * length))))
         start = int(rng.integers(1, length - middle))  # prefix and suffix both non-empty
         targets = np.arange(start, start + middle)
-        return _spec(length, np.setdiff1d(np.arange(length), targets), targets, np.arange(1, middle + 1),
+        return make_split(length, np.setdiff1d(np.arange(length), targets), targets, np.arange(1, middle + 1),
                      task_id=TASKS.index("span"))
     if task in ("prefix", "suffix"):
         half = length // 2
         first, second = np.arange(half), np.arange(half, length)
         source, targets = (second, first) if task == "prefix" else (first, second)
-        return _spec(length, source, targets, np.arange(1, len(targets) + 1), task_id=TASKS.index("prefix_lm"))
-    return _spec(length, *_biglearn(length, rng, BigLearnConfig()), task_id=TASKS.index("biglearn"))
+        return make_split(length, source, targets, np.arange(1, len(targets) + 1), task_id=TASKS.index("prefix_lm"))
+    return make_split(length, *_biglearn(length, rng, BigLearnConfig()), task_id=TASKS.index("biglearn"))

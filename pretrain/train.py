@@ -31,12 +31,14 @@ import torch
 from . import checkpoint as ckpt
 from .config import CONFIG_DIR, TrainConfig, available_options, load_config, resolve_run_dir, to_dict, to_yaml
 from .data import BatchStream
-from .engine import build_engine, dynamic_loss_scale, init_distributed, use_cpu
+from .engine import build_engine, dynamic_loss_scale, init_distributed, task_stats, use_cpu
 from .errors import UserError
-from .evaluate import METRICS, eval_batches, evaluate, format_matrix, plot_run, validation_windows
+from .evaluate import eval_batches, evaluate, plot_run, validation_windows
+from .export import init_config, load_init
 from .guard import BadStepGuard, TrainingError
 from .model import BigLearner, ModelConfig
 from .objectives import TASKS, ObjectiveSampler
+from .utils import METRICS, format_matrix
 
 log = logging.getLogger("pretrain.train")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -175,7 +177,7 @@ def train(config: TrainConfig) -> dict:
     if t.deterministic:  # deterministic cuBLAS needs a fixed workspace, set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     on_cpu = use_cpu(config)
-    rank, world_size, _ = init_distributed(on_cpu)
+    rank, world_size, _ = init_distributed(on_cpu, config.deepspeed.dist_timeout_s)
     run_dir = resolve_run_dir(config).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(run_dir, rank)
@@ -190,13 +192,18 @@ def train(config: TrainConfig) -> dict:
         manifest, split="train", sampler=ObjectiveSampler(config.objective), batch_size=config.data.batch_size,
         rank=rank, world_size=world_size, num_workers=config.data.num_workers, seed=config.data.seed,
         shuffle=config.data.shuffle)
+    tokenizer = stream.manifest["tokenizer"]
+    if config.model.init:  # architecture and weights of an export (docs/hf.md)
+        config = replace(config, model=init_config(config.model, stream.vocab_size, tokenizer["sha256"]))
+    elif (config.model.vocab_size, config.model.bos_id) != (stream.vocab_size, tokenizer["bos_id"]):
+        log.info("model.vocab_size, model.bos_id set to %d, %d from %s", stream.vocab_size, tokenizer["bos_id"], manifest)
+        config = replace(config, model=replace(config.model, vocab_size=stream.vocab_size, bos_id=tokenizer["bos_id"]))
     if stream.seq_len > config.model.max_seq_len:
         raise ValueError(f"model.max_seq_len={config.model.max_seq_len} is shorter than the data's windows "
                          f"({stream.seq_len} tokens, {manifest})")
-    if config.model.vocab_size != stream.vocab_size:
-        log.info("model.vocab_size set to %d from %s", stream.vocab_size, manifest)
-        config = replace(config, model=replace(config.model, vocab_size=stream.vocab_size))
     model = BigLearner(config.model)
+    if config.model.init:
+        load_init(model)
     first_save_bytes = ckpt.BYTES_PER_PARAMETER * model.num_parameters()  # free-space check before a first save
     engine, ds_config = build_engine(config, model, world_size, on_cpu)
     device = engine.device
@@ -275,7 +282,8 @@ def train(config: TrainConfig) -> dict:
             while micro < t.grad_accum:
                 batch = next(batches)
                 keys_crc = zlib.crc32("\n".join(stream.last_keys).encode())
-                loss, stats = engine(batch.to_torch(device))
+                device_batch = batch.to_torch(device)
+                loss, nll = engine(device_batch)
                 over_time = t.max_minutes > 0 and rank == 0 and time.perf_counter() - started > 60 * t.max_minutes
                 flags = torch.tensor([0.0, float(stop_signal["signum"] != 0), float(over_time), float(keys_crc)],
                                      dtype=torch.float64, device=device)
@@ -293,6 +301,7 @@ def train(config: TrainConfig) -> dict:
                 engine.backward(loss)
                 engine.step()
                 micro += 1
+                stats = task_stats(device_batch, nll)
                 window[:len(TASKS)] += stats["nll_sum"].double().cpu()
                 window[len(TASKS):2 * len(TASKS)] += stats["count"].double().cpu()
                 window[-3] += batch.tokens.shape[0] * stream.seq_len

@@ -56,3 +56,32 @@ def test_mismatched_inputs_are_rejected():
     spec.target_groups = spec.target_groups[::-1].copy()
     with pytest.raises(ValueError, match="non-decreasing"):
         collate(rng.integers(0, 5, (1, 10)), [spec], pad_id=0)
+
+
+def test_layout_constants_match_the_kernels_and_collate_imports_no_torch():
+    """kernels/ keeps its own INVALID_GROUP (it imports nothing from the project): the two must agree.
+    The layout module runs in data workers, so importing it (and the objectives) must not pull torch."""
+    import subprocess
+    import sys
+
+    import pretrain.collate
+    assert pretrain.collate.INVALID_GROUP == INVALID_GROUP
+    code = ("import sys, pretrain.collate, pretrain.objectives; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('kernels')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_make_split_orders_source_then_targets_then_the_rest():
+    from pretrain.collate import make_split
+    rng = np.random.default_rng()
+    length = int(rng.integers(3, 30))
+    perm = rng.permutation(length)
+    n_source = int(rng.integers(0, length - 1))
+    n_target = int(rng.integers(1, length - n_source + 1))
+    source, targets = perm[:n_source], perm[n_source:n_source + n_target]
+    spec = make_split(length, source, targets, task_id=3)
+    dropped = sorted(set(range(length)) - set(source.tolist()) - set(targets.tolist()))
+    assert spec.order.tolist() == sorted(source.tolist()) + targets.tolist() + dropped
+    assert (spec.n_source, spec.n_target, spec.task_id) == (n_source, n_target, 3)
+    assert spec.target_groups.tolist() == list(range(1, n_target + 1))

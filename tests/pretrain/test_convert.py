@@ -162,3 +162,87 @@ def test_bad_checkpoints_fail_in_one_line_and_write_nothing(tmp_path, capsys, da
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def greedy_ours(model, prompt: list[int], steps: int, eos: int) -> list[int]:
+    """Identity-order greedy decoding, one full forward per token (the definition, no cache): the
+    next token is a target after the sequence so far (its value is not read)."""
+    tokens = list(prompt)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(causal_batch(np.array([tokens + [0]])))
+        tokens.append(int(logits[0, -1].argmax()))
+        if tokens[-1] == eos:
+            break
+    return tokens[len(prompt):]
+
+
+def check_hf_export_matches(model, hf_dir, tokenizer, rng):
+    """transformers' logits on [BOS] + tokens equal our identity-order logits, greedy continuations
+    agree, and AutoTokenizer encodes and decodes as our tokenizer does."""
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tokens = rng.integers(4, tokenizer.vocab_size, size=(2, 24))
+    with torch.no_grad():
+        ours = model(causal_batch(tokens))
+        bos = torch.full((2, 1), tokenizer.bos_id, dtype=torch.long)
+        theirs = loaded(torch.cat([bos, torch.from_numpy(tokens)], 1)).logits[:, :-1]
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = "Return the value of the  attribute.\n\tÜnïcode ☃ too"
+    ids = hf_tokenizer(text).input_ids
+    assert ids == [tokenizer.bos_id] + tokenizer.encode(text)
+    assert hf_tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids[1:])
+    prompt = tokenizer.encode("def read(path):")
+    generated = loaded.generate(torch.tensor([[tokenizer.bos_id] + prompt]), max_new_tokens=20, do_sample=False)
+    assert generated[0, 1 + len(prompt):].tolist() == greedy_ours(model, prompt, 20, tokenizer.eos_id)
+
+
+def test_single_stream_export_folds_the_offset_term(tmp_path, our_tokenizer):
+    from pretrain.export import export_model
+    from pretrain.model import BigLearner, ModelConfig
+
+    torch.manual_seed(5)
+    model = BigLearner(ModelConfig(vocab_size=our_tokenizer.vocab_size, d_model=64, n_layers=2, n_heads=4,
+                                   n_kv_heads=2, max_seq_len=64, streams=1, bos_id=our_tokenizer.bos_id,
+                                   tie_embeddings=True, init_std=0.2)).eval()
+    with torch.no_grad():
+        model.offset_embed.weight.normal_(0, 0.5)  # as after training: the fold must carry it
+    export_model(model, tmp_path / "ours", {}, our_tokenizer)
+    assert main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False  # the folded input embedding differs from the head
+    check_hf_export_matches(model, tmp_path / "hf", our_tokenizer, np.random.default_rng(0))
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "single-stream" in card and "Not exact" not in card
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streams", [1, 2])
+def test_import_big_learn_20_steps_export_loads_in_transformers(tmp_path, manifest, our_tokenizer, streams):
+    """from-hf, then `pretrain.train objective=biglearn model.init=...` for 20 steps, then to-hf."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    write_llama(tmp_path / "hf", vocab=our_tokenizer.vocab_size, seed=4)
+    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "init"), "--streams", "1", "--max-seq-len", "64",
+                 "--tokenizer", str(manifest.parent / "tokenizer")]) == 0
+    repo = Path(__file__).resolve().parents[2]
+    result = subprocess.run(
+        [sys.executable, "-m", "pretrain.train", "deepspeed=cpu", "objective=biglearn", f"model.init={tmp_path / 'init'}",
+         f"model.streams={streams}", "data.kind=manifest", f"data.manifest={manifest}", f"run_dir={tmp_path / 'run'}",
+         "data.batch_size=4", "trainer.max_steps=20", "trainer.warmup_steps=2", "trainer.progress=false",
+         "trainer.tensorboard=false", "eval.batches=1", "eval.plot=false", "trainer.eval_every=0"],
+        cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained, meta = load_exported(tmp_path / "run" / "export")
+    assert meta["progress"]["step"] == 20 and trained.config.streams == streams
+    assert main(["to-hf", str(tmp_path / "run"), str(tmp_path / "back")]) == 0
+    card = (tmp_path / "back" / "README.md").read_text()
+    assert "biglearn 1" in card and "tokens seen" in card and "left_to_right" in card
+    if streams == 1:
+        check_hf_export_matches(trained, tmp_path / "back", our_tokenizer, np.random.default_rng(1))
+    else:  # the two-stream export loads; its card says why its logits are not the model's predictions
+        assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back")).__name__ == "LlamaForCausalLM"
+        assert "Not exact: two-stream model" in card

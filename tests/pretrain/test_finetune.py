@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from data_pipeline.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
-from pretrain.finetune import (FinetuneConfig, DataConfig, LabelLayout, classification_metrics, config_from_dict,
-                               read_examples, run, summarize)
-from pretrain.infer import classify, load_model, main as infer_main
+from pretrain.finetune import FinetuneConfig, DataConfig, config_from_dict, run, summarize
+from pretrain.infer import LabelLayout, classification_metrics, classify, load_model, main as infer_main, read_examples
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS_A = "apple pear plum grape lemon melon cherry mango".split()

@@ -69,7 +69,7 @@ def test_mdm_loss_is_lladas_normalisation():
     specs = [ObjectiveSampler("mdm")(length, rng) for _ in range(batch_size)]
     windows = rng.integers(0, VOCAB, (batch_size, length))
     batch = collate(windows, specs, pad_id=0).to_torch()
-    loss, stats_ = model.loss(batch)
+    loss, rows = model.loss(batch)
     with torch.no_grad():
         log_probs = model(batch).log_softmax(-1)
     expected = 0.0
@@ -80,8 +80,12 @@ def test_mdm_loss_is_lladas_normalisation():
                 expected += -float(log_probs[b, k, windows[b, position]]) / t
     expected /= batch_size * length
     assert abs(loss.item() - expected) < 1e-5 * max(1.0, abs(expected))
-    # Per-task statistics stay the unweighted NLL of every predicted row.
+    # Per-task statistics (training side) stay the unweighted NLL of every predicted row.
+    from pretrain.engine import task_stats
+    stats_ = task_stats(batch, rows)
     assert stats_["count"][TASKS.index("mdm")] == sum(s.n_target for s in specs)
+    nll = -log_probs.gather(-1, batch.labels.clamp(min=0)[..., None])[..., 0][batch.target_mask]
+    torch.testing.assert_close(stats_["nll_sum"][TASKS.index("mdm")], nll.sum().float(), rtol=1e-5, atol=1e-5)
 
 
 def test_mixed_batch_sums_weighted_nll_over_the_sum_of_normalisers():

@@ -101,16 +101,20 @@ def test_positions_matter_through_rope():
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_loss_is_mean_nll_of_targets_with_per_task_sums(checkpointing):
+def test_loss_is_mean_nll_of_targets_with_per_row_nll_and_per_task_sums(checkpointing):
+    from pretrain.engine import task_stats
     rng = np.random.default_rng()
     model = tiny_model(activation_checkpointing=checkpointing).train()
     sampler = ObjectiveSampler(ObjectiveConfig(name="mixture", mixture={"clm": 1, "mlm": 1, "biglearn": 1}))
     windows = rng.integers(0, VOCAB, (6, 16))
     batch = collate(windows, [sampler(16, rng) for _ in range(6)], pad_id=0).to_torch()
-    loss, stats = model.loss(batch)
+    loss, rows = model.loss(batch)
+    stats = task_stats(batch, rows)
     logits = model(batch)
     nll = torch.nn.functional.cross_entropy(logits[batch.target_mask], batch.labels[batch.target_mask], reduction="none")
     torch.testing.assert_close(loss, nll.mean(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(rows[batch.target_mask], nll, rtol=1e-5, atol=1e-5)
+    assert (rows[~batch.target_mask] == 0).all()
     torch.testing.assert_close(stats["nll_sum"].sum().double(), nll.sum(), rtol=1e-5, atol=1e-5)
     for task in range(len(TASKS)):
         rows = (batch.task_id[:, None].expand_as(batch.target_mask))[batch.target_mask] == task
