@@ -53,7 +53,7 @@ def default_objective() -> ObjectiveConfig:
 @dataclass
 class FinetuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    tokenizer: str = ""             # tokenizer directory (data_pipeline)
+    tokenizer: str = ""             # ours (a directory), an HF tokenizer.json or a sentencepiece .model
     init: str | None = None         # exported model to start from; None = a fresh `model`
     model: dict = field(default_factory=dict)  # ModelConfig fields for a fresh model
     strategy: str = "biglearn"
@@ -234,7 +234,7 @@ def main() -> None:
         values["out"] = values.get("out") or HydraConfig.get().runtime.output_dir
         cfg = config_from_dict(values)
         if not cfg.tokenizer:
-            raise ValueError("finetune.tokenizer must name a tokenizer directory")
+            raise ValueError("finetune.tokenizer must name a tokenizer (directory, tokenizer.json or .model)")
         from data_pipeline.tokenizer import Tokenizer
         result = run(cfg, Tokenizer.load(cfg.tokenizer))
         print(json.dumps({k: v for k, v in result.items() if k != "history"}))

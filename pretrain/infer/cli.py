@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -66,6 +67,12 @@ def parse_positions(spec: str | None, length: int) -> list[int]:
     if any(not 0 <= p < length for p in out):
         raise UserError(f"positions {spec!r} must lie in [0, {length})")
     return out
+
+
+def _bundled_tokenizer(export_dir: Path) -> Path | None:
+    """An export's own tokenizer (exports carry it since docs/hf.md), else None."""
+    from data_pipeline.tokenizer import HF_FILE, INFO_FILE, MODEL_FILE
+    return export_dir if any((export_dir / n).is_file() for n in (INFO_FILE, HF_FILE, MODEL_FILE)) else None
 
 
 def _load_tokenizer(path):
@@ -148,7 +155,8 @@ def _main(argv: list[str]) -> None:
                         help="also read a DeepSpeed checkpoint (run dir, checkpoints/ or step_* dir) when no export "
                              "exists; its .pt files are pickles, read weights-only (docs/reliability.md)")
     add_debug_flag(common)
-    common.add_argument("--tokenizer", help="tokenizer directory (data_pipeline); its sha256 must match the model's")
+    common.add_argument("--tokenizer", help="tokenizer: ours (a directory), an HF tokenizer.json or a sentencepiece "
+                        ".model; default: the one an exported --model carries. Its sha256 must match the model's")
     common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     common.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("score", parents=[common], help="exact log p(x_T | x_S) for a target order")
@@ -173,6 +181,8 @@ def _main(argv: list[str]) -> None:
     p.add_argument("--input", required=True, help="JSONL ({text, [text_pair], [label]}) or TSV (text[, text_pair][, label])")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
+    if args.tokenizer is None and (Path(args.model) / "model_config.json").is_file():
+        args.tokenizer = _bundled_tokenizer(Path(args.model))
     tokenizer = _load_tokenizer(args.tokenizer)
     if tokenizer is None and (args.command != "score" or args.text is not None):
         parser.error(f"{args.command} needs --tokenizer")

@@ -216,6 +216,29 @@ def test_single_stream_export_folds_the_offset_term(tmp_path, our_tokenizer):
     assert "single-stream" in card and "Not exact" not in card
 
 
+def test_infer_reads_the_tokenizer_bundled_in_an_export(tmp_path, our_tokenizer, capsys):
+    """`pretrain.infer score` without --tokenizer uses the export's own; its log p of a text
+    (S empty, identity order) equals transformers' causal log-likelihood after BOS."""
+    from pretrain.export import export_model
+    from pretrain.infer.cli import main as infer_main
+    from pretrain.model import BigLearner, ModelConfig
+
+    torch.manual_seed(6)
+    model = BigLearner(ModelConfig(vocab_size=our_tokenizer.vocab_size, d_model=32, n_layers=2, n_heads=2,
+                                   max_seq_len=64, streams=1, bos_id=our_tokenizer.bos_id)).eval()
+    export_model(model, tmp_path / "ours", {}, our_tokenizer)
+    assert main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    text = "Return the value of the attribute."
+    assert infer_main(["score", "--model", str(tmp_path / "ours"), "--text", text]) == 0
+    ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["log_prob"]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.tensor([[our_tokenizer.bos_id] + our_tokenizer.encode(text)])
+    with torch.no_grad():
+        log_p = loaded(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None]).sum().item()
+    assert abs(ours - log_p) <= 1e-3
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("streams", [1, 2])
 def test_import_big_learn_20_steps_export_loads_in_transformers(tmp_path, manifest, our_tokenizer, streams):
