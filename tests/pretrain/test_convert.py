@@ -18,14 +18,18 @@ from pretrain.objectives import TASKS, SplitSpec  # noqa: E402
 VOCAB = 96
 
 
-def write_llama(directory, *, tied=False, vocab=VOCAB, rope_scaling=None, shard=False, seed=0, **overrides):
-    """A random LlamaForCausalLM (GQA: 4 query heads, 2 kv heads) saved with save_pretrained."""
+def write_llama(directory, *, tied=False, vocab=VOCAB, rope_scaling=None, shard=False, seed=0, mistral=False,
+                **overrides):
+    """A random LlamaForCausalLM (GQA: 4 query heads, 2 kv heads) saved with save_pretrained
+    (MistralForCausalLM without a sliding window when `mistral`)."""
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    if mistral:
+        overrides["sliding_window"] = None
+    config = (transformers.MistralConfig if mistral else transformers.LlamaConfig)(
         vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500.0, rope_scaling=rope_scaling,
         max_position_embeddings=64, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2, **overrides)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = (transformers.MistralForCausalLM if mistral else transformers.LlamaForCausalLM)(config).eval()
     with torch.no_grad():  # non-trivial norms, so a norm mapped to the wrong place shows
         for name, param in model.named_parameters():
             if "norm" in name:
@@ -75,11 +79,11 @@ def test_two_stream_content_states_equal_transformers(tmp_path, tied, rope_scali
     assert model.config.tie_embeddings == tied
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_single_stream_identity_order_logits_equal_transformers(tmp_path, tied):
+@pytest.mark.parametrize("tied, mistral", [(False, False), (True, False), (False, True)])
+def test_single_stream_identity_order_logits_equal_transformers(tmp_path, tied, mistral):
     """S empty, identity order, the BOS START row: our logits for x_t are transformers' logits
     after [BOS, x_0 .. x_{t-1}]."""
-    reference = write_llama(tmp_path / "hf", tied=tied, seed=3)
+    reference = write_llama(tmp_path / "hf", tied=tied, seed=3, mistral=mistral)
     model, _ = load_hf(tmp_path / "hf", streams=1)
     assert model.config.bos_id == 1 and model.config.streams == 1
     tokens = np.random.default_rng(2).integers(3, VOCAB, size=(2, 30))
@@ -162,6 +166,23 @@ def test_bad_checkpoints_fail_in_one_line_and_write_nothing(tmp_path, capsys, da
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_model_init_refuses_other_tokens_and_a_non_export(tmp_path):
+    from pretrain.export import init_config
+    from pretrain.model import ModelConfig
+
+    write_llama(tmp_path / "hf")
+    _word_tokenizer(tmp_path / "hf", VOCAB)
+    assert main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "init"), "--streams", "2"]) == 0
+    config = init_config(ModelConfig(init=str(tmp_path / "init"), streams=1, dropout=0.1), VOCAB, None)
+    assert (config.streams, config.dropout, config.d_model, config.vocab_size) == (1, 0.1, 64, VOCAB)
+    with pytest.raises(ValueError, match="model.init=.*tokenizer sha256 .* but the data's tokenizer has 0000"):
+        init_config(ModelConfig(init=str(tmp_path / "init")), VOCAB, "0000")
+    with pytest.raises(ValueError, match="vocab_size=96 is smaller than the data's tokenizer"):
+        init_config(ModelConfig(init=str(tmp_path / "init")), VOCAB + 1, None)
+    with pytest.raises(ValueError, match="model.init=.*hf: not an exported model"):
+        init_config(ModelConfig(init=str(tmp_path / "hf")), VOCAB, None)
 
 
 def greedy_ours(model, prompt: list[int], steps: int, eos: int) -> list[int]:
