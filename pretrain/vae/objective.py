@@ -17,10 +17,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from kernels import INVALID_GROUP
-
-from ..collate import TaskBatch, collate
-from ..objectives import TASKS, BigLearnConfig, ObjectiveConfig, ObjectiveSampler, SplitSpec, _spec
+from ..collate import INVALID_GROUP, SplitSpec, TaskBatch, collate, make_split
+from ..objectives import TASKS, BigLearnConfig, ObjectiveConfig, ObjectiveSampler
 from . import gaussian
 
 JOINT_TASK = TASKS.index("biglearn")
@@ -38,8 +36,8 @@ def biglearn_specs(n_patches: int, batch_size: int, rng: np.random.Generator, ob
 
 def split_specs(sources, targets, n_patches: int) -> list[SplitSpec]:
     """Specs for given index sets (S ascending, T in one group)."""
-    return [one_group(_spec(n_patches, np.sort(np.asarray(s, dtype=np.int64)), np.asarray(t, dtype=np.int64),
-                            np.ones(len(t)), task_id=JOINT_TASK)) for s, t in zip(sources, targets)]
+    return [make_split(n_patches, s, t, np.ones(len(t), dtype=np.int32), task_id=JOINT_TASK)
+            for s, t in zip(sources, targets)]
 
 
 def joint_specs(n_patches: int, batch_size: int) -> list[SplitSpec]:
