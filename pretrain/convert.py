@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from .errors import UserError, add_debug_flag, cli_main
 from .export import copy_tokenizer, export_model, model_card, new_parameters, portable, staged_directory
 from .model import ROPE_SCALING_KEYS, BigLearner, ModelConfig
 
@@ -40,7 +40,7 @@ def _hf_rope(cfg: dict, path: Path) -> tuple[float, dict]:
     if kind == "default":
         return base, {}
     if kind not in ROPE_SCALING_KEYS:
-        raise ValueError(f"{path}: {field}.rope_type={kind!r} is not supported (supported: default, "
+        raise UserError(f"{path}: {field}.rope_type={kind!r} is not supported (supported: default, "
                          f"{', '.join(ROPE_SCALING_KEYS)})")
     return base, {"rope_type": kind, **{k: params[k] for k in ROPE_SCALING_KEYS[kind] if k in params}}
 
@@ -49,16 +49,16 @@ IMPORT_MAX_SEQ_LEN = 8192  # default cap of max_seq_len: the single-stream offse
 
 
 def config_from_hf(hf_dir, streams: int = 1, max_seq_len: int | None = None, bos_id: int | None = None) -> ModelConfig:
-    """ModelConfig of a Llama-family config.json; ValueError naming the file and the field it cannot map.
+    """ModelConfig of a Llama-family config.json; UserError naming the file and the field it cannot map.
     max_seq_len defaults to max_position_embeddings capped at IMPORT_MAX_SEQ_LEN; bos_id (the
     START row's token) to config.json's bos_token_id."""
     path = Path(hf_dir) / HF_CONFIG
     if not path.is_file():
-        raise ValueError(f"{path} not found: {hf_dir} is not a Hugging Face model directory")
+        raise UserError(f"{path} not found: {hf_dir} is not a Hugging Face model directory")
     cfg = json.loads(path.read_text())
 
     def refuse(field, why):
-        raise ValueError(f"{path}: {field}={cfg.get(field)!r} is not supported ({why})")
+        raise UserError(f"{path}: {field}={cfg.get(field)!r} is not supported ({why})")
 
     if cfg.get("model_type") not in MODEL_TYPES:
         refuse("model_type", f"supported: {', '.join(MODEL_TYPES)}, the Llama block")
@@ -88,7 +88,7 @@ def config_from_hf(hf_dir, streams: int = 1, max_seq_len: int | None = None, bos
             norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             streams=streams, bos_id=bos_id)
     except KeyError as missing:
-        raise ValueError(f"{path}: field {missing} missing") from None
+        raise UserError(f"{path}: field {missing} missing") from None
 
 
 def read_hf_tensors(hf_dir) -> tuple[dict[str, torch.Tensor], str]:
@@ -98,23 +98,23 @@ def read_hf_tensors(hf_dir) -> tuple[dict[str, torch.Tensor], str]:
     if index.is_file():
         weight_map = json.loads(index.read_text()).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: field weight_map missing")
+            raise UserError(f"{index}: field weight_map missing")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not (hf_dir / name).is_file():
-                raise ValueError(f"{index}: shard {name} (weight_map) is missing from {hf_dir}")
+                raise UserError(f"{index}: shard {name} (weight_map) is missing from {hf_dir}")
         source = str(index.name)
     elif (hf_dir / HF_WEIGHTS).is_file():
         files, source = [HF_WEIGHTS], HF_WEIGHTS
     else:
-        raise ValueError(f"{hf_dir}: no {HF_WEIGHTS} or {HF_INDEX} (only safetensors checkpoints are read; "
+        raise UserError(f"{hf_dir}: no {HF_WEIGHTS} or {HF_INDEX} (only safetensors checkpoints are read; "
                          "re-save a .bin checkpoint with save_pretrained(safe_serialization=True))")
     tensors = {}
     for name in files:
         try:
             tensors.update(load_file(str(hf_dir / name)))
         except (SafetensorError, OSError) as error:
-            raise ValueError(f"{hf_dir / name}: unreadable safetensors file ({error})") from None
+            raise UserError(f"{hf_dir / name}: unreadable safetensors file ({error})") from None
     return tensors, source
 
 
@@ -123,12 +123,12 @@ def state_from_hf(tensors: dict[str, torch.Tensor], config: ModelConfig, source:
     hf = {k.removeprefix("model."): v.float() for k, v in tensors.items() if not k.endswith(_IGNORED)}
     biases = sorted(k for k in hf if k.endswith(".bias"))
     if biases:
-        raise ValueError(f"{source}: tensor {biases[0]} is a bias; our projections have none")
+        raise UserError(f"{source}: tensor {biases[0]} is a bias; our projections have none")
     used = set()
 
     def take(name):
         if name not in hf:
-            raise ValueError(f"{source}: tensor {name} missing")
+            raise UserError(f"{source}: tensor {name} missing")
         used.add(name)
         return hf[name]
 
@@ -147,10 +147,10 @@ def state_from_hf(tensors: dict[str, torch.Tensor], config: ModelConfig, source:
         if not config.tie_embeddings:
             state["head.weight"] = hf["lm_head.weight"]
     elif not config.tie_embeddings:
-        raise ValueError(f"{source}: tensor lm_head.weight missing (config.json: tie_word_embeddings is false)")
+        raise UserError(f"{source}: tensor lm_head.weight missing (config.json: tie_word_embeddings is false)")
     extra = sorted(set(hf) - used)
     if extra:
-        raise ValueError(f"{source}: tensor {extra[0]} has no counterpart in the Llama block "
+        raise UserError(f"{source}: tensor {extra[0]} has no counterpart in the Llama block "
                          f"({len(extra)} unmapped tensors)")
     return state
 
@@ -163,30 +163,38 @@ def load_hf(hf_dir, streams: int = 1, max_seq_len: int | None = None, bos_id: in
     state = state_from_hf(tensors, config, source)
     embed = state["embed.weight"]
     if tuple(embed.shape) != (config.vocab_size, config.d_model):
-        raise ValueError(f"{Path(hf_dir) / source}: embed_tokens.weight has shape {tuple(embed.shape)} but "
+        raise UserError(f"{Path(hf_dir) / source}: embed_tokens.weight has shape {tuple(embed.shape)} but "
                          f"config.json says vocab_size={config.vocab_size}, hidden_size={config.d_model}")
     model = BigLearner(config)
     expected = model.state_dict()
     for name, value in state.items():
         if value.shape != expected[name].shape:
-            raise ValueError(f"{Path(hf_dir) / source}: tensor for {name} has shape {tuple(value.shape)}, "
+            raise UserError(f"{Path(hf_dir) / source}: tensor for {name} has shape {tuple(value.shape)}, "
                              f"config.json implies {tuple(expected[name].shape)}")
     model.load_state_dict({**state, **new_parameters(model, state)}, strict=False)
     return model.eval(), source
 
 
+def load_tokenizer(path):
+    """data_pipeline's Tokenizer.load, its ValueError (which names the file) as a UserError."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    try:
+        return Tokenizer.load(path)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
 def from_hf(hf_dir, out_dir, streams: int = 1, max_seq_len: int | None = None, tokenizer_path=None,
             require_tokenizer: bool = True) -> Path:
     """Import a Llama-family directory into our export format at out_dir (written completely or not at all)."""
-    from data_pipeline.tokenizer import Tokenizer
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     config_from_hf(hf_dir, streams, max_seq_len)  # the config's errors before the tokenizer's
-    tokenizer = Tokenizer.load(tokenizer_path or hf_dir) if tokenizer_path is not None or require_tokenizer else None
+    tokenizer = load_tokenizer(tokenizer_path or hf_dir) if tokenizer_path is not None or require_tokenizer else None
     model, source = load_hf(hf_dir, streams, max_seq_len, tokenizer.bos_id if tokenizer else None)
     if tokenizer is not None:
         if tokenizer.vocab_size > model.config.vocab_size:
-            raise ValueError(f"{tokenizer.files[tokenizer.defining_file]}: vocab_size {tokenizer.vocab_size} exceeds "
+            raise UserError(f"{tokenizer.files[tokenizer.defining_file]}: vocab_size {tokenizer.vocab_size} exceeds "
                              f"vocab_size={model.config.vocab_size} of {hf_dir / HF_CONFIG}")
     cfg = json.loads((hf_dir / HF_CONFIG).read_text())
     meta = {"name": hf_dir.name, "progress": {"step": 0, "tokens_seen": 0},
@@ -266,7 +274,7 @@ def _spm_tokenizer_object(tokenizer):
     # legacy=True: sentencepiece puts the dummy prefix in front of every chunk between special tokens.
     backend = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=True)
     if backend is None:
-        raise ValueError(f"{tokenizer.files['tokenizer.model']}: sentencepiece model type "
+        raise UserError(f"{tokenizer.files['tokenizer.model']}: sentencepiece model type "
                          f"{proto.trainer_spec.model_type} cannot be converted (unigram and BPE can)")
     bos = proto.pieces[tokenizer.bos_id].piece
     backend.post_processor = processors.TemplateProcessing(
@@ -304,7 +312,7 @@ def find_tokenizer(path, meta: dict, vocab_size: int, tokenizer_path=None):
     from .checkpoint import run_tokenizer
 
     if tokenizer_path is not None:
-        tokenizer = Tokenizer.load(tokenizer_path)
+        tokenizer = load_tokenizer(tokenizer_path)
     else:
         tokenizer = None
         for directory in (path, path / "export"):  # an export, or a run dir holding one
@@ -315,14 +323,14 @@ def find_tokenizer(path, meta: dict, vocab_size: int, tokenizer_path=None):
                     continue
         tokenizer = tokenizer or run_tokenizer(meta)
         if tokenizer is None:
-            raise ValueError(f"{path}: no tokenizer next to the model and the run's dataset tokenizer is not "
+            raise UserError(f"{path}: no tokenizer next to the model and the run's dataset tokenizer is not "
                              "found; pass --tokenizer")
     recorded = meta.get("tokenizer_sha256")
     if recorded is not None and recorded != tokenizer.sha256:
-        raise ValueError(f"{tokenizer.files[tokenizer.defining_file]}: sha256 {tokenizer.sha256} differs from the "
+        raise UserError(f"{tokenizer.files[tokenizer.defining_file]}: sha256 {tokenizer.sha256} differs from the "
                          f"model's tokenizer_sha256 {recorded}")
     if tokenizer.vocab_size > vocab_size:
-        raise ValueError(f"{tokenizer.files[tokenizer.defining_file]}: vocab_size {tokenizer.vocab_size} exceeds "
+        raise UserError(f"{tokenizer.files[tokenizer.defining_file]}: vocab_size {tokenizer.vocab_size} exceeds "
                          f"the model's vocab_size={vocab_size}")
     return tokenizer
 
@@ -355,7 +363,7 @@ def to_hf(path, out_dir, tokenizer_path=None, trust_checkpoint: bool = False) ->
 
 # --------------------------------------------------------------------------- command line
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m pretrain.convert", description=__doc__.split("\n\n")[0] + " (docs/hf.md)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -375,6 +383,7 @@ def main(argv=None) -> int:
                    help=f"model.max_seq_len (default: max_position_embeddings, at most {IMPORT_MAX_SEQ_LEN})")
     p.add_argument("--tokenizer", default=None, help="tokenizer to bundle instead of the one in HF_DIR")
     p.add_argument("--no-tokenizer", action="store_true", help="import weights only (HF_DIR has no tokenizer)")
+    add_debug_flag(p)
     p = commands.add_parser("to-hf", help="export a run or biglearn export as a LlamaForCausalLM directory",
                             description="Write OUT_DIR with config.json, model.safetensors, generation_config.json, "
                                         "tokenizer files and README.md; transformers loads it without custom code.")
@@ -383,18 +392,19 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", default=None, help="tokenizer (default: the export's, else the run's dataset's)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="read a DeepSpeed checkpoint when PATH holds no export (its .pt files are pickles)")
+    add_debug_flag(p)
     args = parser.parse_args(argv)
-    try:
-        if args.command == "from-hf":
-            out = from_hf(args.hf_dir, args.out_dir, args.streams, args.max_seq_len, args.tokenizer,
-                          not args.no_tokenizer)
-        else:
-            out = to_hf(args.path, args.out_dir, args.tokenizer, args.trust_checkpoint)
-    except ValueError as error:
-        print(f"pretrain.convert: error: {error}", file=sys.stderr)
-        return 2
+    if args.command == "from-hf":
+        out = from_hf(args.hf_dir, args.out_dir, args.streams, args.max_seq_len, args.tokenizer, not args.no_tokenizer)
+    else:
+        out = to_hf(args.path, args.out_dir, args.tokenizer, args.trust_checkpoint)
     print(out)
     return 0
+
+
+def main(argv=None) -> int:
+    """Entry point: a UserError (bad input) is one line on stderr and exit status 2."""
+    return cli_main(_main, "python -m pretrain.convert", argv)
 
 
 if __name__ == "__main__":
