@@ -60,7 +60,12 @@ def reference_attention(q, k, v, q_groups, k_groups, *, strict: bool, scale: flo
     # Longest prefix per chunk, read in one host sync. Rows are non-decreasing in prefix length
     # except for INVALID rows (zero), so a max is needed rather than the chunk's last row.
     padded = F.pad(n_visible, (0, len(starts) * chunk - n_queries))
-    bounds = padded.view(batch, len(starts), chunk).amax(dim=(0, 2)).tolist()
+    # Row i seeing exactly keys 0..i in every sample (a causal LM's rows) is SDPA's is_causal case,
+    # which needs no mask and skips the upper triangle; read with the bounds (same host sync).
+    causal = (n_visible == torch.arange(1, n_queries + 1, device=q.device)).all()
+    *bounds, causal = torch.cat([padded.view(batch, len(starts), chunk).amax(dim=(0, 2)), causal.view(1)]).tolist()
+    if causal and len(starts) == 1:
+        return F.scaled_dot_product_attention(q, k[:, :, :n_queries], v[:, :, :n_queries], is_causal=True, scale=scale)
     pieces = []
     for start, bound in zip(starts, bounds):
         stop = min(n_queries, start + chunk)
