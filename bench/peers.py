@@ -1,23 +1,29 @@
-"""BigLearner vs Hugging Face XLNet: one training step under XLNet's own objective.
+"""BigLearner vs Hugging Face XLNet and Llama: one training step, same shapes, same harness.
 
-Both systems get the same shape (tiny on CPU: d=256, 4 layers, 4 heads, FFN 1024, vocab 8000;
-XLNet-base shape on GPU), the same batch (B=8) and the same objective: XLNet's span-based
-permutation LM, 1/6 of the tokens predicted in spans of up to 5. HF's masks come from its own
-DataCollatorForPermutationLanguageModeling; ours from the plm preset with span=True.
-XLNet is transformers.XLNetLMHeadModel built from an XLNetConfig (random init, no download).
+Every system gets the same dims (tiny on CPU: d=256, 4 layers, 4 heads, FFN 1024, vocab 8000;
+the base shape, d=768 x 12 layers, on GPU) and the same batch size (B=8). All HF models are
+built from their configs (random init, no download).
 
-Three tables:
-  1. peers      tokens/s, predicted tokens/s, peak memory per L; systems alternate.
-  2. objective  our step time under clm, mlm, plm, biglearn at one L, relative to clm.
-  3. scaling    time per token and peak memory as L doubles; fitted exponents (t ~ L^a).
+  1. peers      ours vs XLNet under XLNet's own objective: span-based permutation LM, 1/6 of the
+                tokens predicted in spans of up to 5 (HF's masks from its own
+                DataCollatorForPermutationLanguageModeling, ours from the plm preset with
+                span=True); tokens/s, predicted tokens/s, peak memory per L.
+  2. yardstick  ours (model.streams 1 and 2, presets clm and biglearn) vs
+                transformers.LlamaForCausalLM (sdpa attention, causal LM): step time and time
+                per predicted token relative to Llama's, and peak memory, per L.
+  3. objective  our step time under clm, mlm, plm, biglearn at one L in both modes, relative to
+                clm in the same mode, with the rows each mode computes per predicted token.
+  4. scaling    time per token and peak memory as L doubles; fitted exponents (t ~ L^a).
 
 Each (system, L) runs in a fresh subprocess, so peak memory is per system: peak RSS on CPU,
-torch.cuda.max_memory_allocated on GPU. One timed step = forward + backward + AdamW step;
-batches are made before the clock starts. Medians over all timed steps of all rounds.
+torch.cuda.max_memory_allocated on GPU; the systems' order rotates every round. One timed
+step = forward + backward + AdamW step; batches are made before the clock starts. Medians over
+all timed steps of all rounds.
 
-    python bench/peers.py                                 # CPU: L = 128 512 1024 (HF's L=1024 is slowest)
+    python bench/peers.py --threads 1                    # CPU: L = 128 512 1024 (HF XLNet's L=1024 is slowest)
     python bench/peers.py --lengths 128 512 1024 2048 --json peers.json
-    python bench/peers.py --quick                          # seconds; checks the script runs
+    python bench/peers.py --systems hf-llama ours-1-clm  # a subset
+    python bench/peers.py --quick                         # seconds; checks the script runs
 """
 from __future__ import annotations
 
@@ -32,10 +38,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling bench script
 
-from throughput import (FIRST_WORD_ID, SIZES, build_model, format_table, measure_ours,  # noqa: E402
-                        peak_rss_bytes, summarise, sync, time_steps)
+from throughput import (FIRST_WORD_ID, SIZES, batch_maker, build_model, format_table,  # noqa: E402
+                        measure_ours, peak_rss_bytes, summarise, sync, time_steps, train_step)
 
-SYSTEMS = ("ours", "hf-xlnet")
+XLNET_SYSTEMS = ("ours", "hf-xlnet")  # table 1: "ours" is the two-stream model under XLNet's plm
+# table 2: "ours-<streams>-<preset>"
+YARDSTICK_SYSTEMS = ("hf-llama", "ours-1-clm", "ours-2-clm", "ours-1-biglearn", "ours-2-biglearn")
+SYSTEMS = XLNET_SYSTEMS + YARDSTICK_SYSTEMS
 OBJECTIVE_PRESETS = ("clm", "mlm", "plm", "biglearn")
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<cls>", "<sep>")  # ids 0..4, below FIRST_WORD_ID
 
@@ -74,19 +83,47 @@ def measure_xlnet(seq_len: int, batch_size: int, steps: int, warmup: int, *, siz
         windows = rng.integers(FIRST_WORD_ID, dims["vocab_size"], size=(batch_size, seq_len))
         return {k: v.to(device) for k, v in collator([torch.from_numpy(w) for w in windows]).items()}
 
-    def step(batch):
-        with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()}")
-
+    step = train_step(lambda batch: model(**batch).loss, optimizer, device, dtype)
     walls, cpus, predicted = time_steps(step, make, warmup + steps, warmup, device,
                                         lambda b: (b["labels"] != -100).sum())
     return summarise(walls, cpus, batch_size * seq_len, float(np.mean(predicted))) | {
         "system": "hf-xlnet", "preset": "plm", "seq_len": seq_len, "batch_size": batch_size}
+
+
+# --------------------------------------------------------------------------- HF Llama
+
+def measure_llama(seq_len: int, batch_size: int, steps: int, warmup: int, *, size: str, device: str,
+                  dtype: torch.dtype, seed: int = 0) -> dict:
+    """transformers.LlamaForCausalLM with our dims (SwiGLU FFN, RMSNorm, RoPE, tied embeddings),
+    sdpa attention, causal LM on random windows: L - 1 predicted tokens per window."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dims = SIZES[size]
+    config = LlamaConfig(vocab_size=dims["vocab_size"], hidden_size=dims["d_model"],
+                         intermediate_size=dims["ffn_hidden"], num_hidden_layers=dims["n_layers"],
+                         num_attention_heads=dims["n_heads"], num_key_value_heads=dims["n_heads"],
+                         max_position_embeddings=max(2048, seq_len), rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         attn_implementation="sdpa", pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def make(i: int):
+        rng = np.random.default_rng([seed, seq_len, i])
+        return torch.from_numpy(rng.integers(FIRST_WORD_ID, dims["vocab_size"], size=(batch_size, seq_len))).to(device)
+
+    step = train_step(lambda ids: model(input_ids=ids, labels=ids).loss, optimizer, device, dtype)
+    walls, cpus, predicted = time_steps(step, make, warmup + steps, warmup, device,
+                                        lambda ids: ids.shape[0] * (ids.shape[1] - 1))
+    return summarise(walls, cpus, batch_size * seq_len, float(np.mean(predicted))) | {
+        "system": "hf-llama", "preset": "clm", "seq_len": seq_len, "batch_size": batch_size}
+
+
+def rows_per_prediction(model, preset: str, seq_len: int, batch_size: int, seed: int) -> float:
+    """Rows the model computes per predicted token on the preset's batches (docs/model.md)."""
+    make = batch_maker(preset, seq_len, batch_size, model.config.vocab_size, seed)
+    batches = [make(i) for i in range(4)]
+    return sum(float(model.rows_computed(b).sum()) for b in batches) / sum(float(b.target_mask.sum()) for b in batches)
 
 
 # --------------------------------------------------------------------------- workers
@@ -99,18 +136,28 @@ def run_worker(args) -> dict:
     common = dict(size=args.size, device=device, dtype=dtype)
     if args.worker == "hf-xlnet":
         rows = [measure_xlnet(args.seq_len, args.batch_size, args.steps, args.warmup, **common)]
+    elif args.worker == "hf-llama":
+        rows = [measure_llama(args.seq_len, args.batch_size, args.steps, args.warmup, **common)]
     elif args.worker == "ours":
         rows = [measure_ours("plm", args.seq_len, args.batch_size, args.steps, args.warmup,
                              checkpointing=args.checkpointing, **common)]
-    else:  # objective sweep on one model; the preset order rotates every round
-        model = build_model(args.size, device, checkpointing=args.checkpointing)
-        timings = {p: [] for p in OBJECTIVE_PRESETS}
+    elif args.worker.startswith("ours-"):
+        _, streams, preset = args.worker.split("-")
+        rows = [measure_ours(preset, args.seq_len, args.batch_size, args.steps, args.warmup, streams=int(streams),
+                             checkpointing=args.checkpointing, **common) | {"system": args.worker}]
+    else:  # objective sweep on one model per mode; the (mode, preset) order rotates every round
+        models = {s: build_model(args.size, device, checkpointing=args.checkpointing, streams=s,
+                                 max_seq_len=max(2048, args.seq_len)) for s in (1, 2)}
+        cases = [(s, p) for s in (1, 2) for p in OBJECTIVE_PRESETS]
+        timings = {case: [] for case in cases}
         for round_ in range(args.rounds):
-            shift = round_ % len(OBJECTIVE_PRESETS)
-            for preset in OBJECTIVE_PRESETS[shift:] + OBJECTIVE_PRESETS[:shift]:
-                timings[preset].append(measure_ours(preset, args.seq_len, args.batch_size, args.steps,
-                                                    args.warmup if round_ == 0 else 0, model=model, seed=round_, **common))
-        rows = [merge_steps(timings[p]) for p in OBJECTIVE_PRESETS]
+            shift = round_ % len(cases)
+            for streams, preset in cases[shift:] + cases[:shift]:
+                timings[streams, preset].append(measure_ours(
+                    preset, args.seq_len, args.batch_size, args.steps, args.warmup if round_ == 0 else 0,
+                    model=models[streams], seed=round_, **common))
+        rows = [merge_steps(timings[s, p]) | {"rows_per_pred": rows_per_prediction(
+            models[s], p, args.seq_len, args.batch_size, seed=0)} for s, p in cases]
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else peak_rss_bytes()
     for row in rows:
         row |= {"peak_mem_bytes": peak, "baseline_mem_bytes": 0 if device.startswith("cuda") else baseline,
@@ -126,8 +173,8 @@ def merge_steps(rows: list[dict]) -> dict:
     predicted = float(np.mean([r["predicted_per_step"] for r in rows]))
     merged = summarise(walls, cpus, rows[0]["batch_size"] * rows[0]["seq_len"], predicted)
     merged["load_1min"] = float(np.mean([r["load_1min"] for r in rows]))  # as the workers saw it
-    keep = {k: rows[0][k] for k in ("system", "preset", "seq_len", "batch_size", "device", "dtype", "size",
-                                    "activation_checkpointing")
+    keep = {k: rows[0][k] for k in ("system", "preset", "streams", "seq_len", "batch_size", "device", "dtype",
+                                    "size", "activation_checkpointing")
             if k in rows[0]}
     memory = {k: max(r[k] for r in rows) for k in ("peak_mem_bytes", "baseline_mem_bytes") if k in rows[0]}
     return keep | merged | memory
@@ -176,15 +223,37 @@ def scaling_rows(rows: list[dict]) -> list[dict]:
 
 
 def ratio_rows(rows: list[dict]) -> list[dict]:
-    """ours / hf at each L where both ran."""
+    """ours / hf-xlnet at each L where both ran."""
     out = []
     for seq_len in sorted({r["seq_len"] for r in rows}):
         pair = {r["system"]: r for r in rows if r["seq_len"] == seq_len and "step_s" in r}
-        if len(pair) == 2:
+        if "ours" in pair and "hf-xlnet" in pair:
             ours, hf = pair["ours"], pair["hf-xlnet"]
             out.append({"seq_len": seq_len, "speedup": ours["tokens_per_s"] / hf["tokens_per_s"],
                         "cpu_speedup": hf["cpu_s"] / ours["cpu_s"],
                         "mem_ratio": ours["peak_mem_bytes"] / hf["peak_mem_bytes"]})
+    return out
+
+
+def yardstick_rows(rows: list[dict]) -> list[dict]:
+    """Per L, each of our (streams, preset) systems against HF Llama's causal LM: step time, time per
+    predicted token and peak memory as ratios to Llama's."""
+    out = []
+    for seq_len in sorted({r["seq_len"] for r in rows}):
+        here = {r["system"]: r for r in rows if r["seq_len"] == seq_len and "step_s" in r}
+        llama = here.get("hf-llama")
+        for system in YARDSTICK_SYSTEMS:
+            if system not in here:
+                continue
+            r = here[system]
+            per_pred = r["step_s"] / r["predicted_per_step"]
+            row = {"system": system, "seq_len": seq_len, "step_s": r["step_s"], "us_per_pred": per_pred * 1e6,
+                   "peak_mem_bytes": r["peak_mem_bytes"], "load_1min": r["load_1min"]}
+            if llama is not None:
+                row |= {"step_vs_llama": r["step_s"] / llama["step_s"],
+                        "per_pred_vs_llama": per_pred / (llama["step_s"] / llama["predicted_per_step"]),
+                        "mem_vs_llama": r["peak_mem_bytes"] / llama["peak_mem_bytes"]}
+            out.append(row)
     return out
 
 
@@ -194,7 +263,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for system in SYSTEMS:
+    for system in XLNET_SYSTEMS + ("hf-llama", "ours-1-clm"):
         mine = sorted((r for r in rows if r["system"] == system and "step_s" in r), key=lambda r: r["seq_len"])
         lengths = [r["seq_len"] for r in mine]
         left.plot(lengths, [r["tokens_per_s"] for r in mine], "o-", label=system)
@@ -205,7 +274,7 @@ def plot(rows: list[dict], path: Path) -> None:
         axis.set_xlabel("sequence length L")
         axis.set_ylabel(label)
         axis.legend()
-    fig.suptitle("BigLearner vs HF XLNet, permutation LM (1/6 predicted), B=8")
+    fig.suptitle("BigLearner vs HF XLNet (permutation LM, 1/6 predicted) and HF Llama (causal LM), B=8")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -216,9 +285,14 @@ PEER_COLUMNS = [("system", "system", "s"), ("L", "seq_len", "d"), ("tokens/s", "
                 ("peak MiB", "peak_mib", ",.0f"), ("load", "load_1min", ".1f"), ("error", "error", "s")]
 RATIO_COLUMNS = [("L", "seq_len", "d"), ("ours/hf tokens/s", "speedup", ".2f"),
                  ("hf/ours cpu s", "cpu_speedup", ".2f"), ("ours/hf peak mem", "mem_ratio", ".2f")]
-OBJECTIVE_COLUMNS = [("preset", "preset", "s"), ("L", "seq_len", "d"), ("tokens/s", "tokens_per_s", ",.0f"),
-                     ("predicted/s", "predicted_per_s", ",.0f"), ("step s", "step_s", ".3f"),
-                     ("step / clm", "vs_clm", ".2f"), ("cpu / clm", "cpu_vs_clm", ".2f")]
+OBJECTIVE_COLUMNS = [("streams", "streams", "d"), ("preset", "preset", "s"), ("L", "seq_len", "d"),
+                     ("tokens/s", "tokens_per_s", ",.0f"), ("predicted/s", "predicted_per_s", ",.0f"),
+                     ("step s", "step_s", ".3f"), ("step / clm", "vs_clm", ".2f"), ("cpu / clm", "cpu_vs_clm", ".2f"),
+                     ("rows/pred", "rows_per_pred", ".2f")]
+YARDSTICK_COLUMNS = [("system", "system", "s"), ("L", "seq_len", "d"), ("step s", "step_s", ".3f"),
+                     ("us/pred", "us_per_pred", ".1f"), ("step / llama", "step_vs_llama", ".2f"),
+                     ("per pred / llama", "per_pred_vs_llama", ".2f"), ("peak MiB", "peak_mib", ",.0f"),
+                     ("mem / llama", "mem_vs_llama", ".2f"), ("load", "load_1min", ".1f")]
 SCALING_COLUMNS = [("system", "system", "s"), ("L", "seq_len", "d"), ("us/token", "us_per_token", ".1f"),
                    ("x prev L", "per_token_vs_prev", ".2f"), ("peak MiB", "peak_mib", ",.0f"),
                    ("mem x prev", "mem_vs_prev", ".2f"), ("time exp", "time_exponent", ".2f"),
@@ -237,7 +311,10 @@ def parse_args(argv):
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (even; HF's collator needs it); "
                         "default 128 512 1024 on CPU, 128 512 1024 2048 4096 on GPU")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=2, help="alternations of the two systems per L")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per L; the systems' order rotates each round")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="systems to time "
+                        "(default all; ours-<streams>-<preset> are the yardstick rows against hf-llama)")
+    parser.add_argument("--no-objective", dest="objective", action="store_false", help="skip the objective-cost table")
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per worker")
     parser.add_argument("--objective-len", type=int, default=512, help="L of the objective-cost table")
@@ -268,6 +345,7 @@ def parse_args(argv):
         args.objective_len, args.threads = 32, 1
     if any(n < 2 or n % 2 for n in args.lengths + [args.objective_len]):
         raise ValueError("--lengths and --objective-len must be even and >= 2 (HF's PLM collator needs even L)")
+    args.systems = [s for s in SYSTEMS if s in args.systems]  # one fixed order, no repeats
     if min(args.batch_size, args.rounds, args.steps) < 1 or args.warmup < 0:
         raise ValueError("--batch-size, --rounds, --steps must be >= 1 and --warmup >= 0")
     return args
@@ -280,11 +358,12 @@ def main(argv=None) -> list[dict]:
         return []
     from tqdm import tqdm
 
-    jobs = [(system if r % 2 == 0 else SYSTEMS[1 - i], seq_len)
-            for seq_len in args.lengths for r in range(args.rounds) for i, system in enumerate(SYSTEMS)]
+    systems = args.systems
+    jobs = [(system, seq_len) for seq_len in args.lengths for r in range(args.rounds)
+            for system in systems[r % len(systems):] + systems[:r % len(systems)]]
+    jobs += [("objective", args.objective_len)] if args.objective else []
     runs = {}
-    for system, seq_len in tqdm(jobs + [("objective", args.objective_len)], desc="peers (one worker each)",
-                                disable=args.quick):
+    for system, seq_len in tqdm(jobs, desc="peers (one worker each)", disable=args.quick):
         runs.setdefault((system, seq_len), []).extend(spawn(system, seq_len, args))
     peers = []
     for (system, seq_len), got in runs.items():
@@ -292,23 +371,26 @@ def main(argv=None) -> list[dict]:
             continue
         ok = [r for r in got if "error" not in r]
         peers.append((merge_steps(ok) if ok else got[0]) | {"table": "peers"})
-    peers.sort(key=lambda r: (r["seq_len"], r["system"] != "ours"))
-    objective = [r | {"table": "objective"} for r in runs[("objective", args.objective_len)]]
-    clm = next((r for r in objective if r.get("preset") == "clm"), None)
+    peers.sort(key=lambda r: (r["seq_len"], SYSTEMS.index(r["system"])))
+    objective = [r | {"table": "objective"} for r in runs.get(("objective", args.objective_len), [])]
     for r in objective:
-        if clm is not None and "step_s" in r:
+        clm = next((c for c in objective if c.get("preset") == "clm" and c.get("streams") == r.get("streams")), None)
+        if clm is not None and "step_s" in r and "step_s" in clm:
             r |= {"vs_clm": r["step_s"] / clm["step_s"], "cpu_vs_clm": r["cpu_s"] / clm["cpu_s"]}
 
-    print(f"\n1. Training step, XLNet permutation LM (1/6 predicted, spans <= 5), B={args.batch_size}, "
-          f"{args.size} size, {args.device} {args.dtype}, {args.threads} threads, "
-          f"our activation checkpointing {'on' if args.checkpointing else 'off'}; "
-          f"median of {args.rounds} rounds x {args.steps} steps")
-    print(format_table(with_mib(peers), PEER_COLUMNS))
+    settings = (f"B={args.batch_size}, {args.size} size, {args.device} {args.dtype}, {args.threads} threads, "
+                f"our activation checkpointing {'on' if args.checkpointing else 'off'}; "
+                f"median of {args.rounds} rounds x {args.steps} steps")
+    xlnet = [r for r in peers if r["system"] in XLNET_SYSTEMS]
+    print(f"\n1. Training step, XLNet permutation LM (1/6 predicted, spans <= 5), ours with two streams, {settings}")
+    print(format_table(with_mib(xlnet), PEER_COLUMNS))
     print()
     print(format_table(ratio_rows(peers), RATIO_COLUMNS))
-    print(f"\n2. Cost of the objective (ours, L={args.objective_len}), relative to clm")
+    print(f"\n2. Against HF Llama (causal LM, sdpa): ours-<streams>-<preset>, {settings}")
+    print(format_table(with_mib(yardstick_rows(peers)), YARDSTICK_COLUMNS))
+    print(f"\n3. Cost of the objective (ours, L={args.objective_len}), relative to clm in the same mode")
     print(format_table(objective, OBJECTIVE_COLUMNS))
-    print("\n3. Scaling: time per token and peak memory as L grows (exponents fitted over all L)")
+    print("\n4. Scaling: time per token and peak memory as L grows (exponents fitted over all L)")
     print(format_table(with_mib(scaling_rows(peers)), SCALING_COLUMNS))
     rows = peers + objective
     plot_path = args.plot or (args.json.with_suffix(".png") if args.json else Path("peers.png"))

@@ -57,9 +57,12 @@ def batch_maker(preset: str, seq_len: int, batch_size: int, vocab_size: int, see
     return make
 
 
-def build_model(size: str, device: str, seed: int = 0, checkpointing: bool = False) -> BigLearner:
+def build_model(size: str, device: str, seed: int = 0, checkpointing: bool = False, streams: int = 2,
+                max_seq_len: int = 2048) -> BigLearner:
+    """max_seq_len sizes the single-stream offset table (2 max_seq_len + 1 rows, as in training)."""
     torch.manual_seed(seed)
-    config = ModelConfig(**SIZES[size], max_seq_len=1 << 16, activation_checkpointing=checkpointing)
+    config = ModelConfig(**SIZES[size], max_seq_len=max_seq_len, activation_checkpointing=checkpointing,
+                         streams=streams)
     return BigLearner(config).to(device)
 
 
@@ -86,10 +89,11 @@ def time_steps(step, make_input, count: int, warmup: int, device: str, predicted
     return walls, cpus, predicted
 
 
-def ours_train_step(model, optimizer, device: str, dtype: torch.dtype):
+def train_step(loss_of, optimizer, device: str, dtype: torch.dtype):
+    """step(batch): loss_of(batch) under autocast, backward, optimizer step; every system timed alike."""
     def step(batch):
         with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            loss, _ = model.loss(batch)
+            loss = loss_of(batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -98,11 +102,17 @@ def ours_train_step(model, optimizer, device: str, dtype: torch.dtype):
     return step
 
 
+def ours_train_step(model, optimizer, device: str, dtype: torch.dtype):
+    return train_step(lambda batch: model.loss(batch)[0], optimizer, device, dtype)
+
+
 def measure_ours(preset: str, seq_len: int, batch_size: int, steps: int, warmup: int, *,
                  size: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 model: BigLearner | None = None, seed: int = 0, checkpointing: bool = False) -> dict:
+                 model: BigLearner | None = None, seed: int = 0, checkpointing: bool = False,
+                 streams: int = 2) -> dict:
     """One row: medians over `steps` timed training steps of BigLearner under `preset`."""
-    model = model if model is not None else build_model(size, device, seed, checkpointing)
+    if model is None:
+        model = build_model(size, device, seed, checkpointing, streams, max_seq_len=max(2048, seq_len))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     make = batch_maker(preset, seq_len, batch_size, model.config.vocab_size, seed, device)
@@ -110,7 +120,7 @@ def measure_ours(preset: str, seq_len: int, batch_size: int, steps: int, warmup:
                                         warmup, device, lambda b: b.target_mask.sum())
     return summarise(walls, cpus, batch_size * seq_len, float(np.mean(predicted))) | {
         "system": "ours", "preset": preset, "seq_len": seq_len, "batch_size": batch_size,
-        "activation_checkpointing": model.config.activation_checkpointing}
+        "streams": model.config.streams, "activation_checkpointing": model.config.activation_checkpointing}
 
 
 def summarise(walls, cpus, tokens_per_step: int, predicted_per_step: float) -> dict:
@@ -158,7 +168,7 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
-    model = build_model("tiny", "cpu")
+    model = build_model("tiny", "cpu", max_seq_len=max(2048, *args.lengths))
     rows = []
     for seq_len in tqdm(args.lengths, desc=f"throughput ({args.preset})", disable=args.quick):
         rows.append(measure_ours(args.preset, seq_len, args.batch_size, args.steps, args.warmup, model=model))

@@ -13,21 +13,40 @@ peers = runpy.run_path(str(BENCH))
 
 def test_quick_peers_has_every_row_and_a_plot(tmp_path, capsys):
     out = tmp_path / "peers.json"
-    rows = peers["main"](["--quick", "--json", str(out)])
+    systems = ["ours", "hf-xlnet", "hf-llama", "ours-1-clm"]  # every kind of worker, fewer processes
+    rows = peers["main"](["--quick", "--json", str(out), "--systems", *systems])
     assert json.loads(out.read_text()) == rows
     compared = [r for r in rows if r["table"] == "peers"]
-    assert sorted((r["system"], r["seq_len"]) for r in compared) == [("hf-xlnet", 32), ("ours", 32)]
+    assert [(r["system"], r["seq_len"]) for r in compared] == [(s, 32) for s in systems]
     objective = [r for r in rows if r["table"] == "objective"]
-    assert [r["preset"] for r in objective] == ["clm", "mlm", "plm", "biglearn"]
+    assert [(r["streams"], r["preset"]) for r in objective] == [(s, p) for s in (1, 2) for p in ("clm", "mlm", "plm", "biglearn")]
     for row in compared + objective:
         assert "error" not in row, row.get("error")
         for key in ("tokens_per_s", "predicted_per_s", "step_s", "cpu_s", "peak_mem_bytes"):
             assert math.isfinite(row[key]) and row[key] > 0, key
         assert 1 <= row["predicted_per_step"] <= row["batch_size"] * row["seq_len"]
-    assert objective[0]["vs_clm"] == 1.0
+    assert compared[2]["predicted_per_step"] == 2 * 31  # Llama predicts L - 1 tokens per window
+    assert compared[3]["predicted_per_step"] == 2 * 32  # ours from the START row on
+    assert objective[0]["vs_clm"] == 1.0 and objective[4]["vs_clm"] == 1.0
+    # single-stream clm computes one row per predicted token, two streams 2 - 1/L
+    assert objective[0]["rows_per_pred"] == 1.0 and objective[4]["rows_per_pred"] == pytest.approx(2 - 1 / 32)
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
-    assert "nan" not in printed.lower() and "hf-xlnet" in printed
+    assert "nan" not in printed.lower() and "hf-xlnet" in printed and "hf-llama" in printed
+
+
+def test_yardstick_ratios_against_llama():
+    rng = np.random.default_rng()
+    llama_step, ours_step, pred = rng.uniform(0.1, 1), rng.uniform(0.1, 1), rng.uniform(10, 100)
+    rows = [{"system": "hf-llama", "seq_len": 64, "step_s": llama_step, "predicted_per_step": 2 * pred,
+             "peak_mem_bytes": 4e6, "load_1min": 1.0},
+            {"system": "ours-1-biglearn", "seq_len": 64, "step_s": ours_step, "predicted_per_step": pred,
+             "peak_mem_bytes": 1e6, "load_1min": 1.0}]
+    llama, got = peers["yardstick_rows"](rows)
+    assert llama["step_vs_llama"] == llama["per_pred_vs_llama"] == llama["mem_vs_llama"] == 1
+    assert got["step_vs_llama"] == pytest.approx(ours_step / llama_step)
+    assert got["per_pred_vs_llama"] == pytest.approx(2 * ours_step / llama_step)
+    assert got["mem_vs_llama"] == pytest.approx(0.25)
 
 
 def test_scaling_exponents_match_a_power_law():
