@@ -23,7 +23,7 @@ STAMP       := $(VENV)/.installed
 STAMP_DEV   := $(VENV)/.installed-dev
 STAMP_BENCH := $(VENV)/.installed-bench
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench gpu-check clean
 
 install: $(STAMP)
 
@@ -71,6 +71,11 @@ endif
 	$(PY) bench/peers.py
 	$(PY) bench/data.py
 	$(PY) bench/groundtruth.py
+
+# Kernel tests, attention kernels, peers and MFU on one GPU (~8 min), one summary table +
+# gpu_check.json; without a GPU every part is skipped with the reason (docs/benchmarks.md).
+gpu-check: $(STAMP_DEV) $(STAMP_BENCH)
+	$(PY) bench/gpu_check.py --json gpu_check.json
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache

@@ -1,13 +1,18 @@
-"""Benchmark group-causal two-stream attention against dense-mask SDPA, FlexAttention and flash-attn.
+"""Benchmark group-causal attention against dense-mask SDPA, FlexAttention and flash-attn.
 
     python bench/attention.py            # GPU: B*L = 16k tokens, H = 16, D = 128, bf16
     python bench/attention.py --quick    # CPU smoke run: tiny shapes, fp32, reference + SDPA
 
-Every method computes both XLNet streams (content rows, inclusive rule; query-stream rows,
-strict rule) for the same keys/values, except "flash-attn causal (content only)", the
-yardstick: one plain causal stream. TFLOP/s counts only visible (row, key) pairs:
-forward 4*D flops per pair and head (QK^T and PV), backward 10*D (five matmuls).
-Group layouts follow design.md §2 and are generated here (no import of pretrain).
+Layouts come in both attention modes of the model (docs/model.md): "<layout>" computes both
+XLNet streams (content rows, inclusive rule; a query row per target, strict rule) for the same
+keys/values; "<layout>, 1 stream" the single-stream rows: START, S and the targets as content
+rows (the last target's row dropped) and query rows only for targets of groups with several
+tokens (MLM). "flash-attn causal (content only)" is the yardstick: one plain causal stream of L
+rows. TFLOP/s counts only visible (row, key) pairs: forward 4*D flops per pair and head (QK^T
+and PV), backward 10*D (five matmuls). A second table counts key tiles with the kernel's tile
+rule (a BLOCK_M-row query tile loads the key tiles up to its rows' longest visible prefix),
+relative to causal attention over L rows: the cost a layout must pay by construction. Group
+layouts follow the sorted layout of docs/design.md and are generated here (no import of pretrain).
 """
 from __future__ import annotations
 
@@ -24,9 +29,11 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import INVALID_GROUP, two_stream_attention, visibility  # noqa: E402
+from kernels import INVALID_GROUP, group_attention, two_stream_attention, visibility  # noqa: E402
 
 LAYOUTS = ("causal", "mlm", "plm", "biglearn")
+SINGLE_STREAM_LAYOUTS = ("causal", "mlm", "biglearn")  # plm has biglearn's single-stream shape
+TILE = (128, 64)  # the tile-count table's BLOCK_M x BLOCK_N (the kernel's largest tuned tile)
 MEMORY_TOKENS = 16384  # the metadata-size table is always for B*L = 16k tokens
 
 
@@ -49,13 +56,47 @@ def sample_groups(layout: str, n: int, rng: np.random.Generator) -> np.ndarray:
     raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
 
 
-def make_layout(layout: str, batch: int, n: int, rng: np.random.Generator):
-    """Content groups [B, N] and query-stream groups [B, Nt] (INVALID-padded), int32."""
+def single_stream_rows(row: np.ndarray):
+    """Content groups [START | S | targets without the last one] (same length) and the groups of
+    the targets that need a query row: those in a group of several, or after one."""
+    targets = row[(row > 0) & (row != INVALID_GROUP)]
+    sizes = dict(zip(*np.unique(targets, return_counts=True)))
+    alone = np.array([sizes[g] == 1 for g in targets])
+    after_alone = np.concatenate([[True], alone[:-1]])
+    content = np.concatenate([[0], np.delete(row, len(row) - 1 - np.argmax(row[::-1] != INVALID_GROUP))])
+    return content, targets[~(alone & after_alone)]
+
+
+def make_layout(layout: str, batch: int, n: int, rng: np.random.Generator, streams: int = 2):
+    """Content groups [B, N] and query-stream groups [B, Nt] (INVALID-padded, Nt may be 0), int32."""
     rows = [sample_groups(layout, n, rng) for _ in range(batch)]
     targets = [r[(r > 0) & (r != INVALID_GROUP)] for r in rows]
+    if streams == 1:
+        rows, targets = zip(*(single_stream_rows(r) for r in rows))
     n_t = max(len(t) for t in targets)
     query = [np.concatenate([t, np.full(n_t - len(t), INVALID_GROUP)]) for t in targets]
     return torch.tensor(np.array(rows), dtype=torch.int32), torch.tensor(np.array(query), dtype=torch.int32)
+
+
+def key_tiles(q_groups: torch.Tensor, k_groups: torch.Tensor, *, strict: bool, tile=TILE) -> int:
+    """Key tiles a query-tiled kernel computes: per tile of tile[0] rows, ceil(longest visible
+    prefix / tile[1]) (keys are sorted by group, so each row sees a prefix)."""
+    from kernels.reference import visible_prefix
+
+    if q_groups.shape[1] == 0:
+        return 0
+    prefix = visible_prefix(q_groups, k_groups, strict=strict)
+    padded = torch.nn.functional.pad(prefix, (0, -prefix.shape[1] % tile[0]))
+    longest = padded.view(prefix.shape[0], -1, tile[0]).amax(-1)
+    return int(((longest + tile[1] - 1) // tile[1]).sum())
+
+
+def tile_ratio(groups: torch.Tensor, query_groups: torch.Tensor, tile=TILE) -> float:
+    """Key tiles of both streams relative to causal attention over L rows, same batch size."""
+    batch, n = groups.shape
+    causal = torch.arange(n, dtype=torch.int32).expand(batch, n).contiguous()
+    return ((key_tiles(groups, groups, strict=False, tile=tile) + key_tiles(query_groups, groups, strict=True, tile=tile))
+            / key_tiles(causal, causal, strict=False, tile=tile))
 
 
 def visible_pairs(q_groups: torch.Tensor, k_groups: torch.Tensor, *, strict: bool) -> int:
@@ -84,17 +125,21 @@ def sdpa_two_stream(q_c, q_q, k, v, groups, query_groups):
     gqa = q_c.shape[1] != k.shape[1]
     outs = []
     for q, (mask, sees) in zip((q_c, q_q), dense_masks(groups, query_groups)):
-        o = f(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        outs.append(torch.where(sees, o, 0.0))
+        if q.shape[2]:  # single stream: no query rows for a causal or big-learning layout
+            outs.append(torch.where(sees, f(q, k, v, attn_mask=mask, enable_gqa=gqa), 0.0))
     return outs
 
 
-def reference_two_stream(q_c, q_q, k, v, groups, query_groups):
-    return two_stream_attention(q_c, q_q, k, v, groups, query_groups, backend="torch", check_sorted=False)
+def group_kernel(backend: str):
+    """Our entry points on one backend: both streams fused, or the content rows alone."""
+    def run(q_c, q_q, k, v, groups, query_groups):
+        if q_q.shape[2] == 0:
+            return [group_attention(q_c, k, v, groups, groups, strict=False, backend=backend, check_sorted=False)]
+        return two_stream_attention(q_c, q_q, k, v, groups, query_groups, backend=backend, check_sorted=False)
+    return run
 
 
-def triton_two_stream(q_c, q_q, k, v, groups, query_groups):
-    return two_stream_attention(q_c, q_q, k, v, groups, query_groups, backend="triton", check_sorted=False)
+reference_two_stream, triton_two_stream = group_kernel("torch"), group_kernel("triton")
 
 
 def flex_block_masks(create_block_mask, groups, query_groups):
@@ -109,7 +154,7 @@ def flex_block_masks(create_block_mask, groups, query_groups):
 
     n, n_t, batch = groups.shape[1], query_groups.shape[1], groups.shape[0]
     return (create_block_mask(content, batch, None, n, n, device=groups.device),
-            create_block_mask(query, batch, None, n_t, n, device=groups.device))
+            create_block_mask(query, batch, None, n_t, n, device=groups.device) if n_t else None)
 
 
 def make_flex_two_stream(compile_mask: bool):
@@ -126,7 +171,7 @@ def make_flex_two_stream(compile_mask: bool):
         masks = flex_block_masks(build_mask, groups, query_groups)
         build_times.append(_elapsed(start, q_c.device))
         gqa = q_c.shape[1] != k.shape[1]
-        return [flex(q, k, v, block_mask=m, enable_gqa=gqa) for q, m in zip((q_c, q_q), masks)]
+        return [flex(q, k, v, block_mask=m, enable_gqa=gqa) for q, m in zip((q_c, q_q), masks) if q.shape[2]]
 
     return run, build_times
 
@@ -221,7 +266,7 @@ def block_mask_nbytes(groups, query_groups) -> int:
     from torch.nn.attention.flex_attention import create_block_mask
 
     masks = flex_block_masks(create_block_mask, groups, query_groups)
-    return sum(t.nbytes for m in masks for t in m.as_tuple() if isinstance(t, torch.Tensor))
+    return sum(t.nbytes for m in masks if m is not None for t in m.as_tuple() if isinstance(t, torch.Tensor))
 
 
 def memory_table(tokens: int, lengths=(4096, 16384)) -> list[dict]:
@@ -249,10 +294,12 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"comma list from {LAYOUTS}")
+    p.add_argument("--streams", type=int, nargs="+", choices=(1, 2), default=[2, 1],
+                   help=f"attention modes to time (1: single-stream rows of {SINGLE_STREAM_LAYOUTS})")
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON lines here")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows (then the tile ratios) as JSON lines here")
     args = p.parse_args(argv)
     if args.quick:
         args.tokens, args.seq_len, args.heads, args.head_dim = 128, 64, 2, 16
@@ -275,21 +322,26 @@ def methods_for(device: torch.device, quick: bool):
     return found
 
 
-def run(args) -> tuple[list[Row], list[dict]]:
+def run(args) -> tuple[list[Row], list[str], list[dict], list[dict]]:
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = getattr(torch, args.dtype)
     layouts = [name.strip() for name in args.layouts.split(",") if name.strip()]
     for name in layouts:
         if name not in LAYOUTS:
             raise ValueError(f"--layouts: {name!r} is not one of {LAYOUTS}")
+    cases = [(layout, streams) for streams in args.streams for layout in layouts
+             if streams == 2 or layout in SINGLE_STREAM_LAYOUTS]
     batch, n = max(1, args.tokens // args.seq_len), args.seq_len
     kv_heads = args.kv_heads or args.heads
     rng = np.random.default_rng(args.seed)
     methods = methods_for(device, args.quick)
-    rows, failures = [], []
-    progress = tqdm(total=len(layouts) * len(methods), desc="attention bench", file=sys.stderr)
-    for layout in layouts:
-        groups, query_groups = (t.to(device) for t in make_layout(layout, batch, n, rng))
+    rows, failures, tiles = [], [], []
+    progress = tqdm(total=len(cases) * len(methods), desc="attention bench", file=sys.stderr)
+    for base, streams in cases:
+        layout = base if streams == 2 else f"{base}, 1 stream"
+        groups, query_groups = make_layout(base, batch, n, rng, streams)
+        tiles.append({"layout": layout, "tile_ratio": tile_ratio(groups, query_groups), "query_rows": query_groups.shape[1]})
+        groups, query_groups = groups.to(device), query_groups.to(device)
         n_t = query_groups.shape[1]
         pairs_both = (visible_pairs(groups, groups, strict=False) + visible_pairs(query_groups, groups, strict=True))
         pairs_content = visible_pairs(groups, groups, strict=False)
@@ -312,10 +364,10 @@ def run(args) -> tuple[list[Row], list[dict]]:
                             mask_mib(name, groups, query_groups, extra)))
             progress.update()
     progress.close()
-    return rows, failures, memory_table(MEMORY_TOKENS)
+    return rows, failures, memory_table(MEMORY_TOKENS), tiles
 
 
-def format_tables(rows: list[Row], failures: list[str], memory: list[dict], args) -> str:
+def format_tables(rows: list[Row], failures: list[str], memory: list[dict], tiles: list[dict], args) -> str:
     fmt = lambda x, spec: "-" if x is None else format(x, spec)
     lines = [f"B*L = {args.tokens} tokens, L = {args.seq_len}, H = {args.heads}, D = {args.head_dim}, "
              f"{args.dtype}, median of {args.reps}",
@@ -327,6 +379,9 @@ def format_tables(rows: list[Row], failures: list[str], memory: list[dict], args
                      f"{r.tflops:.3g} | {fmt(r.peak_mib, '.1f')} | {fmt(r.mask_build_ms, '.3f')} | "
                      f"{r.mask_mib:.4f} |")
     lines += [f"\nFAILED {failure}" for failure in failures]
+    lines += ["", f"Key tiles ({TILE[0]} x {TILE[1]}) relative to causal attention over L = {args.seq_len} rows "
+              "(what a layout costs by construction):", "", "| layout | query rows | tiles / causal |", "|---|---:|---:|"]
+    lines += [f"| {t['layout']} | {t['query_rows']} | {t['tile_ratio']:.2f} |" for t in tiles]
     lines += ["", f"Visibility metadata per batch of {MEMORY_TOKENS} tokens (big-learning layout):", "",
               "| L | B | int32 groups KiB (measured) | dense bool masks MiB (B*L*(L+Nt)) |", "|---:|---:|---:|---:|"]
     for m in memory:
@@ -336,12 +391,14 @@ def format_tables(rows: list[Row], failures: list[str], memory: list[dict], args
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    rows, failures, memory = run(args)
-    print(format_tables(rows, failures, memory, args))
+    rows, failures, memory, tiles = run(args)
+    print(format_tables(rows, failures, memory, tiles, args))
     if args.json is not None:
         with args.json.open("w") as f:
             for r in rows:
                 f.write(json.dumps(asdict(r)) + "\n")
+            for t in tiles:  # {"layout", "tile_ratio", "query_rows"}: no "method" key
+                f.write(json.dumps(t) + "\n")
     return 0 if not failures and all(math.isfinite(r.fwd_bwd_ms) for r in rows) else 1
 
 

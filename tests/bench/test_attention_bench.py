@@ -27,8 +27,12 @@ def test_quick_table_has_every_row_and_no_nan(bench, tmp_path, capsys):
     out = tmp_path / "rows.jsonl"
     assert bench.main(["--quick", "--json", str(out)]) == 0
     table = capsys.readouterr().out
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    expected = {(layout, method) for layout in bench.LAYOUTS for method in ("torch reference", "sdpa dense mask")}
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    rows = [r for r in lines if "method" in r]
+    assert [t["layout"] for t in lines if "tile_ratio" in t] == sorted({r["layout"] for r in rows}, key=[
+        r["layout"] for r in rows].index)
+    layouts = list(bench.LAYOUTS) + [f"{layout}, 1 stream" for layout in bench.SINGLE_STREAM_LAYOUTS]
+    expected = {(layout, method) for layout in layouts for method in ("torch reference", "sdpa dense mask")}
     assert {(r["layout"], r["method"]) for r in rows} == expected and len(rows) == len(expected)
     for r in rows:
         for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "tflops", "mask_mib"):
@@ -54,6 +58,31 @@ def test_layouts_follow_the_sorted_layout_rules(bench, layout):
             assert targets == list(range(1, 11)) and row.count(0) == 50
         else:
             assert targets == list(range(1, len(targets) + 1)) and len(targets) >= 1
+
+
+def test_single_stream_rows(bench):
+    """START joins S in group 0, the last target's row goes, and only targets of (or after) a
+    group of several tokens keep a query row."""
+    row = np.array([0, 0, 1, 2, 2, 3, 4, INVALID_GROUP])
+    content, queries = bench.single_stream_rows(row)
+    assert content.tolist() == [0, 0, 0, 1, 2, 2, 3, INVALID_GROUP] and queries.tolist() == [2, 2, 3]
+    groups, query_groups = bench.make_layout("causal", 2, 16, np.random.default_rng(), streams=1)
+    assert groups.tolist() == [list(range(16))] * 2 and query_groups.shape == (2, 0)
+
+
+def test_key_tiles_match_a_loop_over_tiles(bench):
+    rng = np.random.default_rng()
+    tile = (int(rng.integers(2, 9)), int(rng.integers(2, 9)))
+    for layout in bench.LAYOUTS:
+        groups, query_groups = bench.make_layout(layout, 3, 40, rng)
+        for q_groups, strict in ((groups, False), (query_groups, True)):
+            seen = visibility(q_groups, groups, strict=strict)
+            expected = sum(bool(seen[b, i:i + tile[0], j:j + tile[1]].any())
+                           for b in range(3) for i in range(0, seen.shape[1], tile[0])
+                           for j in range(0, seen.shape[2], tile[1]))
+            assert bench.key_tiles(q_groups, groups, strict=strict, tile=tile) == expected
+    causal, _ = bench.make_layout("causal", 2, 256, rng, streams=1)
+    assert bench.tile_ratio(causal, causal[:, :0]) == 1.0
 
 
 def test_visible_pairs_matches_the_dense_rule(bench):
