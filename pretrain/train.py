@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from .collate import QUERY_PREDICTOR
 from .config import CONFIG_DIR, TrainConfig, available_options, load_config, resolve_run_dir, to_dict, to_yaml
 from .data import BatchStream
 from .engine import build_engine, dynamic_loss_scale, init_distributed, task_stats, use_cpu
@@ -70,23 +71,30 @@ def prepare_manifest(config: TrainConfig, rank: int) -> Path:
 
 
 def step_flops(model: ModelConfig, batch) -> float:
-    """Training FLOPs of one micro-batch (forward + backward = 3 x forward), both streams:
-    content rows run every layer but the last (where only K/V are needed), query rows run
-    every layer plus the vocabulary projection; attention counts the keys each row can see."""
+    """Training FLOPs of one micro-batch (forward + backward = 3 x forward) of the rows the model
+    computes in its mode (docs/model.md): content rows that someone reads (S and every target
+    group but the last, plus START with streams=1) run every layer but the last, where only
+    their K/V are needed; query rows (every target with two streams, the targets batch.predictor
+    gives a query row with one) run every layer but the last; in the last layer each target's
+    predictor row runs and feeds the vocabulary projection. Attention counts the keys each row sees."""
     d, hd, h, hkv, f = model.d_model, model.head_dim, model.n_heads, model.n_kv_heads, model.ffn_hidden
     q_proj, kv_proj, out_proj, mlp = d * h * hd, 2 * d * hkv * hd, h * hd * d, 3 * d * f
-    n_content = float((batch.n_source + batch.n_target).sum())
-    n_query = float(batch.n_target.sum())
-    visible_content = visible_query = 0.0
-    for groups, target_groups, n_keep, n_target in zip(batch.groups, batch.target_groups, batch.n_source + batch.n_target,
-                                                       batch.n_target):
-        keys = groups[:n_keep]
-        visible_content += np.searchsorted(keys, keys, side="right").sum()
-        visible_query += np.searchsorted(keys, target_groups[:n_target], side="left").sum()
-    layers = model.n_layers
+    single = model.streams == 1
+    n_content = n_query = visible = visible_last = 0.0
+    for b, n_target in enumerate(batch.n_target.tolist()):
+        target_groups = batch.target_groups[b][:n_target]
+        keys = batch.groups[b][:batch.n_source[b] + n_target]
+        keys = np.concatenate([[0] * single, keys[keys < target_groups.max()]])  # sorted: a prefix
+        queries = target_groups[batch.predictor[b][:n_target] == QUERY_PREDICTOR] if single else target_groups
+        n_content += len(keys)
+        n_query += len(queries)
+        visible += np.searchsorted(keys, keys, side="right").sum() + np.searchsorted(keys, queries, side="left").sum()
+        visible_last += np.searchsorted(keys, target_groups, side="left").sum()
+    layers, n_targets = model.n_layers, float(batch.n_target.sum())
     matmul = 2 * (n_content * ((layers - 1) * (q_proj + kv_proj + out_proj + mlp) + kv_proj)
-                  + n_query * (layers * (q_proj + out_proj + mlp) + d * model.vocab_size))
-    attention = 4 * h * hd * (visible_content * (layers - 1) + visible_query * layers)
+                  + n_query * (layers - 1) * (q_proj + out_proj + mlp)
+                  + n_targets * (q_proj + out_proj + mlp + d * model.vocab_size))
+    attention = 4 * h * hd * (visible * (layers - 1) + visible_last)
     return 3.0 * (matmul + attention)
 
 

@@ -4,6 +4,12 @@ A decoded target joins as the next EARLIER TARGET GROUP (never as a source token
 computes exactly the k-th term of `score` for the order it produced. With the key/value cache
 (BigLearner.decode_step) a step costs one content row plus the query rows of its candidates; a
 decoded row's keys/values never change, because a content row only sees groups <= its own.
+
+Single-stream models (docs/model.md): a fixed order (left to right, or random drawn up front)
+decodes one row per step, as a GPT with a cache: the START row, then each decoded token's row,
+carries the offset to the next planned position and its output predicts it. The adaptive order
+("confident") scores its candidates with query rows; its decoded rows predict nothing, so they
+carry no offset term, and the reference without a cache asks for query rows throughout.
 """
 from __future__ import annotations
 
@@ -14,7 +20,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..collate import INVALID_GROUP, collate, make_split
+from ..collate import INVALID_GROUP, QUERY_PREDICTOR, collate, make_split
+from ..model import NO_TARGET, START_POSITION
 from .scoring import check_length, eval_forward, split_spec
 
 STRATEGIES = ("left_to_right", "random", "confident")
@@ -56,10 +63,10 @@ def _pad_rows(rows: list, fill: int) -> torch.Tensor:
     return out
 
 
-def _full_pass_logits(model, tokens, sources, decoded, candidates, pad_id):
+def _full_pass_logits(model, tokens, sources, decoded, candidates, pad_id, all_query: bool = False):
     """Reference step without a cache: one full forward over S, the decoded targets as groups
-    1..k-1 and every candidate in group k. Returns logits [B, C, V] (rows past a sample's
-    candidates are unused)."""
+    1..k-1 and every candidate in group k (all predicted by query rows with all_query=True).
+    Returns logits [B, C, V] (rows past a sample's candidates are unused)."""
     active = [b for b in range(len(candidates)) if len(candidates[b])]
     specs = []
     for b in active:
@@ -67,8 +74,10 @@ def _full_pass_logits(model, tokens, sources, decoded, candidates, pad_id):
         groups = np.concatenate([np.arange(1, len(decoded[b]) + 1), np.full(len(candidates[b]), len(decoded[b]) + 1)])
         specs.append(make_split(tokens.shape[1], sources[b], targets, groups))
     device = next(model.parameters()).device
-    batch = collate(tokens[active], specs, pad_id).to_torch(device)
-    logits = eval_forward(model, batch)
+    batch = collate(tokens[active], specs, pad_id)
+    if all_query:
+        batch.predictor[:] = QUERY_PREDICTOR
+    logits = eval_forward(model, batch.to_torch(device))
     width = max(len(c) for c in candidates)
     out = logits.new_zeros(len(candidates), width, logits.shape[-1])
     for row, b in enumerate(active):
@@ -121,11 +130,13 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
 
     was_training = model.training
     model.eval()
+    single = model.config.streams == 1
     if use_cache:
-        capacity = max(len(s) + len(t) for s, t in zip(sources, targets)) + max(1, max(map(len, sources)))
+        capacity = max(len(s) + len(t) for s, t in zip(sources, targets)) + max(1, max(map(len, sources))) + single
         cache = model.new_cache(batch_size, capacity)
-        new_rows = sources  # the first call writes S (group 0)
-        new_groups = [np.zeros(len(s), dtype=np.int64) for s in sources]
+        # The first call writes S (group 0), after the START row in single-stream mode.
+        new_rows = [np.concatenate([[START_POSITION] * single, s]) for s in sources]
+        new_groups = [np.zeros(len(r), dtype=np.int64) for r in new_rows]
     try:
         for step in range(1, max(map(len, targets)) + 1):
             candidates = [[] if not remaining[b] else (list(remaining[b]) if plans is None else [int(plans[b][step - 1])])
@@ -133,15 +144,22 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
             if use_cache:
                 valid = _pad_rows(new_groups, -1)
                 rows = _pad_rows(new_rows, 0)
-                row_tokens = torch.from_numpy(np.take_along_axis(tokens, rows.numpy(), axis=1))
-                query = _pad_rows(candidates, -1)
-                query_groups = torch.where(query >= 0, step, INVALID_GROUP)
-                logits = model.decode_step(
-                    cache, row_tokens.to(device), rows.to(device),
-                    torch.where(valid >= 0, valid, INVALID_GROUP).to(device),
-                    query.clamp(min=0).to(device), query_groups.to(device))
+                row_tokens = np.take_along_axis(tokens, rows.clamp(min=0).numpy(), axis=1)
+                row_tokens = torch.from_numpy(np.where(rows.numpy() == START_POSITION, model.config.bos_id, row_tokens))
+                row_groups = torch.where(valid >= 0, valid, INVALID_GROUP).to(device)
+                if single and plans is not None:  # the first new row (START, or the last decoded) reads the next target
+                    reads = torch.full_like(rows, NO_TARGET)
+                    reads[:, 0] = torch.tensor([c[0] if c else NO_TARGET for c in candidates])
+                    logits = model.decode_step(cache, row_tokens.to(device), rows.to(device), row_groups,
+                                               target_positions=reads.to(device))[:, :1]
+                else:
+                    query = _pad_rows(candidates, -1)
+                    query_groups = torch.where(query >= 0, step, INVALID_GROUP)
+                    logits = model.decode_step(cache, row_tokens.to(device), rows.to(device), row_groups,
+                                               query.clamp(min=0).to(device), query_groups.to(device))
             else:
-                logits = _full_pass_logits(model, tokens, sources, decoded, candidates, pad_id)
+                logits = _full_pass_logits(model, tokens, sources, decoded, candidates, pad_id,
+                                           all_query=single and plans is None)
             logits = logits.double()
             if mask is not None:
                 logits = logits.masked_fill(~mask, -math.inf)

@@ -15,7 +15,7 @@ from pretrain.collate import collate
 from pretrain.config import load_config
 from pretrain.engine import LossModel, deepspeed_config, param_groups, precision
 from pretrain.model import BigLearner, ModelConfig
-from pretrain.objectives import ObjectiveSampler
+from pretrain.objectives import ObjectiveConfig, ObjectiveSampler
 from pretrain.train import step_flops
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,28 +57,36 @@ def test_param_groups_cover_every_parameter_once_and_decay_only_matrices():
     assert all(p.dim() == 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
 
 
-def test_flop_count_matches_a_brute_force_count():
-    """step_flops against a per-row count: every weight matrix a row passes through (2 FLOPs per
-    multiply-add) and 4 * head_dim * heads per visible (row, key) pair, times 3 for training."""
-    config = ModelConfig(vocab_size=97, d_model=48, n_layers=3, n_heads=4, n_kv_heads=2)
+@pytest.mark.parametrize("streams", [1, 2])
+def test_flop_count_matches_a_brute_force_count(streams):
+    """step_flops against a per-row count of what the model computes in each mode: every weight
+    matrix a row passes through (2 FLOPs per multiply-add) and 4 * head_dim * heads per visible
+    (row, key) pair, times 3 for training. Content rows of the last target group are read by
+    nobody and not computed; single stream adds START and keeps only the query rows it needs."""
+    config = ModelConfig(vocab_size=97, d_model=48, n_layers=3, n_heads=4, n_kv_heads=2, streams=streams)
     rng = np.random.default_rng(0)
-    windows = [rng.integers(0, 97, size=int(n)) for n in rng.integers(6, 20, size=5)]
-    batch = collate(windows, [ObjectiveSampler("biglearn")(len(w), rng) for w in windows], 0)
+    windows = [rng.integers(0, 97, size=int(n)) for n in rng.integers(6, 20, size=6)]
+    sampler = ObjectiveSampler(ObjectiveConfig(name="mixture", mixture={"biglearn": 1, "mlm": 1, "semi_ar": 1}))
+    batch = collate(windows, [sampler(len(w), rng) for w in windows], 0)
     d, hd, f = config.d_model, config.head_dim, config.ffn_hidden
     weights = {"wq": d * 4 * hd, "wkv": d * 2 * 2 * hd, "wo": 4 * hd * d, "mlp": 3 * d * f}
     total = 0
     for b in range(len(windows)):
-        groups = batch.groups[b][:batch.n_source[b] + batch.n_target[b]]
+        n_target = batch.n_target[b]
+        targets = batch.target_groups[b][:n_target]
+        groups = [g for g in batch.groups[b][:batch.n_source[b] + n_target] if g < max(targets)]
+        groups = [0] * (streams == 1) + groups  # START
+        queries = [g for g, p in zip(targets, batch.predictor[b]) if streams == 2 or p == -2]
         for layer in range(config.n_layers):
             last = layer == config.n_layers - 1
             for g in groups:  # content rows: only K/V in the last layer
                 total += 2 * (weights["wkv"] if last else sum(weights.values()))
                 if not last:
                     total += 4 * 4 * hd * sum(1 for k in groups if k <= g)
-            for g in batch.target_groups[b][:batch.n_target[b]]:  # query rows
+            for g in targets if last else queries:  # query rows; in the last layer every predictor row
                 total += 2 * (weights["wq"] + weights["wo"] + weights["mlp"])
                 total += 4 * 4 * hd * sum(1 for k in groups if k < g)
-        total += 2 * d * config.vocab_size * batch.n_target[b]
+        total += 2 * d * config.vocab_size * n_target
     assert step_flops(config, batch) == pytest.approx(3 * total, rel=1e-12)
 
 
