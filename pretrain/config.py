@@ -37,6 +37,12 @@ DATA_KINDS = ("demo", "manifest")
 
 
 @dataclass
+class DataSource:
+    manifest: str = "???"
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
     kind: str = "demo"  # "demo": build tokenizer + shards from the stdlib corpus; "manifest": use `manifest`
     manifest: str | None = None  # manifest written by data_pipeline (kind=manifest)
@@ -48,6 +54,10 @@ class DataConfig:
     num_workers: int = 0
     seed: int = 0
     shuffle: bool = True
+    # Weighted mix of datasets (pretrain.mixing), used instead of `manifest` when given:
+    # [{manifest: PATH, weight: W}, ...]; all built with the same tokenizer.
+    sources: list[DataSource] = field(default_factory=list)
+    allow_external_shards: bool = False  # accept manifest shard paths outside the manifest's directory
 
 
 @dataclass
@@ -147,8 +157,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         validate_vae(config.vae)
     d, ds, t, e = config.data, config.deepspeed, config.trainer, config.eval
     _check(d.kind in DATA_KINDS, "data.kind", f"must be one of {DATA_KINDS}", d.kind)
-    if d.kind == "manifest":
+    if d.kind == "manifest" and not d.sources:
         _check(bool(d.manifest), "data.manifest", "must name a manifest file when data.kind=manifest", d.manifest)
+    for i, source in enumerate(d.sources):
+        _check(source.weight >= 0, f"data.sources[{i}].weight", "must be >= 0", source.weight)
     _check(d.demo_max_files >= 0, "data.demo_max_files", "must be >= 0 (0 = every file)", d.demo_max_files)
     for key in ("batch_size", "demo_vocab_size", "demo_seq_len"):
         _check(getattr(d, key) >= 1, f"data.{key}", "must be >= 1", getattr(d, key))

@@ -42,8 +42,12 @@ class MixedStream:
                 if stream.manifest["tokenizer"][key] != first.manifest["tokenizer"][key]:
                     raise ValueError(f"data.sources: {path} was built with another tokenizer than {self.paths[0]} "
                                      f"({key} {stream.manifest['tokenizer'][key]} vs {first.manifest['tokenizer'][key]})")
+            if stream.n_segments != first.n_segments:
+                raise ValueError(f"data.sources: {path} has {stream.n_segments} segments per sample, "
+                                 f"{self.paths[0]} has {first.n_segments}")
         self.seed = seed
         self.manifest, self.pad_id, self.vocab_size = first.manifest, first.pad_id, first.vocab_size
+        self.n_segments = first.n_segments
         self.seq_len = max(stream.seq_len for stream in self.streams)
         self.last_keys: list[str] = []
         self._batch = 0
@@ -95,3 +99,22 @@ class MixedStream:
                                                                    "samples", "batches")}
         return {**totals, "epoch": min(s["epoch"] for s in per_source),
                 "tokens_per_source": dict(zip(self.paths, self._tokens))}
+
+
+def open_train_stream(data, sampler, manifest, rank: int, world_size: int):
+    """The training stream a data config asks for (the trainer's one entry point into the data
+    path): the manifest's BatchStream, or the weighted MixedStream of `data.sources`."""
+    common = dict(split="train", sampler=sampler, batch_size=data.batch_size, rank=rank, world_size=world_size,
+                  num_workers=data.num_workers, seed=data.seed, shuffle=data.shuffle,
+                  allow_external_shards=data.allow_external_shards)
+    if data.sources:
+        return MixedStream([(source.manifest, source.weight) for source in data.sources], **common)
+    return BatchStream(manifest, **common)
+
+
+def data_counters(stream) -> dict:
+    """What the metrics and the end-of-run summary report about the data: skipped shards and
+    samples, wraps, and tokens per source for a mix."""
+    stats = stream.stats
+    keys = ("skipped_shards", "skipped_samples", "wraps", "tokens_per_source")
+    return {key: stats[key] for key in keys if key in stats}

@@ -31,12 +31,12 @@ import torch
 from . import checkpoint as ckpt
 from .collate import QUERY_PREDICTOR
 from .config import CONFIG_DIR, TrainConfig, available_options, load_config, resolve_run_dir, to_dict, to_yaml
-from .data import BatchStream
 from .engine import build_engine, dynamic_loss_scale, init_distributed, task_stats, use_cpu
 from .errors import UserError
 from .evaluate import eval_batches, evaluate, plot_run, validation_windows
 from .export import init_config, load_init
 from .guard import BadStepGuard, TrainingError
+from .mixing import data_counters, open_train_stream
 from .model import BigLearner, ModelConfig
 from .objectives import TASKS, ObjectiveSampler
 from .utils import METRICS, format_matrix
@@ -53,6 +53,11 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 def prepare_manifest(config: TrainConfig, rank: int) -> Path:
     """The manifest to train on; kind=demo builds it (rank 0, once) from the stdlib corpus."""
     d = config.data
+    for i, source in enumerate(d.sources):
+        if not Path(source.manifest).is_file():
+            raise ValueError(f"data.sources[{i}].manifest: {source.manifest} does not exist")
+    if d.sources:  # evaluation reads the first source's validation split
+        return Path(d.sources[0].manifest)
     if d.kind == "manifest":
         path = Path(d.manifest)
         if not path.is_file():
@@ -196,16 +201,17 @@ def train(config: TrainConfig) -> dict:
         torch.use_deterministic_algorithms(True)
 
     manifest = prepare_manifest(config, rank).resolve()
-    stream = BatchStream(
-        manifest, split="train", sampler=ObjectiveSampler(config.objective), batch_size=config.data.batch_size,
-        rank=rank, world_size=world_size, num_workers=config.data.num_workers, seed=config.data.seed,
-        shuffle=config.data.shuffle)
+    stream = open_train_stream(config.data, ObjectiveSampler(config.objective), manifest, rank, world_size)
     tokenizer = stream.manifest["tokenizer"]
     if config.model.init:  # architecture and weights of an export (docs/hf.md)
         config = replace(config, model=init_config(config.model, stream.vocab_size, tokenizer["sha256"]))
     elif (config.model.vocab_size, config.model.bos_id) != (stream.vocab_size, tokenizer["bos_id"]):
         log.info("model.vocab_size, model.bos_id set to %d, %d from %s", stream.vocab_size, tokenizer["bos_id"], manifest)
         config = replace(config, model=replace(config.model, vocab_size=stream.vocab_size, bos_id=tokenizer["bos_id"]))
+    if stream.n_segments > config.model.n_segment_types and not config.model.init:
+        # the model's segment embedding sees the data's segment ids
+        log.info("model.n_segment_types set to %d from %s", stream.n_segments, manifest)
+        config = replace(config, model=replace(config.model, n_segment_types=stream.n_segments))
     if stream.seq_len > config.model.max_seq_len:
         raise ValueError(f"model.max_seq_len={config.model.max_seq_len} is shorter than the data's windows "
                          f"({stream.seq_len} tokens, {manifest})")
@@ -340,6 +346,7 @@ def train(config: TrainConfig) -> dict:
                     "tokens_seen": progress["tokens_seen"], "memory_gb": memory_gb(on_cpu),
                     "skipped_micro_batches": progress["skipped_micro_batches"],
                     "data_digest": progress["data_digest"], "epoch": stream.stats["epoch"],
+                    "data": data_counters(stream),
                 }
                 if peak:
                     record["mfu"] = totals[-1] / elapsed / (peak * world_size)
@@ -360,11 +367,11 @@ def train(config: TrainConfig) -> dict:
         last_saved = save() if last_saved is None or last_saved.name != ckpt.tag_name(progress["step"]) else last_saved
         if stop_reason == "signal":
             return {"run_dir": str(run_dir), "step": progress["step"], "checkpoint": str(last_saved),
-                    "stopped": "signal"}
+                    "stopped": "signal", "data": data_counters(stream)}
         matrix = run_eval()
         summary = {"run_dir": str(run_dir), "step": progress["step"], "checkpoint": str(last_saved),
                    "tokens_seen": progress["tokens_seen"], "eval": matrix, "stopped": stop_reason,
-                   "minutes": (time.perf_counter() - started) / 60}
+                   "minutes": (time.perf_counter() - started) / 60, "data": data_counters(stream)}
         if rank == 0:
             log.info("validation matrix at step %d:\n%s", progress["step"], format_matrix(matrix))
             if t.export_at_end and not guard.healthy:
@@ -380,6 +387,7 @@ def train(config: TrainConfig) -> dict:
             bar.close()
         if metrics is not None:
             metrics.close()
+        stream.close()  # the data workers stop with the run, whatever ended it
         for s, handler in previous_handlers.items():
             signal.signal(s, handler)
 

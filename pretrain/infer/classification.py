@@ -21,11 +21,12 @@ from .scoring import check_length, eval_forward, split_spec
 
 
 @torch.no_grad()
-def classify(model, samples, label_position, label_token_ids, *, pad_id: int = 0):
+def classify(model, samples, label_position, label_token_ids, *, pad_id: int = 0, segments=None):
     """p(y | x) from the label slot: S = every other position of the sample, T = {label slot}.
 
     samples: token sequences (lengths may differ; the label slot's content is ignored);
     label_position: one int for all or one per sample; label_token_ids: the C label tokens.
+    segments: per-sample segment ids, for a model pretrained on multi-segment data.
     Returns probabilities [B, C] renormalised over the label tokens, and the model's total mass
     on them [B] (near 1 for a model trained with the label slot).
     """
@@ -40,7 +41,7 @@ def classify(model, samples, label_position, label_token_ids, *, pad_id: int = 0
         check_length(model, len(s))
     specs = [split_spec(len(s), np.setdiff1d(np.arange(len(s)), [p]), [p]) for s, p in zip(samples, positions)]
     device = next(model.parameters()).device
-    logits = eval_forward(model, collate(samples, specs, pad_id).to_torch(device))[:, 0].double()
+    logits = eval_forward(model, collate(samples, specs, pad_id, segments=segments).to_torch(device))[:, 0].double()
     log_probs = logits.log_softmax(-1)[:, label_ids.to(device)]
     return log_probs.softmax(-1).cpu(), log_probs.exp().sum(-1).cpu()
 

@@ -91,3 +91,13 @@ def test_run_dir_is_explicit_else_slurm_job_else_run_name():
     assert resolve_run_dir(config, environ={"SLURM_JOB_ID": "77"}) == Path("runs/slurm-77")
     config = load_config(["run_dir=/tmp/x", "run_name=abc"])
     assert resolve_run_dir(config, environ={"SLURM_JOB_ID": "77"}) == Path("/tmp/x")
+
+
+def test_data_sources_and_segment_rules_come_from_overrides():
+    config = load_config(["data=custom", "data.sources=[{manifest: a/manifest.json, weight: 3}, {manifest: b.json}]",
+                          "objective.segments=[{p_source: 0.5, p_target: 0.5}, {}]"])
+    assert [(s.manifest, s.weight) for s in config.data.sources] == [("a/manifest.json", 3.0), ("b.json", 1.0)]
+    assert config.data.manifest is None and not config.data.allow_external_shards  # a mix needs no data.manifest
+    assert [(r.p_source, r.p_target, r.p_drop) for r in config.objective.segments] == [(0.5, 0.5, 0.0), (0.0, 0.0, 0.0)]
+    with pytest.raises(ValueError, match=r"data.sources\[1\].weight"):
+        load_config(["data.sources=[{manifest: a.json}, {manifest: b.json, weight: -1}]"])
