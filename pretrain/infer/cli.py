@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UserError, add_debug_flag, cli_main
 from .classification import LabelLayout, classify, read_examples
-from .decoding import STRATEGIES, complete
+from .decoding import CACHED, SCHEDULES, STRATEGIES, complete
 from .loading import load_model
 from .scoring import check_length, score, score_orders
 
@@ -117,7 +117,8 @@ def _cmd_complete(args, model, tokenizer):
     source = [p for p in range(len(ids)) if p not in set(gaps)]
     tokens = np.asarray([ids] * args.num_samples)
     result = complete(model, tokens, [source] * args.num_samples, [gaps] * args.num_samples,
-                      strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                      strategy=args.strategy, group_size=args.group_size, schedule=args.schedule, steps=args.steps,
+                      block_size=args.block_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                       seed=args.seed, use_cache=not args.no_cache, pad_id=pad)
     for row, lp in zip(result.tokens, result.log_probs):
         print(json.dumps({"text": tokenizer.decode(row), "filled": tokenizer.decode(row[gaps]), "log_prob": float(lp),
@@ -171,12 +172,21 @@ def _main(argv: list[str]) -> None:
     p.add_argument("--gap-len", type=int, default=2, help="tokens per [___] gap")
     p.add_argument("--gaps", help="instead of markers: insert gaps 'POS:LEN,...' at token offsets of --text")
     p.add_argument("--continue", dest="continue_n", type=int, default=0, help="plain continuation of n tokens")
-    p.add_argument("--strategy", choices=STRATEGIES, default="left_to_right")
+    p.add_argument("--strategy", choices=STRATEGIES, default="left_to_right",
+                   help=f"decoding order; with the key/value cache: {', '.join(CACHED)}; a full forward pass per "
+                        "step (masked diffusion, as LLaDA): remask_low_confidence, remask_random, block")
+    p.add_argument("--group-size", type=int, default=4,
+                   help="group_parallel: tokens decided per step, sampled independently and cached as one group")
+    p.add_argument("--schedule", choices=SCHEDULES, default="confidence",
+                   help="group_parallel: which tokens each step decides (the most confident, or the next of a fixed order)")
+    p.add_argument("--steps", type=int, help="remask_*, block: denoising steps, 1..tokens to fill (default: one per token)")
+    p.add_argument("--block-size", type=int, help="block: tokens per semi-autoregressive block; must divide the tokens to fill")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--num-samples", type=int, default=1, help="completions, decoded as one batch")
-    p.add_argument("--no-cache", action="store_true", help="full forward pass per token (reference, slow)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="cached strategies: a full forward pass per step instead (reference, slow)")
     p = sub.add_parser("classify", parents=[common], help="p(y | x) from a fine-tuned model's label slot")
     p.add_argument("--input", required=True, help="JSONL ({text, [text_pair], [label]}) or TSV (text[, text_pair][, label])")
     args = parser.parse_args(argv)

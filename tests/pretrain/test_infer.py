@@ -251,6 +251,31 @@ def test_cli_complete_fills_only_the_gaps(text_model, capsys):
     assert line["gaps"] == list(range(n_prompt, n_prompt + 4)) and line["ids"][:n_prompt] == tokenizer.encode("the cat")
 
 
+@pytest.mark.parametrize("options", [["--strategy", "group_parallel", "--group-size", "2", "--schedule", "random"],
+                                     ["--strategy", "remask_random", "--steps", "3"],
+                                     ["--strategy", "block", "--block-size", "2", "--steps", "2"]])
+def test_cli_parallel_and_masked_diffusion_strategies_fill_only_the_gaps(text_model, capsys, options):
+    directory, tokenizer = text_model
+    base = ["--model", str(directory / "model"), "--tokenizer", str(directory / "tok"), "--device", "cpu"]
+    assert main(["complete", *base, "--text", "the [___:4] sat", "--num-samples", "2", *options]) == 0
+    ids, gaps = parse_gaps("the [___:4] sat", tokenizer.encode, 2, tokenizer.pad_id)
+    for line in map(json.loads, capsys.readouterr().out.splitlines()):
+        assert line["gaps"] == gaps and [t for p, t in enumerate(line["ids"]) if p not in gaps] == \
+            [t for p, t in enumerate(ids) if p not in gaps]
+
+
+def test_cli_sampler_flags_out_of_range_name_the_flag(text_model, capsys):
+    directory, _ = text_model
+    base = ["complete", "--model", str(directory / "model"), "--tokenizer", str(directory / "tok"), "--device", "cpu",
+            "--text", "the [___:4] sat"]
+    assert "--steps must be an integer >= 1" in user_error(capsys, [*base, "--strategy", "remask_random", "--steps", "0"])
+    assert "--steps 5 exceeds the 4 masked tokens" in user_error(
+        capsys, [*base, "--strategy", "remask_low_confidence", "--steps", "5"])
+    assert "--block-size 3 does not divide the 4 tokens" in user_error(
+        capsys, [*base, "--strategy", "block", "--block-size", "3", "--steps", "2"])
+    assert "--group-size" in user_error(capsys, [*base, "--strategy", "group_parallel", "--group-size", "0"])
+
+
 def test_cli_errors_name_the_problem(text_model, capsys):
     directory, _ = text_model
     base = ["--model", str(directory / "model"), "--tokenizer", str(directory / "tok"), "--device", "cpu"]
