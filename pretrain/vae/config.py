@@ -55,7 +55,6 @@ class VAETrainConfig:
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
-    grad_clip: float = 1.0  # 0 disables clipping
     kl_weight: float = 0.01  # beta of eqs. (1), (6), (7); 0.01 as in Appendix A
     kl_warmup_steps: int = 0  # beta rises linearly from 0 over these steps (KL annealing, Bowman et al.)
     seed: int = 0
@@ -90,7 +89,7 @@ def validate(config: VAEExperiment) -> VAEExperiment:
     for key in ("steps", "batch_size"):
         if getattr(t, key) < 1:
             raise ValueError(f"vae.train.{key} must be >= 1; got {getattr(t, key)!r}")
-    for key in ("warmup_steps", "kl_warmup_steps", "weight_decay", "grad_clip", "kl_weight"):
+    for key in ("warmup_steps", "kl_warmup_steps", "weight_decay", "kl_weight"):
         value = getattr(t, key)
         if not (math.isfinite(value) and value >= 0):
             raise ValueError(f"vae.train.{key} must be a number >= 0; got {value!r}")

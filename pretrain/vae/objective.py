@@ -121,3 +121,25 @@ def decode_into(model, x: torch.Tensor, source: np.ndarray, z: torch.Tensor) -> 
     rows, cols = torch.nonzero(lay.target_mask, as_tuple=True)
     out[rows, lay.query_positions[rows, cols]] = mean[rows, cols]
     return out
+
+
+@dataclass
+class PatchBatch:
+    """One training batch: patch values x [B, L, D] in natural order, their (S, T) splits in the
+    sorted layout (`patch_batch`) and the KL weight of this step."""
+    x: torch.Tensor
+    splits: TaskBatch
+    kl_weight: float
+
+
+class ELBOLoss(torch.nn.Module):
+    """`loss(batch) -> (negative ELBO per patch dimension, per-sample terms)`: the interface of the
+    project's shared training step (pretrain.synthetic.train_step) around either VAE."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def loss(self, batch: PatchBatch):
+        out = elbo(self.model, batch.x, batch.splits, batch.kl_weight)
+        return -out["elbo"].mean() / (batch.x.shape[1] * batch.x.shape[2]), out

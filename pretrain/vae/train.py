@@ -1,9 +1,10 @@
-"""Training of both VAEs through one optimiser step, and their evaluation.
+"""Training of both VAEs through the project's one training step, and their evaluation.
 
 The universal BigLearn-VAE maximises BigLearnELBO_U (eq. 7) over (S, T) draws; the jointly
 trained VAE maximises JointELBO (eq. 1) on every step. Same optimiser, schedule, batch and
-number of steps for both, so the comparison is at equal budget. The loss is the negative ELBO
-per patch dimension (nats), which keeps gradient clipping independent of the image size.
+number of steps for both, so the comparison is at equal budget. Every update is
+pretrain.synthetic.train_step (gradients clipped to norm 1) on objective.ELBOLoss: the negative
+ELBO per patch dimension (nats), which keeps that clipping independent of the image size.
 """
 from __future__ import annotations
 
@@ -13,19 +14,10 @@ import sys
 import numpy as np
 import torch
 
+from ..synthetic import train_step
 from . import objective
 from .config import VAEExperiment
 from .model import MODELS
-
-
-def optimizer_step(model, optimizer, schedule, loss: torch.Tensor, grad_clip: float) -> None:
-    """One update: backward, optional clipping, optimiser and schedule step."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    schedule.step()
 
 
 def warmup_cosine(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -50,19 +42,18 @@ def fit(kind: str, train_x: torch.Tensor, experiment: VAEExperiment, progress: b
     if progress:
         from tqdm import tqdm
         steps = tqdm(steps, desc=f"train {kind}", unit="step", mininterval=2, file=sys.stderr)
-    model.train()
+    loss_module = objective.ELBOLoss(model)
     for step in steps:
         kl_weight = t.kl_weight * min(1.0, (step + 1) / t.kl_warmup_steps) if t.kl_warmup_steps else t.kl_weight
         x = train_x[torch.from_numpy(rng.integers(n_images, size=t.batch_size))]
         specs = objective.biglearn_specs(n_patches, t.batch_size, rng, experiment.objective) \
             if kind == "biglearn_vae" else objective.joint_specs(n_patches, t.batch_size)
-        out = objective.elbo(model, x, objective.patch_batch(specs, n_patches), kl_weight)
-        loss = -out["elbo"].mean() / (n_patches * patch_dim)
+        loss = train_step(loss_module, optimizer, schedule,
+                          objective.PatchBatch(x, objective.patch_batch(specs, n_patches), kl_weight))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train {kind}: non-finite loss {loss.item()} (lower vae.train.lr?)")
-        optimizer_step(model, optimizer, schedule, loss, t.grad_clip)
         if progress:
-            steps.set_postfix(elbo=f"{out['elbo'].mean().item():.1f}", kl=f"{out['kl'].mean().item():.2f}", refresh=False)
+            steps.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return model.eval()
 
 
