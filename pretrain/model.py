@@ -278,13 +278,14 @@ class BigLearner(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """nn.Module.load_state_dict, refusing weights saved in the other attention mode."""
-        saved = 1 if any(k.endswith("offset_embed.weight") for k in state_dict) else 2
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Refuse weights saved in the other attention mode, also when this model is loaded as a
+        submodule (e.g. inside the DeepSpeed engine's wrapper): only single stream has offset_embed."""
+        saved = 1 if prefix + "offset_embed.weight" in state_dict else 2
         if saved != self.config.streams:
             raise ValueError(f"checkpoint weights are for model.streams={saved} but the model has "
                              f"model.streams={self.config.streams}; convert the checkpoint or set model.streams={saved}")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check_batch(self, batch: TaskBatch) -> tuple[int, int]:
         """ValueError naming the field; one host sync for all checks. Returns (content rows to

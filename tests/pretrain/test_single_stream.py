@@ -258,6 +258,9 @@ def test_bad_input_names_the_field():
     for model, other in ((single, double), (double, single)):
         with pytest.raises(ValueError, match=f"model.streams={other.config.streams}"):
             model.load_state_dict(other.state_dict())
+        wrapper = torch.nn.ModuleDict({"model": model})  # as inside the DeepSpeed engine
+        with pytest.raises(ValueError, match=f"model.streams={other.config.streams}"):
+            wrapper.load_state_dict({f"model.{k}": v for k, v in other.state_dict().items()})
     batch.predictor = None
     double(batch)  # two streams never read it
     with pytest.raises(ValueError, match="batch.predictor"):
