@@ -110,9 +110,9 @@ class PatchTransformer(nn.Module):
         g = self.patch_query.to(h.dtype) + torch.cat([angles.cos(), angles.sin()], dim=-1).to(h.dtype)
         g = self._run(h, positions_all, groups_all, g, query_positions + 1, query_groups.to(torch.int32))
         mean = self.patch_head(g)
-        # A fixed variance, as the paper's N(mu(z), I): a learned one lets the decoder explain
-        # every pixel as noise early on (it scales the mean's gradient by 1 / variance), and both
-        # models then left z almost unused within this project's CPU budget.
+        # A fixed variance (config.decoder_std), as the paper's N(mu(z), I): a learned one lets
+        # the decoder explain every pixel as noise early on (it scales the mean's gradient by
+        # 1 / variance), and both models then left z almost unused within this CPU budget.
         return mean, torch.full_like(mean, 2 * math.log(self.config.decoder_std))
 
 
