@@ -71,6 +71,7 @@ endif
 	$(PY) bench/peers.py
 	$(PY) bench/data.py
 	$(PY) bench/groundtruth.py
+	$(PY) bench/decode.py
 
 # Kernel tests, attention kernels, peers and MFU on one GPU (~8 min), one summary table +
 # gpu_check.json; without a GPU every part is skipped with the reason (docs/benchmarks.md).

@@ -1,0 +1,27 @@
+"""bench/decode.py: the --quick run has every sampler row, finite speeds and exact quality figures."""
+import json
+import math
+import runpy
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "decode.py"
+decode = runpy.run_path(str(BENCH))
+
+
+def test_quick_decode_bench_has_every_row(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    rows = decode["main"](["--quick", "--no-tiny", "--batch-sizes", "1", "2", "--json", str(out)])
+    assert json.loads(out.read_text()) == rows
+    systems = {r["system"] for r in rows}
+    assert {"sequential", "group_parallel k=4 random", "group_parallel k=2 confidence", "remask K=6",
+            "hf-xlnet generate"} <= systems
+    for row in rows:
+        assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
+        if row["system"] == "sequential":
+            assert row["vs_sequential"] == 1.0 and row["quality_vs_sequential"] == 1.0
+        if row["system"] != "hf-xlnet generate":
+            # -log q per token of sequences from an 8-state chain: between 0 and a generous bound
+            # (an untrained model's samples cost up to ~ -log min transition probability).
+            assert 0 < row["nll_per_token"] < 20 and 0 <= row["position_entropy"] <= math.log(8) + 1e-9
+    printed = capsys.readouterr().out
+    assert "goals:" in printed and "group_parallel k=4 random, B=2" in printed and "nan" not in printed.lower()
