@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from pathlib import Path
 
 import numpy as np
@@ -16,44 +15,9 @@ import torch
 from ..errors import UserError, add_debug_flag, cli_main
 from .classification import LabelLayout, classify, read_examples
 from .decoding import CACHED, SCHEDULES, STRATEGIES, complete
-from .loading import load_model
+from .loading import bundled_tokenizer, load_model
 from .scoring import check_length, score, score_orders
-
-
-GAP = re.compile(r"\[_+(?::(\d+))?\]")
-
-
-def parse_gaps(text: str, encode, gap_len: int, pad_id: int = 0):
-    """Token ids and gap positions of `text` in which each `[___]` (or `[___:n]`) is a gap of
-    gap_len (or n) tokens. `encode` maps a string to token ids."""
-    ids, gaps, start = [], [], 0
-    for match in GAP.finditer(text):
-        ids += encode(text[start:match.start()]) if text[start:match.start()].strip() else []
-        n = int(match.group(1)) if match.group(1) else gap_len
-        if n < 1:
-            raise UserError(f"gap {match.group(0)!r} must have length >= 1")
-        gaps += range(len(ids), len(ids) + n)
-        ids += [pad_id] * n
-        start = match.end()
-    ids += encode(text[start:]) if text[start:].strip() else []
-    return ids, gaps
-
-
-def insert_gaps(ids, spec: str, pad_id: int = 0):
-    """Insert gaps given as 'POS:LEN,...' (token offsets into ids) -> (ids, gap positions)."""
-    ids, gaps, shift = list(ids), [], 0
-    try:
-        pairs = sorted((int(p), int(n)) for p, n in (item.split(":") for item in spec.split(",")))
-    except ValueError:
-        raise UserError(f"--gaps must look like 'POS:LEN,POS:LEN'; got {spec!r}") from None
-    for pos, n in pairs:
-        if not 0 <= pos <= len(ids) - shift or n < 1:
-            raise UserError(f"--gaps {pos}:{n}: position must lie in [0, {len(ids) - shift}] and length be >= 1")
-        at = pos + shift
-        ids[at:at] = [pad_id] * n
-        gaps += range(at, at + n)
-        shift += n
-    return ids, gaps
+from .text import gapped_ids
 
 
 def parse_positions(spec: str | None, length: int) -> list[int]:
@@ -67,12 +31,6 @@ def parse_positions(spec: str | None, length: int) -> list[int]:
     if any(not 0 <= p < length for p in out):
         raise UserError(f"positions {spec!r} must lie in [0, {length})")
     return out
-
-
-def _bundled_tokenizer(export_dir: Path) -> Path | None:
-    """An export's own tokenizer (exports carry it since docs/hf.md), else None."""
-    from data_pipeline.tokenizer import HF_FILE, INFO_FILE, MODEL_FILE
-    return export_dir if any((export_dir / n).is_file() for n in (INFO_FILE, HF_FILE, MODEL_FILE)) else None
 
 
 def _load_tokenizer(path):
@@ -103,16 +61,7 @@ def _cmd_score(args, model, tokenizer):
 
 def _cmd_complete(args, model, tokenizer):
     pad = tokenizer.pad_id
-    if args.continue_n:
-        ids = tokenizer.encode(args.text) if args.text.strip() else []
-        gaps = list(range(len(ids), len(ids) + args.continue_n))
-        ids += [pad] * args.continue_n
-    elif args.gaps:
-        ids, gaps = insert_gaps(tokenizer.encode(args.text), args.gaps, pad)
-    else:
-        ids, gaps = parse_gaps(args.text, tokenizer.encode, args.gap_len, pad)
-    if not gaps:
-        raise UserError("nothing to complete: mark gaps with [___] or [___:n], or pass --gaps / --continue")
+    ids, gaps = gapped_ids(tokenizer, args.text, gap_len=args.gap_len, gaps=args.gaps, continue_n=args.continue_n)
     check_length(model, len(ids))
     source = [p for p in range(len(ids)) if p not in set(gaps)]
     tokens = np.asarray([ids] * args.num_samples)
@@ -192,7 +141,7 @@ def _main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     if args.tokenizer is None and (Path(args.model) / "model_config.json").is_file():
-        args.tokenizer = _bundled_tokenizer(Path(args.model))
+        args.tokenizer = bundled_tokenizer(Path(args.model))
     tokenizer = _load_tokenizer(args.tokenizer)
     if tokenizer is None and (args.command != "score" or args.text is not None):
         parser.error(f"{args.command} needs --tokenizer")

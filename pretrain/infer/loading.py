@@ -29,3 +29,9 @@ def load_model(path, device="cpu", tokenizer_sha256: str | None = None, trust_ch
             raise UserError(f"{path} was trained with tokenizer sha256 {recorded}, but the given tokenizer has "
                              f"sha256 {tokenizer_sha256}: token ids would not match")
     return model, meta
+
+
+def bundled_tokenizer(export_dir: Path) -> Path | None:
+    """An export's own tokenizer directory (exports carry it, docs/hf.md), else None."""
+    from data_pipeline.tokenizer import HF_FILE, INFO_FILE, MODEL_FILE
+    return export_dir if any((export_dir / n).is_file() for n in (INFO_FILE, HF_FILE, MODEL_FILE)) else None
