@@ -7,6 +7,8 @@ import argparse
 import json
 import sys
 
+from pretrain.errors import add_debug_flag, cli_main
+
 from . import build_demo
 from .inspection import format_report, inspect_dataset
 from .shards import MODES, ShardConfig, build_shards
@@ -39,12 +41,9 @@ def _inputs(args) -> tuple[list[str], SourceConfig]:
 
 
 def main(argv=None) -> int:
-    """Entry point (also `biglearn-data`): bad input is reported in one line, not a traceback."""
-    try:
-        return _run(argv)
-    except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    """Entry point (also `biglearn-data`): bad input is reported in one line, not a traceback
+    (the pipeline's ValueErrors all name the file, field or flag); --debug shows it."""
+    return cli_main(_run, "python -m data_pipeline", argv, user_errors=(ValueError,))
 
 
 def _run(argv) -> int:
@@ -106,6 +105,8 @@ def _run(argv) -> int:
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents in the val split")
     p.add_argument("--shard-size-mb", type=float, default=0.125, help="target token payload per shard")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (None: one per core)")
+    for command in commands.choices.values():
+        add_debug_flag(command)
 
     args = parser.parse_args(argv)
     if args.command == "tokenizer":

@@ -19,6 +19,8 @@ import re
 import sys
 from pathlib import Path
 
+from pretrain.errors import add_debug_flag, cli_main
+
 # Literal parts of a host name (letters, digits, '.', '_', '-'); anything else is an error,
 # which also keeps the names safe to splice into shell commands.
 _LITERAL = re.compile(r"[A-Za-z0-9._-]+")
@@ -168,25 +170,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("nodelist")
     p.add_argument("--job-id", default=None, help="SLURM job id the port is derived from")
     p.add_argument("--port", type=int, default=None, help="use this port instead of deriving one")
+    for command in sub.choices.values():
+        add_debug_flag(command)
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = _parse_args(argv)
-    try:
-        hosts = expand_nodelist(args.nodelist)
-        if args.command == "expand":
-            print("\n".join(hosts))
-        elif args.command == "write":
-            text = hostfile_text(hosts, args.slots)
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(text)
-        else:
-            print(hosts[0], master_port(args.job_id, args.port))
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    hosts = expand_nodelist(args.nodelist)
+    if args.command == "expand":
+        print("\n".join(hosts))
+    elif args.command == "write":
+        text = hostfile_text(hosts, args.slots)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(text)
+    else:
+        print(hosts[0], master_port(args.job_id, args.port))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Every ValueError here names the malformed node-list expression or port.
+    return cli_main(_main, "python -m launch.hostfile", argv, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 # The function the shard builder records hashes with, so both sides hash the same way.
 from data_pipeline.files import file_sha256
+from pretrain.errors import add_debug_flag, cli_main
 
 MAX_LISTED = 10  # failures listed per check and node before "... and N more"
 
@@ -361,18 +362,24 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fail below this all-reduce bus bandwidth (GB/s), e.g. to catch a TCP fallback")
     parser.add_argument("--timeout-s", type=float, default=1800.0,
                         help="collective timeout (s); a rank that never arrives fails the run [1800]")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0 or args.allreduce_mb <= 0:
         parser.error("--iters must be >= 1, --warmup >= 0 and --allreduce-mb > 0")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str]) -> int:
     args = _parse_args(argv)
     ok, gathered = run_preflight(args)
     if int(os.environ.get("RANK", 0)) == 0:
         print(format_report(gathered, ok), flush=True)
     return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Failed checks are a report and exit status 1; a bad flag is one line and exit status 2."""
+    return cli_main(_main, "python -m launch.preflight", argv)
 
 
 if __name__ == "__main__":

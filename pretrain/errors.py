@@ -39,12 +39,15 @@ def one_line(message) -> str:
     return " ".join(str(message).split())
 
 
-def cli_main(main: Callable[[list[str]], int | None], prog: str, argv: Sequence[str] | None = None) -> int:
-    """Run `main(argv)`; a UserError becomes `prog: error: ...` on stderr and exit status 2."""
+def cli_main(main: Callable[[list[str]], int | None], prog: str, argv: Sequence[str] | None = None,
+             user_errors: tuple[type[BaseException], ...] = (UserError,)) -> int:
+    """Run `main(argv)`; a UserError becomes `prog: error: ...` on stderr and exit status 2.
+    `user_errors` widens that to other exceptions for a command whose code raises them for bad
+    input only (the data pipeline's ValueErrors all name a file, field or flag)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(argv) or 0
-    except UserError as err:
+    except user_errors as err:
         if debug_requested(argv):
             raise
         print(f"{prog}: error: {one_line(err)}", file=sys.stderr, flush=True)

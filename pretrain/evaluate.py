@@ -27,6 +27,7 @@ import torch
 
 from .collate import TaskBatch, collate
 from .config import EvalConfig
+from .errors import add_debug_flag, cli_main
 from .objectives import EVAL_TASKS, ObjectiveSampler, eval_split
 from .utils import METRICS, format_matrix
 
@@ -189,6 +190,7 @@ def parse_args(argv) -> EvaluateArgs:
                 ("plot", "write a PNG (loss curves of the run, if any, and the matrix)"))),
         epilog="example: python -m pretrain.evaluate ckpt=runs/demo batches=4 plot=runs/demo/eval.png")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(EvaluateArgs), OmegaConf.from_dotlist(args.overrides))
@@ -198,29 +200,25 @@ def parse_args(argv) -> EvaluateArgs:
     return parsed
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     from data_pipeline import load_manifest
 
     from .checkpoint import load_for_inference
     from .config import TrainConfig, to_schema
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    try:
-        model, meta = load_for_inference(args.ckpt, device, trust_checkpoint=args.trust_checkpoint)
-        run_config = to_schema(meta["config"]) if "config" in meta else TrainConfig()
-        manifest = args.manifest or meta.get("manifest")
-        if not manifest:
-            raise ValueError(f"{args.ckpt} does not record its manifest: pass manifest=PATH")
-        config = replace(run_config.eval, **{k: v for k, v in (("batches", args.batches), ("seed", args.seed),
-                                                                ("tasks", args.tasks)) if v is not None})
-        batch_size = args.batch_size or config.batch_size or run_config.data.batch_size
-        windows = validation_windows(manifest, config.batches, batch_size)
-        pad_id = int(load_manifest(manifest)["pad_id"])
-        matrix = evaluate(model.loss, eval_batches(windows, config, pad_id), device)
-    except ValueError as err:
-        print(f"pretrain.evaluate: error: {err}", file=sys.stderr)
-        return 2
+    model, meta = load_for_inference(args.ckpt, device, trust_checkpoint=args.trust_checkpoint)
+    run_config = to_schema(meta["config"]) if "config" in meta else TrainConfig()
+    manifest = args.manifest or meta.get("manifest")
+    if not manifest:
+        raise ValueError(f"{args.ckpt} does not record its manifest: pass manifest=PATH")
+    config = replace(run_config.eval, **{k: v for k, v in (("batches", args.batches), ("seed", args.seed),
+                                                            ("tasks", args.tasks)) if v is not None})
+    batch_size = args.batch_size or config.batch_size or run_config.data.batch_size
+    windows = validation_windows(manifest, config.batches, batch_size)
+    pad_id = int(load_manifest(manifest)["pad_id"])
+    matrix = evaluate(model.loss, eval_batches(windows, config, pad_id), device)
     print(format_matrix(matrix))
     if args.out:
         Path(args.out).write_text(json.dumps(matrix, indent=2))
@@ -228,6 +226,11 @@ def main(argv=None) -> int:
         run_dir = Path(meta.get("run_dir", args.ckpt))
         print(f"plot: {plot_run(run_dir if run_dir.is_dir() else args.ckpt, matrix, out=Path(args.plot))}")
     return 0
+
+
+def main(argv=None) -> int:
+    # Every ValueError of this path names the checkpoint, manifest or key it rejects.
+    return cli_main(_main, "pretrain.evaluate", argv, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .collate import QUERY_PREDICTOR
 from .config import CONFIG_DIR, TrainConfig, available_options, load_config, resolve_run_dir, to_dict, to_yaml
 from .engine import build_engine, dynamic_loss_scale, init_distributed, task_stats, use_cpu
-from .errors import UserError
+from .errors import UserError, add_debug_flag, cli_main, one_line
 from .evaluate import eval_batches, evaluate, plot_run, validation_windows
 from .export import init_config, load_init
 from .guard import BadStepGuard, TrainingError
@@ -61,7 +61,7 @@ def prepare_manifest(config: TrainConfig, rank: int) -> Path:
     if d.kind == "manifest":
         path = Path(d.manifest)
         if not path.is_file():
-            raise ValueError(f"data.manifest: {path} does not exist")
+            raise UserError(f"data.manifest: {path} does not exist")
         return path
     import data_pipeline
 
@@ -175,7 +175,7 @@ def _resume_checkpoint(config: TrainConfig, checkpoint_dir: Path) -> Path | None
         return ckpt.find_checkpoint(checkpoint_dir)
     found = ckpt.find_checkpoint(config.resume)
     if found is None:
-        raise ValueError(f"resume: no complete checkpoint at {config.resume}")
+        raise UserError(f"resume: no complete checkpoint at {config.resume}")
     return found
 
 
@@ -201,7 +201,10 @@ def train(config: TrainConfig) -> dict:
         torch.use_deterministic_algorithms(True)
 
     manifest = prepare_manifest(config, rank).resolve()
-    stream = open_train_stream(config.data, ObjectiveSampler(config.objective), manifest, rank, world_size)
+    try:
+        stream = open_train_stream(config.data, ObjectiveSampler(config.objective), manifest, rank, world_size)
+    except ValueError as err:  # the reader names the manifest, shard or field it rejects
+        raise UserError(f"data: {err}") from None
     tokenizer = stream.manifest["tokenizer"]
     if config.model.init:  # architecture and weights of an export (docs/hf.md)
         config = replace(config, model=init_config(config.model, stream.vocab_size, tokenizer["sha256"]))
@@ -213,8 +216,8 @@ def train(config: TrainConfig) -> dict:
         log.info("model.n_segment_types set to %d from %s", stream.n_segments, manifest)
         config = replace(config, model=replace(config.model, n_segment_types=stream.n_segments))
     if stream.seq_len > config.model.max_seq_len:
-        raise ValueError(f"model.max_seq_len={config.model.max_seq_len} is shorter than the data's windows "
-                         f"({stream.seq_len} tokens, {manifest})")
+        raise UserError(f"model.max_seq_len={config.model.max_seq_len} is shorter than the data's windows "
+                        f"({stream.seq_len} tokens, {manifest})")
     model = BigLearner(config.model)
     if config.model.init:
         load_init(model)
@@ -235,8 +238,8 @@ def train(config: TrainConfig) -> dict:
         try:
             stream.load_state_dict(rank_state["data"])
         except ValueError as err:
-            raise ValueError(f"cannot resume {resume_from} with this data: {err}. Start over with resume=never "
-                             "or use another run_dir") from None
+            raise UserError(f"cannot resume {resume_from} with this data: {err}. Start over with resume=never "
+                            "or use another run_dir") from None
         ckpt.set_rng_state(rank_state["rng"])
         log.info("resumed from %s (step %d)", resume_from, progress["step"])
     windows = validation_windows(manifest, config.eval.batches, config.eval.batch_size or config.data.batch_size)
@@ -415,30 +418,31 @@ for inference), training.png (loss curves + validation matrix).
 SIGTERM or SIGUSR1 saves a checkpoint and exits 0."""
 
 
-def main(argv=None) -> int:
+def _main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__.split("\n\n")[0],
                                      epilog=_help_text(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides")
     parser.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    try:
-        config = load_config(args.overrides, CONFIG_DIR)
-    except ValueError as err:
-        print(f"biglearn-train: {err}", file=sys.stderr)
-        return 2
+    add_debug_flag(parser)
+    args = parser.parse_intermixed_args(argv)
+    config = load_config(args.overrides, CONFIG_DIR)
     if args.cfg:
         print(to_yaml(config))
         return 0
     try:
         summary = train(config)
-    except (ValueError, TrainingError) as err:
+    except TrainingError as err:  # diverged: no user mistake, but an expected stop with one line, exit 1
         log.error("%s", err)
-        print(f"biglearn-train: error: {err}", file=sys.stderr)
+        print(f"biglearn-train: error: {one_line(err)}", file=sys.stderr)
         return 1
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    return cli_main(_main, "biglearn-train", argv)
 
 
 if __name__ == "__main__":

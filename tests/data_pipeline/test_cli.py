@@ -41,7 +41,8 @@ def test_bad_input_is_one_clear_line(tmp_path):
     (tmp_path / "one.txt").write_text("a single line")
     result = _cli("tokenizer", "--input", tmp_path / "one.txt", "--vocab-size", 300, "--output", tmp_path / "t")
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: sentencepiece could not train")
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m data_pipeline: error: sentencepiece could not train")
     assert "Traceback" not in result.stderr
 
 

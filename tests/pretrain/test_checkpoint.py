@@ -105,5 +105,5 @@ def test_retention_resume_and_every_inference_path_agree(tmp_path, manifest):
     assert steps == [1, 2, 3, 4]  # the interrupted attempt's step-3 record was replaced, not duplicated
 
     # Resuming with data settings that change the sample order fails with a clear way out.
-    changed = train(run_dir, manifest, "trainer.max_steps=5", "data.batch_size=2", expect=1)
+    changed = train(run_dir, manifest, "trainer.max_steps=5", "data.batch_size=2", expect=2)
     assert "batch_size" in changed.stderr and "resume=never" in changed.stderr

@@ -36,3 +36,23 @@ def test_unexpected_failures_keep_their_traceback(monkeypatch):
     for exc in (RuntimeError("bug"), ValueError("not a user error"), KeyError("k")):
         with pytest.raises(type(exc)):
             cli_main(failing(exc), "prog", [])
+
+
+@pytest.mark.parametrize("module, argv, named", [
+    ("pretrain.train", ["trainer.max_steps=abc"], "config key trainer.max_steps='abc': expected int"),
+    ("pretrain.train", ["model.init_std=inf"], "model.init_std must be a finite number; got inf"),
+    ("pretrain.evaluate", ["ckpt=/nonexistent/run"], "/nonexistent/run: no exported model"),
+    ("pretrain.checkpoint", ["/nonexistent/run", "/tmp/out"], "/nonexistent/run: no exported model"),
+    ("pretrain.infer", ["score", "--model", "/nonexistent/run", "--ids", "1 2"], "/nonexistent/run does not exist"),
+    ("launch.hostfile", ["expand", "gpu[1-"], "node list 'gpu[1-': unclosed '['"),
+    ("data_pipeline.__main__", ["inspect", "/nonexistent/manifest.json"], "/nonexistent/manifest.json: cannot read"),
+])
+def test_every_command_reports_a_user_mistake_in_one_line(module, argv, named, capsys, monkeypatch):
+    import importlib
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    main = importlib.import_module(module).main
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ": error: " in err and named in err, err
+    with pytest.raises(ValueError, match=named[:20].replace("[", r"\[")):
+        main([*argv, "--debug"])
