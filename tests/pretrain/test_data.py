@@ -357,8 +357,10 @@ def _wait_gone(pids, seconds=30.0):
     return [p for p in pids if alive(p)]
 
 
-@pytest.mark.parametrize("num_workers, signum, close", [(0, signal.SIGTERM, "close"), (2, signal.SIGTERM, "close"),
-                                                        (1, signal.SIGUSR1, "no-close"), (2, signal.SIGTERM, "no-close")])
+@pytest.mark.parametrize("num_workers, signum, close", [
+    (2, signal.SIGTERM, "close"), (2, signal.SIGTERM, "no-close"),
+    pytest.param(0, signal.SIGTERM, "close", marks=pytest.mark.slow),
+    pytest.param(1, signal.SIGUSR1, "no-close", marks=pytest.mark.slow)])
 def test_a_stop_signal_to_the_process_group_ends_the_run_and_its_workers(tmp_path, num_workers, signum, close):
     manifest, _ = write_dataset(tmp_path, {"train": [40, 40]})
     proc, workers = _start(tmp_path, EXIT_SCRIPT, manifest, num_workers, close)
