@@ -36,7 +36,7 @@ def _alive(pid):
 def test_training_run_exits_and_leaves_no_worker(tmp_path, demo_dir, workers, stop):
     run_dir = tmp_path / "run"
     steps = {"end": "trainer.max_steps=12"}.get(stop, "trainer.max_steps=100000")
-    extra = ["trainer.max_minutes=0.3"] if stop == "max_minutes" else []
+    extra = ["trainer.max_minutes=0.5"] if stop == "max_minutes" else []
     proc = subprocess.Popen([sys.executable, "-m", "pretrain.train", "experiment=smoke", f"data.num_workers={workers}",
                              f"data.demo_dir={demo_dir}", f"run_dir={run_dir}", "resume=never", "trainer.progress=false",
                              "eval.plot=false", "trainer.export_at_end=false", steps, *extra],
@@ -47,7 +47,7 @@ def test_training_run_exits_and_leaves_no_worker(tmp_path, demo_dir, workers, st
         children |= _descendants(proc.pid)
         if metrics.is_file() and metrics.read_text().strip() and (workers == 0 or len(children) >= workers):
             break
-        time.sleep(0.5)
+        time.sleep(0.2)
     if stop.startswith("SIG"):
         os.killpg(proc.pid, getattr(signal, stop))
     out, err = proc.communicate(timeout=30 if stop.startswith("SIG") else 600)
