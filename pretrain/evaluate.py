@@ -200,6 +200,18 @@ def parse_args(argv) -> EvaluateArgs:
     return parsed
 
 
+def _run_manifest(ckpt, meta: dict) -> str | None:
+    """The manifest a run trained on: as recorded, else as its newest checkpoint records it (an
+    export keeps only the manifest's name: exports hold no absolute paths)."""
+    from .checkpoint import META, find_checkpoint
+
+    recorded = meta.get("manifest")
+    if recorded and Path(recorded).is_file():
+        return recorded
+    tag = find_checkpoint(ckpt)
+    return json.loads((tag / META).read_text()).get("manifest") if tag is not None else recorded
+
+
 def _main(argv: list[str]) -> int:
     from data_pipeline import load_manifest
 
@@ -210,7 +222,7 @@ def _main(argv: list[str]) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, meta = load_for_inference(args.ckpt, device, trust_checkpoint=args.trust_checkpoint)
     run_config = to_schema(meta["config"]) if "config" in meta else TrainConfig()
-    manifest = args.manifest or meta.get("manifest")
+    manifest = args.manifest or _run_manifest(args.ckpt, meta)
     if not manifest:
         raise ValueError(f"{args.ckpt} does not record its manifest: pass manifest=PATH")
     config = replace(run_config.eval, **{k: v for k, v in (("batches", args.batches), ("seed", args.seed),
