@@ -37,7 +37,7 @@ TILE = (128, 64)  # the tile-count table's BLOCK_M x BLOCK_N (the kernel's large
 MEMORY_TOKENS = 16384  # the metadata-size table is always for B*L = 16k tokens
 
 
-# --------------------------------------------------------------------------- layouts (design.md §2)
+# --------------------------------------------------------------------------- layouts (docs/design.md, "Sorted layout")
 def sample_groups(layout: str, n: int, rng: np.random.Generator) -> np.ndarray:
     """Groups of one sorted sample [S | T in prediction order | dropped/padding]."""
     if layout == "causal":  # S empty, every token its own group in original order

@@ -1,6 +1,6 @@
 """Raw text -> sentencepiece tokenizer -> token windows in webdataset shards + manifest.json.
 
-Never imports torch (design.md §4): the shards are read by ``pretrain.data.BatchStream``.
+Never imports torch (docs/design.md, "Package map"): the shards are read by ``pretrain.data.BatchStream``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Group-causal two-stream attention (design.md §2-§4). Imports nothing from the project."""
+"""Group-causal two-stream attention (docs/design.md, "Visibility rule"). Imports nothing from the project."""
 from .dispatch import check_attention_inputs, group_attention, two_stream_attention
 from .reference import INVALID_GROUP, reference_attention, visibility
 

@@ -1,4 +1,4 @@
-"""Public entry points: argument checks and backend choice (design.md §4)."""
+"""Public entry points: argument checks and backend choice (docs/design.md, "Package map")."""
 from __future__ import annotations
 
 import logging
@@ -30,7 +30,7 @@ def check_attention_inputs(q, k, v, q_groups, k_groups, *, check_sorted: bool = 
         if groups.dtype != torch.int32:
             raise ValueError(f"{name} must be int32; got {groups.dtype}")
     if check_sorted and k_groups.shape[1] > 1 and bool((k_groups[:, 1:] < k_groups[:, :-1]).any()):
-        raise ValueError("k_groups must be non-decreasing along each row (sorted layout, design.md §2)")
+        raise ValueError("k_groups must be non-decreasing along each row (the sorted layout of docs/design.md)")
 
 
 _logged: set[str] = set()

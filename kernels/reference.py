@@ -1,4 +1,4 @@
-"""Dense PyTorch reference for group-causal attention (design.md §2).
+"""Dense PyTorch reference for group-causal attention (docs/design.md, "Visibility rule").
 
 Visibility is derived from per-token int32 groups, never stored as an L x L mask for the
 whole sequence: the reference materialises it one query chunk at a time, so memory stays

@@ -1,4 +1,4 @@
-"""Group-causal two-stream flash attention in Triton (design.md §2-§3).
+"""Group-causal two-stream flash attention in Triton (docs/design.md, "Visibility rule", "Stream modes").
 
 Visibility comes from per-token int32 groups only (no mask tensor): row i sees key j iff
 valid_i and group[j] <= thr_i, where thr_i = group[i] for the inclusive (content) rule and

@@ -231,7 +231,7 @@ class KVCache:
     """Content-stream keys/values of every layer for incremental decoding.
 
     Sample b's rows fill columns [0, length[b]) in decoding order; columns past that hold group
-    INVALID, so each row of `groups` stays non-decreasing (the sorted layout, design.md §2).
+    INVALID, so each row of `groups` stays non-decreasing (docs/design.md, "Sorted layout").
     """
     keys: list[torch.Tensor]    # n_layers x [B, Hkv, capacity, head_dim], RoPE applied
     values: list[torch.Tensor]  # n_layers x [B, Hkv, capacity, head_dim]

@@ -6,8 +6,8 @@ Every preset is a way of filling the sorted layout (docs/design.md, "Sorted layo
 
 with `target_groups` (1..G, non-decreasing) saying which targets are predicted jointly.
 The model then maximises sum_g log p(x_{T_g} | x_S, x_{T_<g}), the maximum-likelihood form of
-big learning (seed 000 eq. 6, seed 001 eq. 15). MLM, causal LM and XLNet's permutation LM are
-particular choices of q(S, T) and of the grouping.
+big learning ("Big Learning" eq. 6, "Big Cooperative Learning" eq. 15). MLM, causal LM and XLNet's
+permutation LM are particular choices of q(S, T) and of the grouping.
 """
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ class GroupARConfig:
 
 @dataclass
 class SegmentRule:
-    """Modality-level incompleteness (seed 001 Remark 5): the whole segment is forced into S,
+    """Modality-level incompleteness ("Big Cooperative Learning" Remark 5): the whole segment is forced into S,
     into T, or dropped with these probabilities; otherwise it joins the preset's random split."""
     p_source: float = 0.0
     p_target: float = 0.0

@@ -1,4 +1,4 @@
-"""The dense rule and the torch reference against brute force (design.md §2)."""
+"""The dense rule and the torch reference against brute force (docs/design.md, "Visibility rule")."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Triton group-causal attention against the dense torch reference (design.md §2-§3).
+"""Triton group-causal attention against the dense torch reference (docs/design.md, "Visibility rule").
 
 On CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1, set by conftest.py
 before the kernel module is imported), in fp32 with tiny shapes and 16x16 tiles; with CUDA the
