@@ -1,6 +1,7 @@
 """Big learning unifies classification and generation on scikit-learn's 8x8 digits.
 
-Each image with its label is ONE two-modality sample (seed 000 §3.3 / App. E, seed 001 App. E.1):
+Each image with its label is ONE two-modality sample ("Big Learning" §3.3 and App. E;
+"Big Cooperative Learning" App. E.1):
 
     position 0: the label token (ids 17..26)  |  positions 1..64: pixel tokens (intensity 0..16)
 
@@ -24,15 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pretrain.collate import IGNORE_LABEL, collate  # noqa: E402
+from pretrain.collate import collate  # noqa: E402
+from pretrain.engine import LocalEngine  # noqa: E402
 from pretrain.export import export_model, load_exported  # noqa: E402
 from pretrain.infer import STRATEGIES, classify, complete  # noqa: E402
 from pretrain.model import BigLearner, ModelConfig  # noqa: E402
 from pretrain.objectives import ObjectiveConfig, ObjectiveSampler, SegmentRule  # noqa: E402
+from pretrain.trainer import Trainer, TrainerSettings  # noqa: E402
 
 N_PIXEL_VALUES = 17        # digits intensities 0..16 are token ids 0..16
 LABEL_BASE = N_PIXEL_VALUES  # label c is token 17 + c
@@ -63,52 +65,79 @@ def shift_images(samples: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def objective(p_classify: float) -> ObjectiveSampler:
-    """Big learning over X = (y, x): label segment and pixel segment rules (seed 001 Remark 5)."""
+    """Big learning over X = (y, x): label segment and pixel segment rules ("Big Cooperative Learning" Remark 5)."""
     return ObjectiveSampler(ObjectiveConfig(name="biglearn", segments=[
         SegmentRule(p_source=0.25, p_target=0.35, p_drop=0.1),  # label: given / predicted last / absent
         SegmentRule(p_source=p_classify),                        # pixels: all given -> exactly p(y | x)
     ]))
 
 
-def per_task_loss(model, batch):
+class PerTaskLoss(torch.nn.Module):
     """Mean over samples of each sample's mean target NLL: every (S, T) task weighs the same
     whatever its number of targets, so a one-target p(y | x) task is not drowned by the 60-target
     generation tasks of the batch (a per-token mean gives it 1/60 of their weight)."""
-    logits = model(batch)
-    nll = F.cross_entropy(logits.flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE_LABEL,
-                          reduction="none").view_as(batch.labels)
-    mask = batch.target_mask.to(nll.dtype)
-    return ((nll * mask).sum(1) / mask.sum(1)).mean()
+
+    def __init__(self, model: BigLearner):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        _, nll = self.model.loss(batch)  # per target row, 0 on padding
+        return (nll.sum(1) / batch.target_mask.sum(1)).mean(), None
+
+
+class DigitsTask:
+    """What the Trainer trains here: PerTaskLoss, logged as its mean over the steps of a record."""
+
+    def module(self, model: BigLearner) -> torch.nn.Module:
+        return PerTaskLoss(model)
+
+    def sums(self, batch, device_batch, output) -> dict[str, torch.Tensor]:
+        return {"micro_batches": torch.ones(1, dtype=torch.float64)}
+
+    def record(self, totals: dict) -> dict:
+        return {}
+
+
+class DigitsStream:
+    """Batches of random training samples (shifted by up to a pixel with --augment), each with
+    its own (S, T) draw; the Trainer's data stream."""
+
+    def __init__(self, args, train_samples: np.ndarray):
+        self.args, self.samples = args, train_samples
+        self.rng = np.random.default_rng(args.seed)
+        self.sampler = objective(args.p_classify)
+        self.last_keys: list[int] = []
+        self.stats = {"epoch": 0}
+
+    def __iter__(self):
+        while True:
+            index = self.rng.integers(len(self.samples), size=self.args.batch_size)
+            rows = shift_images(self.samples[index], self.rng) if self.args.augment else self.samples[index]
+            self.last_keys = index.tolist()
+            yield collate(rows, [self.sampler(LENGTH, self.rng, segment_lengths=[1, 64]) for _ in rows], pad_id=0)
 
 
 def train(args, train_samples: np.ndarray, monitor=None) -> BigLearner:
-    """Big-learn a fresh model; `monitor(model)` -> text is shown every args.eval_every steps."""
+    """Big-learn a fresh model on the Trainer's step (in process: a LocalEngine); `monitor(model)`
+    -> text is shown every args.eval_every steps."""
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
     model = BigLearner(ModelConfig(vocab_size=N_PIXEL_VALUES + N_CLASSES, d_model=args.d_model, n_layers=args.layers,
                                    n_heads=args.heads, dropout=args.dropout, max_seq_len=LENGTH,
                                    attention_backend="torch"))
-    sampler = objective(args.p_classify)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
+    task = DigitsTask()
+    trainer = Trainer(LocalEngine(task.module(model), optimizer, schedule), DigitsStream(args, train_samples), task,
+                      TrainerSettings(max_steps=args.steps))
     from tqdm import tqdm
     bar = tqdm(range(args.steps), desc="big-learning digits", unit="step", mininterval=5, file=sys.stderr)
     model.train()
     for step in bar:
-        rows = train_samples[rng.integers(len(train_samples), size=args.batch_size)]
-        if args.augment:
-            rows = shift_images(rows, rng)
-        specs = [sampler(LENGTH, rng, segment_lengths=[1, 64]) for _ in rows]
-        loss = per_task_loss(model, collate(rows, specs, pad_id=0).to_torch())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        trainer.train_step()
         if monitor is not None and args.eval_every and (step + 1) % args.eval_every == 0:
             model.eval()
-            bar.write(f"step {step + 1}: loss {loss.item():.3f}, {monitor(model)}", file=sys.stderr)
+            bar.write(f"step {step + 1}: {monitor(model)}", file=sys.stderr)
             model.train()
     return model.eval()
 

@@ -40,14 +40,14 @@ def _inputs(args) -> tuple[list[str], SourceConfig]:
                                 segments=segments)
 
 
-def main(argv=None) -> int:
-    """Entry point (also `biglearn-data`): bad input is reported in one line, not a traceback
+def main(argv=None, prog: str = "python -m data_pipeline") -> int:
+    """Entry point (also `biglearn data`): bad input is reported in one line, not a traceback
     (the pipeline's ValueErrors all name the file, field or flag); --debug shows it."""
-    return cli_main(_run, "python -m data_pipeline", argv, user_errors=(ValueError,))
+    return cli_main(lambda args: _run(args, prog), prog, argv, user_errors=(ValueError,))
 
 
-def _run(argv) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__,
+def _run(argv, prog: str) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     defaults_shown = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}

@@ -154,9 +154,9 @@ def master_port(job_id: str | int | None, override: int | None = None) -> int:
     return PORT_BASE + int(job_id) % PORT_SPAN
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.hostfile",
+        prog=prog,
         description="Expand SLURM node lists, write DeepSpeed hostfiles, pick MASTER_ADDR/PORT.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,8 +175,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _main(argv: list[str]) -> int:
-    args = _parse_args(argv)
+def _main(argv: list[str], prog: str) -> int:
+    args = _parse_args(argv, prog)
     hosts = expand_nodelist(args.nodelist)
     if args.command == "expand":
         print("\n".join(hosts))
@@ -189,9 +189,9 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m launch.hostfile") -> int:
     # Every ValueError here names the malformed node-list expression or port.
-    return cli_main(_main, "python -m launch.hostfile", argv, user_errors=(ValueError,))
+    return cli_main(lambda args: _main(args, prog), prog, argv, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

@@ -336,9 +336,9 @@ def format_report(gathered: list[list[Result]], ok: bool) -> str:
     return "\n".join(lines)
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m launch.preflight",
+        prog=prog,
         description="Check GPUs, all-reduce, disk, shards and tokenizer on every node before a long job. "
                     "Run it with the same launcher as training (deepspeed, torchrun or srun); "
                     "without a launcher it checks this machine as one rank.",
@@ -369,17 +369,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _main(argv: list[str]) -> int:
-    args = _parse_args(argv)
+def _main(argv: list[str], prog: str) -> int:
+    args = _parse_args(argv, prog)
     ok, gathered = run_preflight(args)
     if int(os.environ.get("RANK", 0)) == 0:
         print(format_report(gathered, ok), flush=True)
     return 0 if ok else 1
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m launch.preflight") -> int:
     """Failed checks are a report and exit status 1; a bad flag is one line and exit status 2."""
-    return cli_main(_main, "python -m launch.preflight", argv)
+    return cli_main(lambda args: _main(args, prog), prog, argv)
 
 
 if __name__ == "__main__":

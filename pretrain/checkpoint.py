@@ -370,13 +370,13 @@ def export_checkpoint(path, out_dir, trust_checkpoint: bool = False) -> Path:
     return export_model(model, out_dir, export_metadata(meta), run_tokenizer(meta))
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], prog: str) -> int:
     import argparse
 
     from .errors import add_debug_flag
 
     parser = argparse.ArgumentParser(
-        prog="python -m pretrain.checkpoint",
+        prog=prog,
         description="Export consolidated fp32 weights (model.safetensors + model_config.json) from the newest "
                     "complete checkpoint at PATH (a run dir, checkpoints/ dir or step_* dir; any ZeRO stage).",
         epilog="example: python -m pretrain.checkpoint runs/demo/checkpoints runs/demo/export_step1000 "
@@ -392,10 +392,10 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m pretrain.checkpoint") -> int:
     from .errors import cli_main
 
-    return cli_main(_main, "python -m pretrain.checkpoint", argv)
+    return cli_main(lambda args: _main(args, prog), prog, argv)
 
 
 if __name__ == "__main__":

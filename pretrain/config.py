@@ -29,7 +29,8 @@ from .model import ModelConfig
 from .objectives import EVAL_TASKS, ObjectiveConfig
 from .vae.config import VAEExperiment, validate as validate_vae
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# pretrain/configs links to the top-level configs/ in a checkout and is a copy in an installed wheel.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 GROUPS = ("model", "objective", "data", "deepspeed", "trainer", "eval", "experiment")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 ACCELERATORS = ("auto", "cuda", "cpu")
@@ -192,37 +193,43 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
-def schema() -> DictConfig:
-    """TrainConfig as an OmegaConf node with every key and its default."""
-    base = OmegaConf.structured(TrainConfig)
+def schema(cls=TrainConfig) -> DictConfig:
+    """A config dataclass (TrainConfig, or another command's schema) as an OmegaConf node with
+    every key and its default."""
+    base = OmegaConf.structured(cls)
     # Building the schema instantiates ModelConfig(), whose __post_init__ fills n_kv_heads and
     # ffn_hidden from the default d_model/n_heads: reset them so they follow the merged values.
-    for f in fields(ModelConfig):
-        if f.default is None:
-            base.model[f.name] = None
-    OmegaConf.set_struct(base.model.rope_scaling, False)  # free-form, as transformers' rope_parameters
+    if "model" in base and OmegaConf.is_config(base.model) and "n_kv_heads" in base.model:
+        for f in fields(ModelConfig):
+            if f.default is None:
+                base.model[f.name] = None
+        OmegaConf.set_struct(base.model.rope_scaling, False)  # free-form, as transformers' rope_parameters
     return base
 
 
-def to_schema(tree: DictConfig | dict) -> TrainConfig:
-    """Merge a composed config tree into the schemas and validate. ValueError names the key."""
+def to_schema(tree: DictConfig | dict, cls=TrainConfig):
+    """Merge a composed config tree into the schema `cls` and validate. ValueError names the key."""
     try:
-        # Plain containers: a typed tree (Hydra composes onto train_schema) would carry keys added
+        # Plain containers: a typed tree (Hydra composes onto the schema) would carry keys added
         # with "+key=value" through the merge unchecked.
-        plain = OmegaConf.to_container(tree, resolve=True) if isinstance(tree, DictConfig) else tree
-        merged = OmegaConf.merge(schema(), plain)
+        plain = OmegaConf.to_container(tree, resolve=True, throw_on_missing=True) if isinstance(tree, DictConfig) else tree
+        merged = OmegaConf.merge(schema(cls), plain)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
-        raise _config_error(err) from None
+        if isinstance(err.__cause__, ValueError):  # raised by a schema's own __post_init__
+            raise UserError(str(err.__cause__)) from None
+        raise _config_error(err, cls) from None
+    if not isinstance(config, TrainConfig):
+        return config
     try:
         return validate(config)
     except ValueError as err:  # the model's and objectives' own checks name the key too
         raise UserError(str(err)) from None
 
 
-def expected_type(key: str) -> str | None:
+def expected_type(key: str, cls=TrainConfig) -> str | None:
     """The schema type of a dotted key ("trainer.max_steps" -> "int"), None if unknown."""
-    node = TrainConfig
+    node = cls
     for part in key.split("."):
         hints = typing.get_type_hints(node) if is_dataclass(node) else {}
         if part not in hints:
@@ -232,33 +239,33 @@ def expected_type(key: str) -> str | None:
     return text.replace("NoneType", "null").replace(" | ", " or ")
 
 
-def _config_error(err: OmegaConfBaseException) -> UserError:
+def _config_error(err: OmegaConfBaseException, cls=TrainConfig) -> UserError:
     """One line naming the key, the value and, for a type mismatch, the expected type."""
     key = getattr(err, "full_key", None) or "?"
     value = getattr(err, "value", None)
     first_line = str(err).splitlines()[0]
-    wanted = expected_type(key) if "convert" in first_line or "type" in first_line else None
+    wanted = expected_type(key, cls) if "convert" in first_line or "type" in first_line else None
     if wanted is not None:
         return UserError(f"config key {key}={value!r}: expected {wanted}")
     return UserError(f"config key {key}: {first_line}")
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | str = CONFIG_DIR,
-            config_name: str = "train") -> DictConfig:
-    """Hydra composition of configs/ with command-line style overrides (key=value, group=option)."""
+            config_name: str = "train", cls=TrainConfig) -> DictConfig:
+    """Hydra composition of configs/<config_name>.yaml with command-line style overrides
+    (key=value, group=option). The entry config's defaults list starts with `<config_name>_schema`,
+    the schema `cls` stored here, so every key can be overridden and the yaml files are checked."""
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.config_store import ConfigStore
     from hydra.errors import HydraException
 
-    # train.yaml starts its defaults list with this node, so every schema key can be overridden
-    # (not only those the yaml files mention) and the yaml files are checked against it.
-    ConfigStore.instance().store(name="train_schema", node=schema())
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema(cls))
     try:
         with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base=None, job_name="biglearn"):
             return hydra_compose(config_name=config_name, overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
         if isinstance(err.__cause__, OmegaConfBaseException):  # an override of the wrong type
-            raise _config_error(err.__cause__) from None
+            raise _config_error(err.__cause__, cls) from None
         # Hydra's message already names the key or group option (e.g. "Key 'd_modle' is not in struct").
         raise UserError(f"config error: {' '.join(str(err).split())}") from None
 

@@ -363,9 +363,9 @@ def to_hf(path, out_dir, tokenizer_path=None, trust_checkpoint: bool = False) ->
 
 # --------------------------------------------------------------------------- command line
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], prog: str) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pretrain.convert", description=__doc__.split("\n\n")[0] + " (docs/hf.md)",
+        prog=prog, description=__doc__.split("\n\n")[0] + " (docs/hf.md)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  python -m pretrain.convert from-hf ~/models/TinyLlama-1.1B runs/tinyllama\n"
                "  python -m pretrain.train model.init=runs/tinyllama data.kind=manifest data.manifest=...\n"
@@ -402,9 +402,9 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m pretrain.convert") -> int:
     """Entry point: a UserError (bad input) is one line on stderr and exit status 2."""
-    return cli_main(_main, "python -m pretrain.convert", argv)
+    return cli_main(lambda args: _main(args, prog), prog, argv)
 
 
 if __name__ == "__main__":

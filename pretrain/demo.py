@@ -32,9 +32,10 @@ def main(argv=None) -> int:
 
     from .config import load_config
     from .evaluate import eval_batches, evaluate, plot_run, validation_windows
-    from .utils import format_matrix
+    from .guard import TrainingError
     from .model import BigLearner
-    from .train import TrainingError, train
+    from .train import train
+    from .utils import format_matrix
 
     experiment = "demo_gpu" if torch.cuda.is_available() else "demo"
     try:

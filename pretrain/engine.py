@@ -138,16 +138,16 @@ class LossModel(nn.Module):
         return self.model.loss(batch)
 
 
-def build_engine(config: TrainConfig, model: BigLearner, world_size: int, on_cpu: bool):
-    """deepspeed.initialize around LossModel(model); returns (engine, ds_config)."""
+def build_engine(config: TrainConfig, module: nn.Module, world_size: int, on_cpu: bool):
+    """deepspeed.initialize around a loss module holding the BigLearner as `module.model` (e.g.
+    LossModel(model)); returns (engine, ds_config)."""
     import deepspeed
 
     ds_config = deepspeed_config(config, world_size, on_cpu)
-    wrapped = LossModel(model)
     engine, _, _, _ = deepspeed.initialize(
-        model=wrapped, model_parameters=param_groups(wrapped, config.trainer.weight_decay), config=ds_config)
+        model=module, model_parameters=param_groups(module, config.trainer.weight_decay), config=ds_config)
     if config.deepspeed.zero_stage == 3:
-        deepspeed.zero.register_external_parameter(engine.module, model.query_start)
+        deepspeed.zero.register_external_parameter(engine.module, module.model.query_start)
     return engine, ds_config
 
 
@@ -158,3 +158,49 @@ def dynamic_loss_scale(engine) -> tuple[float | None, float | None]:
     if not getattr(scaler, "dynamic", False):
         return None, None
     return float(scaler.cur_scale), float(scaler.min_scale)
+
+
+def optimizer_step(parameters, optimizer, schedule=None, grad_clip: float = 1.0):
+    """The optimiser step without DeepSpeed: clip the gradient norm (0 = no clipping), step the
+    optimiser and the schedule, clear the gradients. Returns the gradient norm (None unclipped)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip) if grad_clip else None
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+class LocalEngine:
+    """The part of a DeepSpeed engine the Trainer uses, over a plain torch optimiser and schedule,
+    for in-process experiments without a process group (pretrain.synthetic.fit, bench/digits.py):
+    forward, backward, step (clip, optimiser, schedule), learning rate, gradient norm."""
+
+    def __init__(self, module: nn.Module, optimizer, schedule=None, grad_clip: float = 1.0):
+        self.module, self.optimizer, self.schedule, self.grad_clip = module, optimizer, schedule, grad_clip
+        self.device = next(module.parameters()).device
+        self._grad_norm = None
+
+    def __call__(self, batch):
+        return self.module(batch)
+
+    def train(self) -> None:
+        self.module.train()
+
+    def eval(self) -> None:
+        self.module.eval()
+
+    def backward(self, loss) -> None:
+        loss.backward()
+
+    def step(self) -> None:
+        self._grad_norm = optimizer_step(self.module.parameters(), self.optimizer, self.schedule, self.grad_clip)
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    def get_global_grad_norm(self):
+        return self._grad_norm
+
+    def was_step_applied(self) -> bool:
+        return True

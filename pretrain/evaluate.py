@@ -171,12 +171,12 @@ class EvaluateArgs:
     trust_checkpoint: bool = False  # read a DeepSpeed checkpoint's pickles (weights-only) when no export exists
 
 
-def parse_args(argv) -> EvaluateArgs:
+def parse_args(argv, prog: str = "python -m pretrain.evaluate") -> EvaluateArgs:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     parser = argparse.ArgumentParser(
-        prog="python -m pretrain.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("Standalone")[0] + "\nArguments are key=value pairs:\n" + "\n".join(
             f"  {name:<11} {doc}" for name, doc in (
                 ("ckpt", "run dir, checkpoints/ dir, step_* checkpoint or exported model dir (required)"),
@@ -212,13 +212,13 @@ def _run_manifest(ckpt, meta: dict) -> str | None:
     return json.loads((tag / META).read_text()).get("manifest") if tag is not None else recorded
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], prog: str) -> int:
     from data_pipeline import load_manifest
 
     from .checkpoint import load_for_inference
     from .config import TrainConfig, to_schema
 
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, meta = load_for_inference(args.ckpt, device, trust_checkpoint=args.trust_checkpoint)
     run_config = to_schema(meta["config"]) if "config" in meta else TrainConfig()
@@ -240,9 +240,9 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m pretrain.evaluate") -> int:
     # Every ValueError of this path names the checkpoint, manifest or key it rejects.
-    return cli_main(_main, "pretrain.evaluate", argv, user_errors=(ValueError,))
+    return cli_main(lambda args: _main(args, prog), prog, argv, user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

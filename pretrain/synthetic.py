@@ -142,6 +142,34 @@ class HiddenMarkovSource(_ForwardSource):
         return np.where(observed[:, :, None], self.emission.T[x], 1.0)
 
 
+class SourceStream:
+    """Endless batches of fresh samples from a synthetic source, each with its own (S, T) draws:
+    the data stream of a Trainer (iterate; state_dict / load_state_dict; last_keys; stats)."""
+
+    def __init__(self, source: MarkovSource | HiddenMarkovSource, sampler: ObjectiveSampler, *, length: int,
+                 batch_size: int, seed: int = 0):
+        self.source, self.sampler, self.length, self.batch_size = source, sampler, length, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.batches = 0
+        self.last_keys: list[int] = []
+        self.stats = {"epoch": 0}
+
+    def __iter__(self):
+        while True:
+            x = self.source.sample(self.batch_size, self.length, self.rng)
+            specs = [self.sampler(self.length, self.rng) for _ in range(self.batch_size)]
+            self.last_keys = [self.batches]
+            self.batches += 1
+            yield collate(x, specs, pad_id=0)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "batches": self.batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.batches = state["batches"]
+
+
 def model_target_log_probs(model: BigLearner, x: np.ndarray, specs: list[SplitSpec], batch_size: int = 256):
     """The model's log p(x_t | ...) for the same targets, in the same order."""
     device = next(model.parameters()).device
@@ -156,39 +184,45 @@ def model_target_log_probs(model: BigLearner, x: np.ndarray, specs: list[SplitSp
 
 
 def train_step(model: torch.nn.Module, optimizer, schedule, batch: TaskBatch) -> torch.Tensor:
-    """One optimizer step on model.loss(batch), gradients clipped to norm 1: the step `fit` and
-    bench/shootout.py share. Returns the loss (detached)."""
+    """One optimizer step on model.loss(batch) for the in-process loops of bench/shootout.py and
+    pretrain.vae: the same step as the Trainer's LocalEngine (pretrain.engine.optimizer_step,
+    gradients clipped to norm 1). Returns the loss (detached)."""
+    from .engine import optimizer_step
+
     model.train()
     loss, _ = model.loss(batch)
-    optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
-    schedule.step()
+    optimizer_step(model.parameters(), optimizer, schedule)
     return loss.detach()
 
 
 def fit(source: MarkovSource | HiddenMarkovSource, sampler: ObjectiveSampler, *, length: int = 32, steps: int = 400,
         batch_size: int = 64, lr: float = 3e-3, seed: int = 0, model_config: ModelConfig | None = None,
         progress: bool = False) -> BigLearner:
-    """Train a small BigLearner on fresh chain samples with AdamW + cosine decay."""
+    """Train a small BigLearner on fresh chain samples with AdamW + one-cycle cosine decay, on the
+    Trainer's step (in process, no DeepSpeed: a LocalEngine)."""
+    from .engine import LocalEngine
+    from .train import PretrainTask
+    from .trainer import Trainer, TrainerSettings
+
     torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
     config = model_config or ModelConfig(vocab_size=source.vocab_size, d_model=64, n_layers=2, n_heads=4,
                                          ffn_hidden=128, attention_backend="torch")
     model = BigLearner(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    task = PretrainTask(config, length, peak=None, on_cpu=True, world_size=1)
+    trainer = Trainer(LocalEngine(task.module(model), optimizer, schedule), SourceStream(
+        source, sampler, length=length, batch_size=batch_size, seed=seed), task, TrainerSettings(max_steps=steps))
     iterator = range(steps)
     if progress:
         from tqdm import tqdm
         iterator = tqdm(iterator, desc="fit markov", unit="step")
-    for _ in iterator:
-        x = source.sample(batch_size, length, rng)
-        loss = train_step(model, optimizer, schedule,
-                          collate(x, [sampler(length, rng) for _ in range(batch_size)], pad_id=0).to_torch())
-        if progress:
-            iterator.set_postfix(loss=f"{loss.item():.3f}")
+    model.train()
+    for step in iterator:
+        trainer.train_step()
+        if progress and (step + 1) % 10 == 0:
+            iterator.set_postfix(loss=f"{trainer.log_window()['loss']:.3f}")
     return model.eval()
 
 

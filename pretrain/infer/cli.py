@@ -95,8 +95,8 @@ def _cmd_classify(args, model, tokenizer, meta):
         print(json.dumps({"accuracy": correct / len(examples), "n": len(examples)}))
 
 
-def _main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.infer", description=__doc__.split("\n\n")[0])
+def _main(argv: list[str], prog: str = "python -m pretrain.infer") -> None:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True,
@@ -158,5 +158,5 @@ def _main(argv: list[str]) -> None:
         _cmd_classify(args, model, tokenizer, meta)
 
 
-def main(argv=None) -> int:
-    return cli_main(_main, "python -m pretrain.infer", argv)
+def main(argv=None, prog: str = "python -m pretrain.infer") -> int:
+    return cli_main(lambda args: _main(args, prog), prog, argv)

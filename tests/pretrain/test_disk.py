@@ -78,7 +78,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[3])
 from pretrain import checkpoint as ckpt
 from pretrain.config import load_config
-from pretrain.engine import build_engine, init_distributed
+from pretrain.engine import LossModel, build_engine, init_distributed
 from pretrain.model import BigLearner
 from test_disk import fill
 
@@ -86,7 +86,7 @@ checkpoints, filler = Path(sys.argv[1]), Path(sys.argv[2])
 config = load_config(["deepspeed=cpu", "model.d_model=64", "model.n_layers=2", "model.n_heads=2",
                       "model.vocab_size=512", "deepspeed.zero_stage=1"])
 init_distributed(True)
-engine, _ = build_engine(config, BigLearner(config.model), 1, True)
+engine, _ = build_engine(config, LossModel(BigLearner(config.model)), 1, True)
 ckpt.save_checkpoint(engine, checkpoints, 1, {"step": 1}, {"cursor": 1}, keep_last=3)
 check = ckpt.check_free_space
 

@@ -1,5 +1,7 @@
-"""Fine-tuning: FT vs big-learn (seed 000 eq. 20-22), data checks, metrics, the Hydra sweep."""
+"""Fine-tuning on the Trainer: FT vs big-learn ("Big Learning", fine-tuning), data checks, metrics,
+the sweep list, and exact resume after SIGKILL on 2 ranks with ZeRO-2 (slow)."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,12 +10,31 @@ import numpy as np
 import pytest
 
 from data_pipeline.tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
-from pretrain.finetune import FinetuneConfig, DataConfig, config_from_dict, run, summarize
+from pretrain.finetune import FinetuneConfig, FinetuneData, config_from_dict, run, summarize
 from pretrain.infer import LabelLayout, classification_metrics, classify, load_model, main as infer_main, read_examples
 
 ROOT = Path(__file__).resolve().parents[2]
 WORDS_A = "apple pear plum grape lemon melon cherry mango".split()
 WORDS_B = "train plane boat truck bike ship rocket tram".split()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_environment():
+    """In-process runs join a one-process group, which sets RANK, MASTER_PORT, ... in os.environ:
+    put the environment back after this module, so later tests' subprocesses start fresh groups."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def subprocess_env() -> dict:
+    """The environment for a fresh run: without the process-group variables that an in-process
+    run of this session set (a child would try to join or re-open that group's port)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
 
 
 def write_task(path: Path, n: int, rng, fmt: str, pairs: bool = False):
@@ -55,9 +76,10 @@ def tokenizer(tokenizer_dir):
 def make_config(tmp_path, rng, n_train=64, **overrides):
     write_task(tmp_path / "train.jsonl", n_train, rng, "jsonl", pairs=True)
     write_task(tmp_path / "dev.jsonl", 32, rng, "jsonl", pairs=True)
-    values = dict(data=DataConfig(train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"), max_len=24),
+    values = dict(data=FinetuneData(train=str(tmp_path / "train.jsonl"), dev=str(tmp_path / "dev.jsonl"), max_len=24),
                   model=dict(d_model=32, n_layers=2, n_heads=4, dropout=0.1, attention_backend="torch"),
-                  lr=3e-3, epochs=1, batch_size=16, out=str(tmp_path / "out"), seed=int(rng.integers(1000)))
+                  lr=3e-3, epochs=1, batch_size=16, out=str(tmp_path / "out"), resume="never",
+                  seed=int(rng.integers(1000)))
     return FinetuneConfig(**{**values, **overrides})
 
 
@@ -101,7 +123,7 @@ def test_finetuning_learns_a_simple_rule_and_exports_a_classifier(tmp_path, toke
 
 def test_label_slot_layout_and_tsv_reading(tmp_path, tokenizer):
     rows = write_task(tmp_path / "d.tsv", 5, np.random.default_rng(), "tsv", pairs=True)
-    examples = read_examples(tmp_path / "d.tsv", DataConfig())
+    examples = read_examples(tmp_path / "d.tsv", FinetuneData())
     assert [(e.text, e.text_pair, e.label) for e in examples] == [(r["text"], r["text_pair"], r["label"]) for r in rows]
     layout = LabelLayout.from_tokenizer(tokenizer, ["a", "b"], max_len=64)
     sample = layout.encode(tokenizer, "apple boat", "plum", label="b")
@@ -119,7 +141,7 @@ def test_bad_inputs_name_the_problem(tmp_path, tokenizer):
         read_examples(tmp_path / "bad.jsonl", layout)
     (tmp_path / "empty.jsonl").write_text('{"text": "  ", "label": "a"}\n')
     with pytest.raises(ValueError, match=r"empty.jsonl:1: empty"):
-        read_examples(tmp_path / "empty.jsonl", DataConfig())
+        read_examples(tmp_path / "empty.jsonl", FinetuneData())
     with pytest.raises(ValueError, match="sentinel"):
         LabelLayout.from_tokenizer(tokenizer, list("abcd"), 32)
     cfg = make_config(tmp_path, rng)
@@ -130,7 +152,7 @@ def test_bad_inputs_name_the_problem(tmp_path, tokenizer):
         FinetuneConfig(strategy="ft", beta=0.5)
     with pytest.raises(ValueError, match="strategy"):
         FinetuneConfig(strategy="lora")
-    with pytest.raises(ValueError, match=r"finetune.data: unknown keys \['trian'\]"):
+    with pytest.raises(ValueError, match=r"data.trian"):
         config_from_dict({"data": {"trian": "x"}})
     with pytest.raises(ValueError, match="segments"):
         config_from_dict({"objective": {"name": "biglearn", "segments": []}})
@@ -152,18 +174,83 @@ def test_metrics_match_sklearn_and_summary_table():
     assert "| big-learn (beta > 0) | 2 | 90.00 / 90.00 | 85.00 / 5.00 |" in table
 
 
-def test_hydra_multirun_writes_the_summary(tmp_path, tokenizer_dir):
+def test_sweep_list_runs_each_entry_and_writes_the_summary(tmp_path, tokenizer_dir):
+    """The command line: compose API overrides, one run per `sweep` entry, summary.md in `out`."""
     rng = np.random.default_rng()
     write_task(tmp_path / "train.tsv", 32, rng, "tsv")
     write_task(tmp_path / "dev.tsv", 16, rng, "tsv")
-    sweep = tmp_path / "sweep"
-    command = [sys.executable, "-m", "pretrain.finetune", "-m", f"data.train={tmp_path / 'train.tsv'}",
+    out = tmp_path / "sweep"
+    command = [sys.executable, "-m", "pretrain.finetune", f"data.train={tmp_path / 'train.tsv'}",
                f"data.dev={tmp_path / 'dev.tsv'}", f"tokenizer={tokenizer_dir}", "data.max_len=16",
                "+model.d_model=16", "+model.n_layers=1", "+model.n_heads=2", "+model.attention_backend=torch",
-               "lr=1e-3", "epochs=1", "beta=0.0,0.5", f"hydra.sweep.dir={sweep}"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+               "lr=1e-3", "epochs=1", "progress=false", f"out={out}", "sweep=[{beta: 0.0}, {beta: 0.5}]"]
+    env = subprocess_env()
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/result.json"))]
-    assert sorted(r["beta"] for r in results) == [0.0, 0.5]
-    summary = (sweep / "summary.md").read_text()
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("run_*/result.json"))]
+    assert [r["beta"] for r in results] == [0.0, 0.5]
+    summary = (out / "summary.md").read_text()
     assert "FT (beta = 0) | 1 |" in summary and "big-learn (beta > 0) | 1 |" in summary
+    bad = subprocess.run([c for c in command if not c.startswith(("lr=", "sweep="))] + ["lr=-1"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "error:" in bad.stderr and "lr" in bad.stderr, bad.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tokenizer_dir):
+    """Fine-tuning on the Trainer, 2 CPU ranks, ZeRO-2, fp32, deterministic: kill -9 every process
+    after the step-4 checkpoint, rerun the same command (resume=auto), and every step's losses,
+    learning rate and consumed-sample digest equal those of an uninterrupted run."""
+    import signal
+    import socket
+    import time
+
+    import psutil  # a DeepSpeed dependency: finds torchrun's workers, which run in their own sessions
+
+    rng = np.random.default_rng(3)
+    write_task(tmp_path / "train.jsonl", 96, rng, "jsonl", pairs=True)
+    write_task(tmp_path / "dev.jsonl", 16, rng, "jsonl", pairs=True)
+
+    def command(out):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                "-m", "pretrain.finetune", f"data.train={tmp_path / 'train.jsonl'}", f"data.dev={tmp_path / 'dev.jsonl'}",
+                f"tokenizer={tokenizer_dir}", "data.max_len=24", "+model.d_model=32", "+model.n_layers=2",
+                "+model.n_heads=4", "+model.dropout=0.1", "+model.attention_backend=torch", "lr=3e-3", "epochs=4",
+                "batch_size=4", "beta=0.5", "save_every=4", "keep_last=10", "deterministic=true", "progress=false",
+                "deepspeed.zero_stage=2", "deepspeed.accelerator=cpu", f"out={out}"]
+
+    def records(out) -> dict[int, dict]:
+        path = out / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        return {r["step"]: r for r in map(json.loads, filter(str.strip, lines)) if r["kind"] == "train"}
+
+    env = subprocess_env()
+    reference = subprocess.run(command(tmp_path / "reference"), cwd=tmp_path, env=env, capture_output=True, text=True,
+                               timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen(command(out), cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while max(records(out), default=0) < 6 and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    victims = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+    for pid in victims:  # both ranks and the launcher, no clean-up
+        os.kill(pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    killed_at = max(records(out))
+    expected = records(tmp_path / "reference")
+    assert 6 <= killed_at < max(expected)
+    resumed = subprocess.run(command(out), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    got = records(out)
+    assert sorted(got) == sorted(expected) == list(range(1, max(expected) + 1))
+    for step in expected:
+        for key in ("loss", "loss_ft", "loss_biglearn", "lr", "data_digest"):
+            assert got[step][key] == expected[step][key], (step, key, got[step][key], expected[step][key])
+    result = json.loads((out / "result.json").read_text())
+    assert result["dev_accuracy"] == json.loads((tmp_path / "reference" / "result.json").read_text())["dev_accuracy"]

@@ -1,0 +1,333 @@
+"""The Trainer: the one training loop of the project (pretraining and fine-tuning run on it).
+
+A Trainer owns a DeepSpeed engine, a data stream, a metrics log, a checkpoint directory and the
+train state, and saves and restores each stateful part by name (the Stateful pattern of
+torchtitan): `progress` (global counters, in the checkpoint's meta.json), and per rank `data`
+(the stream's cursor) and `rng` (python/numpy/torch generators). What is trained is a `Task`:
+the module the engine wraps, the additive statistics of a micro-batch and the log record they
+make, so the loop itself knows nothing of objectives. The divergence guard (pretrain.guard) is
+part of the train state: its streak survives a resume, and rotation keeps its last good checkpoint.
+
+One optimiser step = trainer.grad_accum micro-batches per rank. Every rank agrees on three
+things through one small all-reduce per micro-batch: whether the loss was finite everywhere
+(a non-finite loss skips the micro-batch on all ranks and counts as a bad step for the guard, as
+does a skipped or non-finite optimizer step; trainer.max_bad_steps in a row stop the run),
+whether to stop (SIGTERM/SIGUSR1 or the time budget, on any rank), and a digest of the sample
+keys consumed (so resumed runs can be checked to read the same data).
+
+The data stream needs only: iteration (batches), `state_dict()` / `load_state_dict()`,
+`last_keys` (ids of the samples of the batch handed out last) and `stats` (a dict with "epoch").
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from . import checkpoint as ckpt
+from .engine import dynamic_loss_scale
+from .errors import UserError
+from .guard import BadStepGuard
+from .utils import METRICS
+
+log = logging.getLogger("pretrain.trainer")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class Progress:
+    """Global counters, identical on every rank; saved in the checkpoint's meta.json."""
+    step: int = 0
+    tokens_seen: int = 0
+    predicted_seen: int = 0
+    skipped_micro_batches: int = 0
+    data_digest: int = 0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class RNGState:
+    """Python, numpy and torch generators of this rank."""
+
+    def state_dict(self) -> dict:
+        return ckpt.rng_state()
+
+    def load_state_dict(self, state: dict) -> None:
+        ckpt.set_rng_state(state)
+
+
+class Task(Protocol):
+    """What is trained. `module(model)` is what the engine wraps: forward(batch) -> (loss, output);
+    `sums(batch, device_batch, output)` the additive statistics of a micro-batch (host batch, its
+    device copy, the engine's output; tensors; "tokens" and
+    "predicted" are counted into the progress); `record(totals)` the log fields of summed ones."""
+
+    def module(self, model: torch.nn.Module) -> torch.nn.Module: ...
+
+    def sums(self, batch, device_batch, output) -> dict[str, torch.Tensor]: ...
+
+    def record(self, totals: dict[str, list[float]]) -> dict: ...
+
+
+@dataclass
+class TrainerSettings:
+    """The loop's knobs (pretraining reads them from TrainerConfig, fine-tuning from its own)."""
+    max_steps: int
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 3
+    max_bad_steps: int = 5
+    max_minutes: float = 0.0
+    progress: bool = True
+
+
+def _all_reduce(tensor: torch.Tensor) -> None:
+    """Sum over ranks, in place, on the tensor's device (NCCL reduces GPU tensors only); a no-op
+    without a process group (one process, e.g. a LocalEngine)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+
+
+class MetricsLog:
+    """JSON lines (run_dir/metrics.jsonl) + TensorBoard, rank 0 only."""
+
+    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
+        self.path = run_dir / METRICS
+        kept = []
+        if resume_step is not None and self.path.is_file():
+            # Records past the resumed checkpoint belong to the interrupted attempt: drop them.
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.path.write_text("".join(line + "\n" for line in kept))  # a fresh run starts a fresh file
+        self.file = open(self.path, "a")
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.writer is None:
+            return
+        prefix = record["kind"]
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
+            elif isinstance(value, dict):
+                for task, item in value.items():
+                    scalar = item["nll"] if isinstance(item, dict) else item
+                    self.writer.add_scalar(f"{prefix}/{key}/{task}", scalar, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trainer:
+    """Collective: every rank builds one and calls the same methods in the same order."""
+
+    def __init__(self, engine, stream, task: Task, settings: TrainerSettings, run_dir: Path | None = None, *,
+                 meta: dict | None = None, metrics: MetricsLog | None = None, evaluator=None, rank: int = 0,
+                 extra_record=None, first_save_bytes: int = 0):
+        self.engine, self.stream, self.task, self.settings = engine, stream, task, settings
+        self.run_dir, self.meta, self.metrics, self.evaluator = Path(run_dir or "."), meta or {}, metrics, evaluator
+        self.rank, self.extra_record, self.first_save_bytes = rank, extra_record, first_save_bytes
+        self.checkpoint_dir = self.run_dir / ckpt.CHECKPOINTS
+        self.progress = Progress()
+        self.guard = BadStepGuard(settings.max_bad_steps)
+        self.rank_states: dict[str, Stateful] = {"data": stream, "rng": RNGState()}
+        self.last_saved: Path | None = None
+        self.stop_reason: str | None = None
+        self._signal = 0
+        self._batches = None
+        self._window: dict[str, torch.Tensor] = {}
+        self._window_start = self._started = time.perf_counter()
+
+    # ------------------------------------------------------------------ state
+
+    def save(self) -> Path:
+        """Checkpoint: the engine, `progress` in meta.json, each rank's states by name."""
+        meta = {**self.meta, "progress": self.progress.state_dict(), "data_stats": self.stream.stats,
+                "guard": self.guard.state_dict()}
+        rank_state = {name: part.state_dict() for name, part in self.rank_states.items()}
+        self.last_saved = ckpt.save_checkpoint(self.engine, self.checkpoint_dir, self.progress.step, meta, rank_state,
+                                               self.settings.keep_last, estimate_bytes=self.first_save_bytes,
+                                               protect=self.guard.protected)
+        self.guard.saved(self.last_saved)
+        log.info("saved %s", self.last_saved)
+        return self.last_saved
+
+    def load(self, tag_dir: Path) -> None:
+        meta, rank_state = ckpt.load_checkpoint(self.engine, tag_dir)
+        self.progress.load_state_dict(meta["progress"])
+        if "guard" in meta:
+            self.guard.load_state_dict(meta["guard"])
+        self.guard.saved(tag_dir)
+        for name, part in self.rank_states.items():
+            try:
+                part.load_state_dict(rank_state[name])
+            except ValueError as err:
+                raise UserError(f"cannot resume {tag_dir} ({name}): {err}. Start over with resume=never "
+                                "or use another run_dir") from None
+        self.last_saved = Path(tag_dir)
+        log.info("resumed from %s (step %d)", tag_dir, self.progress.step)
+
+    # ------------------------------------------------------------------ steps
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum  # acted on at the next micro-batch, by every rank together
+
+    def _accumulate(self, sums: dict[str, torch.Tensor]) -> None:
+        for key, value in sums.items():
+            value = value.detach().to(self.engine.device, torch.float64).reshape(-1)
+            self._window[key] = self._window[key] + value if key in self._window else value
+
+    def train_step(self) -> None:
+        """One optimiser step (grad_accum micro-batches that all ranks found finite); a stop
+        request (signal, time budget) is recorded in stop_reason and acted on by `run`."""
+        s, engine = self.settings, self.engine
+        if self._batches is None:
+            self._batches = iter(self.stream)
+        micro = 0
+        while micro < s.grad_accum:
+            batch = next(self._batches)
+            keys_crc = zlib.crc32("\n".join(map(str, self.stream.last_keys)).encode())
+            device_batch = batch.to_torch(engine.device)
+            loss, output = engine(device_batch)
+            over_time = s.max_minutes > 0 and self.rank == 0 and time.perf_counter() - self._started > 60 * s.max_minutes
+            flags = torch.tensor([0.0, float(self._signal != 0), float(over_time), float(keys_crc)],
+                                 dtype=torch.float64, device=engine.device)
+            flags[0] = (~torch.isfinite(loss.detach())).double()
+            _all_reduce(flags)
+            n_nonfinite, signalled, timed_out, crc_sum = flags.tolist()
+            self.progress.data_digest = (self.progress.data_digest + int(crc_sum)) % (1 << 61)
+            if signalled or timed_out:
+                self.stop_reason = "signal" if signalled else "time budget"
+            if n_nonfinite:  # no rank backpropagates this micro-batch
+                self.progress.skipped_micro_batches += 1
+                self.guard.bad(self.progress.step + 1,
+                               f"non-finite loss on {int(n_nonfinite)} rank(s), micro-batch skipped")
+                continue
+            engine.backward(loss)
+            engine.step()
+            micro += 1
+            self._accumulate(self.task.sums(batch, device_batch, output))
+        self.guard.optimizer_step(self.progress.step + 1, engine.was_step_applied(), engine.get_global_grad_norm(),
+                                  *dynamic_loss_scale(engine))
+        self.progress.step += 1
+
+    def log_window(self) -> dict:
+        """All-reduce the statistics since the last record, count them into the progress, write
+        the record (rank 0) and start a new window."""
+        names = sorted(self._window)
+        flat = torch.cat([self._window[n] for n in names]) if names else torch.zeros(0, dtype=torch.float64)
+        flat = flat.to(self.engine.device)
+        _all_reduce(flat)
+        totals, offset = {}, 0
+        for name in names:
+            size = self._window[name].numel()
+            totals[name] = flat[offset:offset + size].cpu().tolist()
+            offset += size
+        self.progress.tokens_seen += int(sum(totals.get("tokens", [0])))
+        self.progress.predicted_seen += int(sum(totals.get("predicted", [0])))
+        elapsed = time.perf_counter() - self._window_start
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {"kind": "train", "step": self.progress.step, **self.task.record(totals),
+                  "lr": self.engine.get_lr()[0], "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "tokens_per_s": sum(totals.get("tokens", [0])) / elapsed,
+                  "predicted_per_s": sum(totals.get("predicted", [0])) / elapsed,
+                  "tokens_seen": self.progress.tokens_seen,
+                  "skipped_micro_batches": self.progress.skipped_micro_batches,
+                  "data_digest": self.progress.data_digest, "epoch": self.stream.stats["epoch"]}
+        if self.extra_record is not None:
+            record.update(self.extra_record(totals, elapsed))
+        if self.metrics is not None:
+            self.metrics.write(record)
+        self._window = {}
+        self._window_start = time.perf_counter()
+        return record
+
+    def evaluate(self) -> dict:
+        """The evaluator's results on the current weights (written to the metrics log)."""
+        self.engine.eval()
+        try:
+            result = self.evaluator(self.engine)
+        finally:
+            self.engine.train()
+        if self.metrics is not None:
+            self.metrics.write({"kind": "eval", "step": self.progress.step, **result})
+        return result
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        """Train to settings.max_steps (or a stop request), with periodic logs, evaluations and
+        checkpoints; always ends with a checkpoint of the last step, and closes the metrics log.
+        Returns a summary."""
+        s = self.settings
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        bar = None
+        if self.rank == 0 and s.progress:
+            from tqdm import tqdm
+            bar = tqdm(total=s.max_steps, initial=self.progress.step, desc="train", unit="step", dynamic_ncols=True)
+        self._started = self._window_start = time.perf_counter()
+        self.engine.train()
+        try:
+            while self.progress.step < s.max_steps and self.stop_reason is None:
+                self.train_step()
+                step = self.progress.step
+                if bar is not None:
+                    bar.update(1)
+                saving = s.save_every and step % s.save_every == 0
+                # Save steps are log steps too, so a checkpoint's token counters include every step before it.
+                if step % s.log_every == 0 or step == s.max_steps or self.stop_reason or saving:
+                    record = self.log_window()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                running = step < s.max_steps and self.stop_reason is None
+                if self.evaluator is not None and s.eval_every and step % s.eval_every == 0 and running:
+                    self.evaluate()
+                if saving and running:
+                    self.save()
+            if bar is not None:
+                bar.close()  # before the final messages (closing again in `finally` is harmless)
+            if self.stop_reason is not None:
+                log.warning("stopping at step %d (%s): saving a checkpoint", self.progress.step, self.stop_reason)
+            if self.last_saved is None or self.last_saved.name != ckpt.tag_name(self.progress.step):
+                self.save()
+            summary = {"run_dir": str(self.run_dir), "step": self.progress.step, "checkpoint": str(self.last_saved),
+                       "tokens_seen": self.progress.tokens_seen, "stopped": self.stop_reason,
+                       "healthy": self.guard.healthy,
+                       "minutes": (time.perf_counter() - self._started) / 60}
+            if self.stop_reason != "signal" and self.evaluator is not None:
+                summary["eval"] = self.evaluate()
+            return summary
+        finally:
+            if bar is not None:
+                bar.close()
+            if self.metrics is not None:
+                self.metrics.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
