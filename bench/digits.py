@@ -163,18 +163,22 @@ def save_grid(images: np.ndarray, n_cols: int, path: Path, title: str, row_label
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n_rows = int(np.ceil(len(images) / n_cols))
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * 0.45, n_rows * 0.45 + 0.35))
+    # 0.8 inch per 8x8 image at 100 dpi (80 px) and 10-11 pt text: readable on a docs page.
+    cell, head = 0.8, 0.5
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * cell + (1.2 if row_labels is not None else 0.1),
+                                                      n_rows * cell + head))
     for i, ax in enumerate(np.atleast_1d(axes).ravel()):
         ax.axis("off")
         if i < len(images):
             ax.imshow(images[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=16, interpolation="nearest")
     if row_labels is not None:
         for r, text in enumerate(row_labels):
-            np.atleast_2d(axes)[r, 0].text(-1.5, 3.5, text, ha="right", va="center", fontsize=7)
-    fig.suptitle(title, fontsize=8)
-    fig.subplots_adjust(wspace=0.05, hspace=0.05, top=1 - 0.35 / (n_rows * 0.45 + 0.35),
-                        left=0.11 if row_labels is not None else 0.01, right=0.99, bottom=0.01)
-    fig.savefig(path, dpi=72)
+            np.atleast_2d(axes)[r, 0].text(-1.5, 3.5, text, ha="right", va="center", fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    width = fig.get_figwidth()
+    fig.subplots_adjust(wspace=0.05, hspace=0.05, top=1 - head / fig.get_figheight(),
+                        left=(1.2 if row_labels is not None else 0.05) / width, right=1 - 0.05 / width, bottom=0.01)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

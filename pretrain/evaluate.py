@@ -100,8 +100,38 @@ def read_metrics(run_dir) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def matrix_panels(matrix: dict, baseline: dict | None = None) -> list[tuple[str, list[str], np.ndarray]]:
+    """The heatmap's panels, one per quantity so each gets its own colour scale:
+    ("NLL / token (nats)", row labels, values [rows, tasks]) with the untrained model's row when
+    given, then ("perplexity", ...)."""
+    tasks = list(matrix)
+    nll_labels, nll_rows = ["trained"], [[matrix[t]["nll"] for t in tasks]]
+    ppl_labels, ppl_rows = ["trained"], [[matrix[t]["ppl"] for t in tasks]]
+    if baseline:
+        nll_labels.append("untrained")
+        nll_rows.append([baseline[t]["nll"] for t in tasks])
+        ppl_labels.append("untrained")
+        ppl_rows.append([baseline[t]["ppl"] for t in tasks])
+    return [("NLL / token (nats)", nll_labels, np.array(nll_rows)), ("perplexity", ppl_labels, np.array(ppl_rows))]
+
+
+def _heatmap(fig, ax, tasks: list[str], title: str, labels: list[str], values: np.ndarray) -> None:
+    """One quantity: its own colour scale (min..max of its cells), a colour bar, the numbers in the cells."""
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
+    middle = (values.min() + values.max()) / 2
+    for i in range(values.shape[0]):
+        for j in range(values.shape[1]):
+            ax.text(j, i, f"{values[i, j]:.4g}", ha="center", va="center", fontsize=9,
+                    color="white" if values[i, j] < middle else "black")
+    ax.set_xticks(range(len(tasks)), tasks, rotation=20)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_title(title, fontsize=10)
+
+
 def plot_run(run_dir, matrix: dict | None = None, baseline: dict | None = None, out: Path | None = None) -> Path:
-    """PNG with the training/validation loss curves and the final evaluation matrix."""
+    """PNG with the training/validation loss curves and the final evaluation matrix (NLL and
+    perplexity as two heatmaps, each on its own colour scale)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,7 +141,9 @@ def plot_run(run_dir, matrix: dict | None = None, baseline: dict | None = None, 
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
     matrix = matrix or (evals[-1]["tasks"] if evals else None)
-    fig, (curves, table) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig = plt.figure(figsize=(14, 5.5))
+    grid = fig.add_gridspec(2, 2, width_ratios=[1, 1.15])
+    curves = fig.add_subplot(grid[:, 0])
     if train:
         steps = [r["step"] for r in train]
         curves.plot(steps, [r["loss"] for r in train], label="train (all tasks)", color="black", lw=1.5)
@@ -127,27 +159,10 @@ def plot_run(run_dir, matrix: dict | None = None, baseline: dict | None = None, 
     if train or evals:
         curves.legend(fontsize=7)
     if matrix:
-        tasks = list(matrix)
-        rows = [[matrix[t]["nll"] for t in tasks], [matrix[t]["ppl"] for t in tasks]]
-        labels = ["NLL / token", "perplexity"]
-        if baseline:
-            rows.insert(1, [baseline[t]["nll"] for t in tasks])
-            labels.insert(1, "NLL untrained")
-        values = np.array(rows)
-        # One colour scale for every cell: NLL, and log(perplexity) = NLL for the perplexity row.
-        nats = np.where(np.array(labels)[:, None] == "perplexity", np.log(values.clip(1e-300)), values)
-        shade = (nats - nats.min()) / max(np.ptp(nats), 1e-9)
-        table.imshow(shade, cmap="viridis", aspect="auto")
-        for i in range(values.shape[0]):
-            for j in range(values.shape[1]):
-                table.text(j, i, f"{values[i, j]:.3g}", ha="center", va="center",
-                           color="white" if shade[i, j] < 0.5 else "black", fontsize=9)
-        table.set_xticks(range(len(tasks)), tasks, rotation=20)
-        table.set_yticks(range(len(labels)), labels)
         step = evals[-1]["step"] if evals else "?"
-        table.set_title(f"Validation matrix (step {step})")
-    else:
-        table.axis("off")
+        for row, (quantity, labels, values) in enumerate(matrix_panels(matrix, baseline)):
+            _heatmap(fig, fig.add_subplot(grid[row, 1]), list(matrix),
+                     f"validation {quantity} (step {step})", labels, values)
     fig.tight_layout()
     out = Path(out) if out else Path(run_dir) / PLOT
     fig.savefig(out, dpi=110)

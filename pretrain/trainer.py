@@ -108,6 +108,31 @@ def _all_reduce(tensor: torch.Tensor) -> None:
         torch.distributed.all_reduce(tensor)
 
 
+# Kept in metrics.jsonl (resume checks compare it) but not a quantity to plot: a checksum.
+NOT_SCALARS = ("step", "data_digest")
+
+
+def scalars(record: dict) -> dict[str, float]:
+    """The curves of a log record, by tag: "{kind}/{key}" for numbers, "{kind}/{key}/{task}" for
+    per-task numbers, and for evaluation results (dicts with "nll" and "ppl") the NLL under
+    "{kind}/{key}/{task}" and the perplexity under "{kind}/ppl/{task}"."""
+    prefix, out = record["kind"], {}
+    for key, value in record.items():
+        if key in NOT_SCALARS or isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[f"{prefix}/{key}"] = float(value)
+        elif isinstance(value, dict):
+            for task, item in value.items():
+                if isinstance(item, dict) and "nll" in item:
+                    out[f"{prefix}/{key}/{task}"] = float(item["nll"])
+                    if "ppl" in item:
+                        out[f"{prefix}/ppl/{task}"] = float(item["ppl"])
+                elif isinstance(item, (int, float)) and not isinstance(item, bool):
+                    out[f"{prefix}/{key}/{task}"] = float(item)
+    return out
+
+
 class MetricsLog:
     """JSON lines (run_dir/metrics.jsonl) + TensorBoard, rank 0 only."""
 
@@ -130,14 +155,8 @@ class MetricsLog:
         self.file.flush()
         if self.writer is None:
             return
-        prefix = record["kind"]
-        for key, value in record.items():
-            if isinstance(value, (int, float)) and key != "step":
-                self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
-            elif isinstance(value, dict):
-                for task, item in value.items():
-                    scalar = item["nll"] if isinstance(item, dict) else item
-                    self.writer.add_scalar(f"{prefix}/{key}/{task}", scalar, record["step"])
+        for tag, value in scalars(record).items():
+            self.writer.add_scalar(tag, value, record["step"])
 
     def close(self) -> None:
         self.file.close()

@@ -46,3 +46,16 @@ def test_digits_run_reaches_94_percent(tmp_path):
     assert accuracy >= 0.94, done.stdout
     for name in ("digits_joint.png", "digits_conditional.png", "digits_completion.png", "metrics.json"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_figures_are_large_enough_to_read(tmp_path):
+    """Each 8x8 digit is drawn at least 64 pixels wide (8 screen pixels per intensity cell)."""
+    import matplotlib.image
+
+    rng = np.random.default_rng()
+    n_cols, n_rows = 10, 3
+    images = rng.integers(0, 17, size=(n_cols * n_rows, 64))
+    path = tmp_path / "grid.png"
+    digits.save_grid(images, n_cols, path, "title", row_labels=[f"y={r}" for r in range(n_rows)])
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width >= n_cols * 64 and height >= n_rows * 64
