@@ -39,6 +39,7 @@ import torch
 
 from .errors import UserError
 from .export import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS, export_model, load_exported, manifest_summary
+from .logs import no_stdout
 from .model import BigLearner
 from .utils import METRICS, atomic_write, model_from_weights
 
@@ -298,7 +299,8 @@ def consolidated_state_dict(tag_dir) -> dict[str, torch.Tensor]:
         if any(tag_dir.glob("*optim_states.pt")):
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+            with no_stdout():
+                state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         else:
             files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
             if not files:

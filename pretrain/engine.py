@@ -9,6 +9,8 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -38,6 +40,14 @@ def precision(config: TrainConfig, on_cpu: bool) -> str:
     return chosen
 
 
+def shm_extension_built(environ=os.environ) -> bool:
+    """Whether DeepSpeed's CPU communication extension (deepspeed_shm_comm, compiled by torch's
+    cpp_extension on the first CPU run, ~1-2 min) is in the torch extensions directory:
+    TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/<python, device tag>/."""
+    root = Path(environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return any(root.glob("deepspeed_shm_comm/*.so")) or any(root.glob("*/deepspeed_shm_comm/*.so"))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -50,6 +60,8 @@ def init_distributed(on_cpu: bool, timeout_s: float = 1800.0) -> tuple[int, int,
     Returns (rank, world_size, local_rank). Must run before deepspeed is imported on CPU."""
     if on_cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
+    if on_cpu and int(os.environ.get("LOCAL_RANK", 0)) == 0 and not shm_extension_built():
+        print("compiling DeepSpeed's CPU extension (shm_comm), once per machine, ~1-2 min", file=sys.stderr, flush=True)
     if "RANK" not in os.environ:  # single process without a launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))

@@ -38,6 +38,7 @@ from . import checkpoint as ckpt
 from .collate import TaskBatch, collate
 from .config import CONFIG_DIR, DataConfig as PretrainData, DeepSpeedConfig, TrainConfig, TrainerConfig, compose, to_schema
 from .engine import build_engine, init_distributed, use_cpu
+from .logs import quiet_third_party
 from .infer import LabelLayout, evaluate_classifier, load_model, read_examples, split_spec
 from .model import BigLearner, ModelConfig
 from .objectives import ObjectiveConfig, ObjectiveSampler, SegmentRule
@@ -393,6 +394,7 @@ def main(argv=None, prog: str = "python -m pretrain.finetune") -> int:
         print(OmegaConf.to_yaml(_plain(cfg)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    quiet_third_party()
     from data_pipeline.tokenizer import Tokenizer
     try:
         tokenizer = Tokenizer.load(cfg.tokenizer)

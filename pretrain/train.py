@@ -31,6 +31,7 @@ from .errors import UserError, add_debug_flag, cli_main, one_line
 from .evaluate import eval_batches, evaluate, plot_run, validation_windows
 from .export import init_config, load_init
 from .guard import TrainingError
+from .logs import quiet_third_party
 from .mixing import data_counters, open_train_stream
 from .model import BigLearner, ModelConfig
 from .objectives import TASKS, ObjectiveSampler
@@ -124,6 +125,7 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
                         format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    quiet_third_party()
 
 
 def _resume_checkpoint(config: TrainConfig, checkpoint_dir: Path) -> Path | None:

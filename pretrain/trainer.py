@@ -20,6 +20,7 @@ The data stream needs only: iteration (batches), `state_dict()` / `load_state_di
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -35,6 +36,7 @@ from . import checkpoint as ckpt
 from .engine import dynamic_loss_scale
 from .errors import UserError
 from .guard import BadStepGuard
+from .logs import console_around_bar
 from .utils import METRICS
 
 log = logging.getLogger("pretrain.trainer")
@@ -162,6 +164,15 @@ class MetricsLog:
         self.file.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def step_horizon(max_steps: int, max_minutes: float, start_step: int, step: int, elapsed_s: float) -> int:
+    """The step the run will end at: max_steps, or, with a time budget, the step the measured pace
+    ((step - start_step) / elapsed_s) reaches when the budget runs out, whichever comes first."""
+    if max_minutes <= 0 or step <= start_step or elapsed_s <= 0:
+        return max_steps
+    pace = (step - start_step) / elapsed_s
+    return min(max_steps, max(step, start_step + int(pace * 60 * max_minutes)))
 
 
 class Trainer:
@@ -307,17 +318,22 @@ class Trainer:
         Returns a summary."""
         s = self.settings
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
-        bar = None
+        bar, start_step = None, self.progress.step
         if self.rank == 0 and s.progress:
             from tqdm import tqdm
-            bar = tqdm(total=s.max_steps, initial=self.progress.step, desc="train", unit="step", dynamic_ncols=True)
+            bar = tqdm(total=s.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self._started = self._window_start = time.perf_counter()
         self.engine.train()
+        console = contextlib.ExitStack()
+        if bar is not None:
+            console.enter_context(console_around_bar())
         try:
             while self.progress.step < s.max_steps and self.stop_reason is None:
                 self.train_step()
                 step = self.progress.step
-                if bar is not None:
+                if bar is not None:  # the horizon the time budget allows at the pace so far
+                    bar.total = step_horizon(s.max_steps, s.max_minutes, start_step, step,
+                                             time.perf_counter() - self._started)
                     bar.update(1)
                 saving = s.save_every and step % s.save_every == 0
                 # Save steps are log steps too, so a checkpoint's token counters include every step before it.
@@ -346,6 +362,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            console.close()
             if self.metrics is not None:
                 self.metrics.close()
             for sig, handler in previous.items():

@@ -1,0 +1,91 @@
+"""What a run prints: a progress bar whose horizon is the real end (steps or time budget),
+log records above the bar instead of on its line, uninformative third-party messages dropped
+(and only those), the first-run DeepSpeed extension build detected."""
+import io
+import logging
+import sys
+import warnings
+
+import numpy as np
+import torch
+
+from pretrain.engine import shm_extension_built
+from pretrain.logs import console_around_bar, quiet_third_party
+from pretrain.trainer import step_horizon
+
+
+def test_horizon_is_the_step_the_budget_or_max_steps_ends_at():
+    rng = np.random.default_rng()
+    for _ in range(200):
+        max_steps = int(rng.integers(1, 5000))
+        start = int(rng.integers(0, max_steps))
+        step = int(rng.integers(start + 1, max_steps + 1))
+        seconds_per_step = float(rng.uniform(0.01, 3.0))
+        minutes = float(rng.uniform(0.1, 30.0))
+        elapsed = (step - start) * seconds_per_step
+        expected = min(max_steps, max(step, start + int(60 * minutes / seconds_per_step + 1e-9)))
+        assert abs(step_horizon(max_steps, minutes, start, step, elapsed) - expected) <= 1
+        assert step_horizon(max_steps, 0.0, start, step, elapsed) == max_steps  # no time budget
+    assert step_horizon(100, 1.0, 0, 0, 0.0) == 100  # nothing measured yet
+
+
+def test_log_records_go_above_the_bar_not_onto_its_line(monkeypatch):
+    from tqdm import tqdm
+
+    captured = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", captured)
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as the run's logging setup makes
+    logging.root.addHandler(handler)
+    try:
+        bar = tqdm(total=10, desc="train", file=sys.stderr, mininterval=0)
+        with console_around_bar():
+            bar.update(3)
+            logging.getLogger("pretrain.test").warning("a log record")
+            bar.update(3)
+        bar.close()
+    finally:
+        logging.root.removeHandler(handler)
+    text = captured.getvalue()
+    assert "a log record" in text
+    for line in text.replace("\r", "\n").split("\n"):
+        if "a log record" in line:
+            assert line.strip() == "a log record", repr(line)
+
+
+def test_only_the_named_third_party_messages_are_dropped():
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+    from deepspeed.utils import logger as deepspeed_logger
+
+    quiet_third_party()
+    quiet_third_party()  # once: a second call adds nothing
+    assert sum(type(f).__name__ == "_DropMessages" for f in deepspeed_logger.filters) == 1
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    deepspeed_logger.addHandler(handler)
+    try:
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        schedule = WarmupCosineLR(optimizer, total_num_steps=10, warmup_num_steps=2, last_batch_iteration=-1)
+        schedule.last_batch_iteration = -1
+        schedule.get_lr()  # DeepSpeed's own warning: asked before its first step
+        deepspeed_logger.warning("something else DeepSpeed says")
+    finally:
+        deepspeed_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["something else DeepSpeed says"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_third_party()
+        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                      "`torch.distributed.all_gather_single` instead.", FutureWarning)
+        warnings.warn("another FutureWarning", FutureWarning)
+    assert [str(w.message) for w in caught] == ["another FutureWarning"]
+
+
+def test_shm_extension_build_is_detected(tmp_path):
+    environ = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    assert not shm_extension_built(environ)
+    (tmp_path / "deepspeed_shm_comm").mkdir()
+    (tmp_path / "deepspeed_shm_comm" / "build.ninja").write_text("")  # a build that did not finish
+    assert not shm_extension_built(environ)
+    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"\x7fELF")
+    assert shm_extension_built(environ)
