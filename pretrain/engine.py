@@ -7,6 +7,7 @@ CPU runs (no CUDA, or deepspeed.accelerator=cpu) use DeepSpeed's CPU accelerator
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import sys
@@ -75,7 +76,8 @@ def init_distributed(on_cpu: bool, timeout_s: float = 1800.0) -> tuple[int, int,
 
 
 def deepspeed_config(config: TrainConfig, world_size: int, on_cpu: bool) -> dict:
-    """The DeepSpeed JSON config for this run (also written to run_dir/deepspeed_config.json)."""
+    """The DeepSpeed JSON config for this run (also written to run_dir/deepspeed_config.json); the
+    learning-rate schedule is build_engine's WarmupCosine."""
     ds, t = config.deepspeed, config.trainer
     zero: dict = {"stage": ds.zero_stage}
     if ds.zero_stage >= 1:
@@ -101,12 +103,6 @@ def deepspeed_config(config: TrainConfig, world_size: int, on_cpu: bool) -> dict
             "type": "AdamW",
             "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps, "weight_decay": t.weight_decay},
         },
-        # Linear warmup, then cosine decay to lr * min_lr_ratio at max_steps.
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {"total_num_steps": t.max_steps, "warmup_num_steps": t.warmup_steps, "warmup_type": "linear",
-                       "warmup_min_ratio": 0.0, "cos_min_ratio": t.min_lr_ratio},
-        },
         "steps_per_print": 10 ** 9,  # the trainer logs; DeepSpeed's own step prints stay off
         "wall_clock_breakdown": False,
     }
@@ -115,6 +111,38 @@ def deepspeed_config(config: TrainConfig, world_size: int, on_cpu: bool) -> dict
         result["optimizer"]["params"]["torch_adam"] = True
         result["optimizer"]["params"]["adam_w_mode"] = True
     return result
+
+
+class WarmupCosine:
+    """Learning-rate factor of optimizer step k = 1, 2, ...: linear warm-up k / warmup (> 0 from
+    step 1), then cosine decay from 1 to min_ratio at step `total`, min_ratio after it. The factor
+    of LambdaLR, which calls it with the number of steps taken (k - 1); LambdaLR's state_dict
+    keeps `total` and `warmup`, so a resumed run continues the schedule it was fitted to."""
+
+    def __init__(self, total: int, warmup: int, min_ratio: float):
+        self.total, self.warmup, self.min_ratio = total, warmup, min_ratio
+
+    def factor(self, step: int) -> float:
+        if step <= self.warmup:
+            return step / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def __call__(self, steps_taken: int) -> float:
+        return self.factor(steps_taken + 1)
+
+    def fit(self, total: int, max_steps: int, steps_taken: int) -> None:
+        """Size the schedule to `total` steps (<= max_steps) instead of max_steps, from the step after
+        next (LambdaLR has set the next one's rate already): the warm-up shrinks by the same ratio,
+        but not below the steps already taken (a warm-up is never restarted)."""
+        total = min(total, max_steps)
+        self.warmup = min(self.warmup, max(steps_taken, round(self.warmup * total / max_steps)))
+        self.total = total
+
+
+def engine_schedule(engine) -> WarmupCosine:
+    """The WarmupCosine that build_engine gave the engine's LambdaLR."""
+    return engine.lr_scheduler.lr_lambdas[0]
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -156,8 +184,13 @@ def build_engine(config: TrainConfig, module: nn.Module, world_size: int, on_cpu
     import deepspeed
 
     ds_config = deepspeed_config(config, world_size, on_cpu)
+    t = config.trainer
+    # Our schedule rather than DeepSpeed's WarmupCosineLR: that one runs step 1 at lr 0 and cannot
+    # be resized when a time budget turns out to allow fewer steps than max_steps.
+    schedule = WarmupCosine(t.max_steps, t.warmup_steps, t.min_lr_ratio)
     engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=param_groups(module, config.trainer.weight_decay), config=ds_config)
+        model=module, model_parameters=param_groups(module, t.weight_decay), config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule))
     if config.deepspeed.zero_stage == 3:
         deepspeed.zero.register_external_parameter(engine.module, module.model.query_start)
     return engine, ds_config

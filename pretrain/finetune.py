@@ -38,8 +38,8 @@ from . import checkpoint as ckpt
 from .collate import TaskBatch, collate
 from .config import CONFIG_DIR, DataConfig as PretrainData, DeepSpeedConfig, TrainConfig, TrainerConfig, compose, to_schema
 from .engine import build_engine, init_distributed, use_cpu
-from .logs import quiet_third_party
 from .infer import LabelLayout, evaluate_classifier, load_model, read_examples, split_spec
+from .logs import quiet_third_party
 from .model import BigLearner, ModelConfig
 from .objectives import ObjectiveConfig, ObjectiveSampler, SegmentRule
 from .train import seed_everything

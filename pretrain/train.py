@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from .collate import QUERY_PREDICTOR
 from .config import (CONFIG_DIR, TrainConfig, TrainerConfig, available_options, load_config, resolve_run_dir, to_dict,
                      to_yaml)
-from .engine import LossModel, build_engine, init_distributed, task_stats, use_cpu
+from .engine import LossModel, build_engine, engine_schedule, init_distributed, task_stats, use_cpu
 from .errors import UserError, add_debug_flag, cli_main, one_line
 from .evaluate import eval_batches, evaluate, plot_run, validation_windows
 from .export import init_config, load_init
@@ -231,7 +231,7 @@ def train(config: TrainConfig) -> dict:
                       evaluator=lambda e: {"tasks": evaluate(e, fixed_eval, e.device, rank, world_size)},
                       extra_record=lambda totals, elapsed: {**task.extra_record(totals, elapsed),
                                                             "data": data_counters(stream)},
-                      first_save_bytes=first_save_bytes)
+                      first_save_bytes=first_save_bytes, schedule=engine_schedule(engine))
     resume_from = _resume_checkpoint(config, trainer.checkpoint_dir)
     if resume_from is not None:
         trainer.load(resume_from)

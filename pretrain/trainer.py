@@ -41,6 +41,7 @@ from .utils import METRICS
 
 log = logging.getLogger("pretrain.trainer")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+FIT_AFTER_STEPS = 5  # steps measured before a time-limited run's schedule is sized to its budget
 
 
 class Stateful(Protocol):
@@ -180,10 +181,11 @@ class Trainer:
 
     def __init__(self, engine, stream, task: Task, settings: TrainerSettings, run_dir: Path | None = None, *,
                  meta: dict | None = None, metrics: MetricsLog | None = None, evaluator=None, rank: int = 0,
-                 extra_record=None, first_save_bytes: int = 0):
+                 extra_record=None, first_save_bytes: int = 0, schedule=None):
         self.engine, self.stream, self.task, self.settings = engine, stream, task, settings
         self.run_dir, self.meta, self.metrics, self.evaluator = Path(run_dir or "."), meta or {}, metrics, evaluator
         self.rank, self.extra_record, self.first_save_bytes = rank, extra_record, first_save_bytes
+        self.schedule = schedule  # an engine.WarmupCosine, fitted to the time budget (fit_schedule)
         self.checkpoint_dir = self.run_dir / ckpt.CHECKPOINTS
         self.progress = Progress()
         self.guard = BadStepGuard(settings.max_bad_steps)
@@ -310,6 +312,23 @@ class Trainer:
             self.metrics.write({"kind": "eval", "step": self.progress.step, **result})
         return result
 
+    def fit_schedule(self, start_step: int) -> None:
+        """Size the schedule to the steps the time budget allows at the pace measured since the
+        run started (rank 0's estimate, shared so every rank steps the same schedule)."""
+        s, step = self.settings, self.progress.step
+        elapsed = time.perf_counter() - self._started
+        estimate = torch.tensor([float(step_horizon(s.max_steps, s.max_minutes, start_step, step, elapsed)
+                                       if self.rank == 0 else 0)], dtype=torch.float64, device=self.engine.device)
+        _all_reduce(estimate)
+        total = int(estimate.item())
+        if total >= s.max_steps:
+            return
+        self.schedule.fit(total, s.max_steps, step)
+        log.info("time budget %g min: about %d steps at %.2f s/step (measured over the first %d); warm-up (%d steps) "
+                 "and cosine decay sized to %d steps instead of max_steps=%d", s.max_minutes, total,
+                 elapsed / max(step - start_step, 1), step - start_step, self.schedule.warmup, self.schedule.total,
+                 s.max_steps)
+
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict:
@@ -335,6 +354,9 @@ class Trainer:
                     bar.total = step_horizon(s.max_steps, s.max_minutes, start_step, step,
                                              time.perf_counter() - self._started)
                     bar.update(1)
+                # A fresh run limited by minutes: after a few measured steps, fit the schedule to the budget.
+                if self.schedule is not None and s.max_minutes > 0 and start_step == 0 and step == FIT_AFTER_STEPS:
+                    self.fit_schedule(start_step)
                 saving = s.save_every and step % s.save_every == 0
                 # Save steps are log steps too, so a checkpoint's token counters include every step before it.
                 if step % s.log_every == 0 or step == s.max_steps or self.stop_reason or saving:

@@ -33,8 +33,7 @@ def test_deepspeed_config_follows_the_hydra_config(preset, stage, offload):
     assert ds["train_batch_size"] == 6 * 3 * 4 and ds["gradient_clipping"] == 0.5
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 2e-4
     assert ds["optimizer"]["params"].get("torch_adam", False) == (not offload)  # GPU offload uses DeepSpeed's CPU Adam
-    assert ds["scheduler"]["params"] == {"total_num_steps": 99, "warmup_num_steps": 7, "warmup_type": "linear",
-                                         "warmup_min_ratio": 0.0, "cos_min_ratio": 0.2}
+    assert "scheduler" not in ds  # build_engine's WarmupCosine (tests/pretrain/test_schedule.py)
     if preset == "cpu":
         assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
 
