@@ -25,6 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from . import objectives
 from .errors import UserError
+from .loggers import LOGGERS
 from .model import ModelConfig
 from .objectives import EVAL_TASKS, ObjectiveConfig
 from .vae.config import VAEExperiment, validate as validate_vae
@@ -95,7 +96,8 @@ class TrainerConfig:
     keep_last: int = 3  # complete checkpoints kept
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
     export_at_end: bool = True  # consolidated fp32 weights in run_dir/export
-    tensorboard: bool = True
+    # metrics.jsonl (always: plots and resume checks read it) plus any of tensorboard, wandb, mlflow
+    loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     progress: bool = True  # tqdm bar on rank 0
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look the GPU up (no MFU on CPU)
 
@@ -177,6 +179,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     _check(ds.dist_timeout_s > 0, "deepspeed.dist_timeout_s", "must be > 0 (seconds)", ds.dist_timeout_s)
     for key in ("eval_every", "save_every", "max_minutes", "grad_clip", "weight_decay", "peak_tflops"):
         _check(getattr(t, key) >= 0, f"trainer.{key}", "must be >= 0", getattr(t, key))
+    for name in t.loggers:
+        _check(name in LOGGERS, "trainer.loggers", f"entries must be among {list(LOGGERS)}", name)
+    _check("jsonl" in t.loggers, "trainer.loggers", "must include jsonl (plots and resume checks read metrics.jsonl)",
+           t.loggers)
     _check(math.isfinite(t.lr) and t.lr > 0, "trainer.lr", "must be a positive number", t.lr)
     _check(0 <= t.min_lr_ratio <= 1, "trainer.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
     for key in ("beta1", "beta2"):

@@ -308,7 +308,7 @@ def run(cfg: FinetuneConfig, tokenizer, progress: bool | None = None) -> dict:
     if resume_from is not None:
         trainer.load(resume_from)
     if rank == 0:
-        trainer.metrics = MetricsLog(out, trainer.progress.step if resume_from else None, tensorboard=False)
+        trainer.metrics = MetricsLog(out, trainer.progress.step if resume_from else None)
     summary = trainer.run()
     if summary["stopped"] == "signal":
         return summary

@@ -238,7 +238,7 @@ def train(config: TrainConfig) -> dict:
     if rank == 0:
         (run_dir / "config.yaml").write_text(to_yaml(config))
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
-        trainer.metrics = MetricsLog(run_dir, trainer.progress.step if resume_from else None, t.tensorboard)
+        trainer.metrics = MetricsLog(run_dir, trainer.progress.step if resume_from else None, t.loggers, to_dict(config))
         log.info("run dir %s | %d ranks | %s | %.2fM parameters | %s", run_dir, world_size,
                  "cpu" if on_cpu else torch.cuda.get_device_name(), model.num_parameters() / 1e6, manifest)
     try:

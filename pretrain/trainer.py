@@ -36,6 +36,7 @@ from . import checkpoint as ckpt
 from .engine import dynamic_loss_scale
 from .errors import UserError
 from .guard import BadStepGuard
+from .loggers import open_loggers, scalars
 from .logs import console_around_bar
 from .utils import METRICS
 
@@ -111,60 +112,32 @@ def _all_reduce(tensor: torch.Tensor) -> None:
         torch.distributed.all_reduce(tensor)
 
 
-# Kept in metrics.jsonl (resume checks compare it) but not a quantity to plot: a checksum.
-NOT_SCALARS = ("step", "data_digest")
-
-
-def scalars(record: dict) -> dict[str, float]:
-    """The curves of a log record, by tag: "{kind}/{key}" for numbers, "{kind}/{key}/{task}" for
-    per-task numbers, and for evaluation results (dicts with "nll" and "ppl") the NLL under
-    "{kind}/{key}/{task}" and the perplexity under "{kind}/ppl/{task}"."""
-    prefix, out = record["kind"], {}
-    for key, value in record.items():
-        if key in NOT_SCALARS or isinstance(value, bool):
-            continue
-        if isinstance(value, (int, float)):
-            out[f"{prefix}/{key}"] = float(value)
-        elif isinstance(value, dict):
-            for task, item in value.items():
-                if isinstance(item, dict) and "nll" in item:
-                    out[f"{prefix}/{key}/{task}"] = float(item["nll"])
-                    if "ppl" in item:
-                        out[f"{prefix}/ppl/{task}"] = float(item["ppl"])
-                elif isinstance(item, (int, float)) and not isinstance(item, bool):
-                    out[f"{prefix}/{key}/{task}"] = float(item)
-    return out
-
-
 class MetricsLog:
-    """JSON lines (run_dir/metrics.jsonl) + TensorBoard, rank 0 only."""
+    """JSON lines (run_dir/metrics.jsonl), rank 0 only, and the same curves to each backend of
+    `loggers` (pretrain.loggers: tensorboard, wandb, mlflow)."""
 
-    def __init__(self, run_dir: Path, resume_step: int | None, tensorboard: bool):
+    def __init__(self, run_dir: Path, resume_step: int | None, loggers=("jsonl",), config: dict | None = None):
         self.path = run_dir / METRICS
         kept = []
         if resume_step is not None and self.path.is_file():
             # Records past the resumed checkpoint belong to the interrupted attempt: drop them.
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+        self.backends = open_loggers(loggers, run_dir, resume_step, config)
         self.path.write_text("".join(line + "\n" for line in kept))  # a fresh run starts a fresh file
         self.file = open(self.path, "a")
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.writer is None:
-            return
-        for tag, value in scalars(record).items():
-            self.writer.add_scalar(tag, value, record["step"])
+        values = scalars(record)
+        for backend in self.backends:
+            backend.log(values, record["step"])
 
     def close(self) -> None:
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        for backend in self.backends:
+            backend.close()
 
 
 def step_horizon(max_steps: int, max_minutes: float, start_step: int, step: int, elapsed_s: float) -> int:

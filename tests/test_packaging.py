@@ -43,7 +43,7 @@ def test_pip_install_then_biglearn_train_from_another_directory(tmp_path):
                           check=True).stdout.startswith("usage: biglearn train")
     train = subprocess.run(
         [biglearn, "train", "experiment=smoke", "deepspeed=cpu", "data.demo_max_files=40", "data.demo_vocab_size=512",
-         "trainer.max_steps=3", "trainer.save_every=3", "trainer.progress=false", "trainer.tensorboard=false",
+         "trainer.max_steps=3", "trainer.save_every=3", "trainer.progress=false", "trainer.loggers=[jsonl]",
          "eval.batches=1", "eval.plot=false", "trainer.export_at_end=false", "run_dir=run"],
         cwd=elsewhere, env=env, capture_output=True, text=True, timeout=900)
     assert train.returncode == 0, train.stderr[-3000:]

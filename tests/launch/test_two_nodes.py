@@ -28,7 +28,7 @@ DIST_TIMEOUT_S = 60
 SMOKE = ["experiment=smoke", "data.demo_max_files=60", "data.demo_vocab_size=512"]  # a smaller corpus: faster
 TRAIN = [*SMOKE, "deepspeed=cpu", "deepspeed.zero_stage=2", f"deepspeed.dist_timeout_s={DIST_TIMEOUT_S}",
          f"trainer.max_steps={STEPS}", f"trainer.save_every={SAVE_EVERY}", "trainer.log_every=1",
-         "trainer.deterministic=true", "trainer.keep_last=10", "trainer.progress=false", "trainer.tensorboard=false",
+         "trainer.deterministic=true", "trainer.keep_last=10", "trainer.progress=false", "trainer.loggers=[jsonl]",
          "trainer.export_at_end=false", "eval.plot=false", "eval.batches=1"]
 
 

@@ -277,7 +277,7 @@ def test_import_big_learn_20_steps_export_loads_in_transformers(tmp_path, manife
         [sys.executable, "-m", "pretrain.train", "deepspeed=cpu", "objective=biglearn", f"model.init={tmp_path / 'init'}",
          f"model.streams={streams}", "data.kind=manifest", f"data.manifest={manifest}", f"run_dir={tmp_path / 'run'}",
          "data.batch_size=4", "trainer.max_steps=20", "trainer.warmup_steps=2", "trainer.progress=false",
-         "trainer.tensorboard=false", "eval.batches=1", "eval.plot=false", "trainer.eval_every=0"],
+         "trainer.loggers=[jsonl]", "eval.batches=1", "eval.plot=false", "trainer.eval_every=0"],
         cwd=repo, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     trained, meta = load_exported(tmp_path / "run" / "export")

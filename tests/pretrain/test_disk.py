@@ -13,7 +13,7 @@ from pretrain.checkpoint import COMPLETE, LATEST, complete_checkpoints, director
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["deepspeed=cpu", "model.d_model=64", "model.n_layers=2", "model.n_heads=2", "data.batch_size=4",
-        "trainer.progress=false", "trainer.tensorboard=false", "eval.batches=1", "eval.plot=false",
+        "trainer.progress=false", "trainer.loggers=[jsonl]", "eval.batches=1", "eval.plot=false",
         "trainer.eval_every=0", "trainer.export_at_end=false", "trainer.save_every=1", "trainer.keep_last=3"]
 
 

@@ -101,7 +101,7 @@ def _free_port() -> int:
 def torchrun(run_dir, manifest, *overrides):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                str(_free_port()), "-m", "pretrain.train", "deepspeed=cpu", "model.d_model=32", "model.n_layers=2",
-               "model.n_heads=2", "data.batch_size=8", "trainer.progress=false", "trainer.tensorboard=false",
+               "model.n_heads=2", "data.batch_size=8", "trainer.progress=false", "trainer.loggers=[jsonl]",
                "trainer.warmup_steps=2", "trainer.lr=1e-2", "trainer.log_every=1", "eval.batches=2", "eval.plot=false",
                "trainer.eval_every=0", "data.kind=manifest", f"data.manifest={manifest}", f"run_dir={run_dir}",
                *overrides]
@@ -154,7 +154,7 @@ def test_activation_checkpointing_under_zero3_gives_the_same_losses(tmp_path, ma
         run_dir = tmp_path / flag
         command = [sys.executable, "-m", "pretrain.train", "deepspeed=cpu", "deepspeed.zero_stage=3", "model.d_model=32",
                    "model.n_layers=2", "model.n_heads=2", "data.batch_size=4", "trainer.progress=false",
-                   "trainer.tensorboard=false", "trainer.max_steps=4", "trainer.log_every=1", "trainer.lr=1e-2",
+                   "trainer.loggers=[jsonl]", "trainer.max_steps=4", "trainer.log_every=1", "trainer.lr=1e-2",
                    "trainer.warmup_steps=1", "eval.batches=1", "eval.plot=false", "trainer.export_at_end=false",
                    f"model.activation_checkpointing={flag}", "data.kind=manifest", f"data.manifest={manifest}",
                    f"run_dir={run_dir}"]

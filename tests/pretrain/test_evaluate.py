@@ -66,7 +66,7 @@ def test_trained_demo_model_beats_untrained_on_every_task(tmp_path, manifest):
     run_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, "-m", "pretrain.train", "deepspeed=cpu", "model.d_model=32", "model.n_layers=2",
-         "model.n_heads=2", "data.batch_size=8", "trainer.progress=false", "trainer.tensorboard=false",
+         "model.n_heads=2", "data.batch_size=8", "trainer.progress=false", "trainer.loggers=[jsonl]",
          "trainer.warmup_steps=2", "trainer.lr=1e-2", "trainer.max_steps=30", "trainer.log_every=5",
          "trainer.eval_every=15", "eval.batches=2", "data.kind=manifest", f"data.manifest={manifest}",
          f"run_dir={run_dir}"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -19,7 +19,7 @@ from pretrain.guard import BadStepGuard, TrainingError
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["deepspeed=cpu", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.batch_size=4",
-        "trainer.progress=false", "trainer.tensorboard=false", "eval.batches=1", "eval.plot=false",
+        "trainer.progress=false", "trainer.loggers=[jsonl]", "eval.batches=1", "eval.plot=false",
         "trainer.eval_every=0", "trainer.log_every=1", "trainer.warmup_steps=1"]
 
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from pretrain.evaluate import matrix_panels, plot_run
-from pretrain.trainer import MetricsLog, scalars
+from pretrain.loggers import scalars
+from pretrain.trainer import MetricsLog
 from pretrain.utils import METRICS
 
 
@@ -64,7 +65,7 @@ def test_tensorboard_has_perplexity_and_no_digest(tmp_path):
     train = {"kind": "train", "step": 3, "loss": float(rng.uniform(1, 5)), "task_loss": {"mlm": 2.5},
              "lr": 1e-3, "data_digest": int(rng.integers(1, 2 ** 60)), "data": {"tokens_per_source": {"a": 3}}}
     evaluation = {"kind": "eval", "step": 3, "tasks": matrix}
-    log = MetricsLog(tmp_path, None, tensorboard=True)
+    log = MetricsLog(tmp_path, None, ["jsonl", "tensorboard"])
     log.write(train)
     log.write(evaluation)
     log.close()

@@ -71,7 +71,7 @@ def test_crafted_checkpoint_runs_no_code_anywhere(tmp_path, manifest, capsys):
         assert "refused to load" in err and "io.open" in err and str(tag) in err, err
     # Resuming from it (resume=PATH) fails the same way, before any training step.
     result = cli("-m", "pretrain.train", "deepspeed=cpu", "model.d_model=32", "model.n_layers=1", "model.n_heads=2",
-                 "data.kind=manifest", f"data.manifest={manifest}", "trainer.progress=false", "trainer.tensorboard=false", f"run_dir={tmp_path / 'fresh'}",
+                 "data.kind=manifest", f"data.manifest={manifest}", "trainer.progress=false", "trainer.loggers=[jsonl]", f"run_dir={tmp_path / 'fresh'}",
                  f"resume={tag}")
     assert result.returncode != 0 and "refused to load" in result.stderr, result.stderr[-3000:]
     # The trainer's own per-rank file goes through the same restricted load.

@@ -15,7 +15,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["deepspeed=cpu", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "data.batch_size=4",
-        "trainer.progress=false", "trainer.tensorboard=false", "trainer.warmup_steps=2", "trainer.lr=3e-3",
+        "trainer.progress=false", "trainer.loggers=[jsonl]", "trainer.warmup_steps=2", "trainer.lr=3e-3",
         "eval.batches=1", "eval.plot=false", "trainer.export_at_end=false", "trainer.eval_every=0"]
 
 
