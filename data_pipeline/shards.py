@@ -10,7 +10,6 @@ build settings, and ``manifest.json`` is written last, atomically.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pretrain.checkpoint import complete_checkpoints
@@ -97,15 +98,10 @@ def launch(nodes, run_dir: Path, demo: Path, port: int, log_dir: Path) -> list[s
 
 
 def descendants(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return [p for child in found for p in (child, *descendants(child))]
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def kill_node(proc: subprocess.Popen) -> None:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -64,22 +65,11 @@ def wait_for_step(process, run_dir, step, timeout=600):
     raise AssertionError(f"no step {step} within {timeout} s")
 
 
-def children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry.name))
-            except (OSError, IndexError, ValueError):
-                continue
-    return found
-
-
 def descendants(pid: int) -> list[int]:
-    """Child processes, recursively (torchrun starts its workers in their own sessions)."""
-    found = children(pid)
-    return [p for child in found for p in (child, *descendants(child))]
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def test_sigterm_saves_a_loadable_checkpoint_and_exits_zero(tmp_path, manifest):
