@@ -27,7 +27,7 @@ import torch
 
 from .collate import TaskBatch, collate
 from .config import EvalConfig
-from .errors import add_debug_flag, cli_main
+from .errors import UserError, add_debug_flag, cli_main
 from .objectives import EVAL_TASKS, ObjectiveSampler, eval_split
 from .utils import METRICS, format_matrix
 
@@ -187,8 +187,9 @@ class EvaluateArgs:
 
 
 def parse_args(argv, prog: str = "python -m pretrain.evaluate") -> EvaluateArgs:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+    """EvaluateArgs from key=value overrides, composed onto configs/evaluate.yaml like the
+    training config (pretrain.config.compose): a mistyped key or value fails naming it."""
+    from .config import compose, to_schema
 
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -207,12 +208,12 @@ def parse_args(argv, prog: str = "python -m pretrain.evaluate") -> EvaluateArgs:
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(EvaluateArgs), OmegaConf.from_dotlist(args.overrides))
-        parsed = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        parser.error(f"argument {getattr(err, 'full_key', '?')}: {str(err).splitlines()[0]}")
-    return parsed
+    from omegaconf import OmegaConf
+
+    tree = compose(args.overrides, config_name="evaluate", cls=EvaluateArgs)
+    if OmegaConf.is_missing(tree, "ckpt"):
+        raise UserError("ckpt=... is required: a run dir, checkpoints/ dir, step_* checkpoint or exported model dir")
+    return to_schema(tree, EvaluateArgs)
 
 
 def _run_manifest(ckpt, meta: dict) -> str | None:

@@ -108,3 +108,20 @@ def test_command_line_help_and_errors():
     bad = subprocess.run([sys.executable, "-m", "pretrain.evaluate", "ckpt=/nonexistent", "batchez=3"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "batchez" in bad.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["ckpt=/x", "batches=many"], "batches='many': expected int"),
+    (["batches=3"], "ckpt=... is required"),
+    (["ckpt=/x", "tasks=[joint,mlm]", "device=cpu"], None),
+])
+def test_overrides_compose_onto_the_schema(overrides, message):
+    from pretrain.errors import UserError
+    from pretrain.evaluate import parse_args
+
+    if message is None:
+        args = parse_args(overrides)
+        assert args.ckpt == "/x" and args.tasks == ["joint", "mlm"] and args.device == "cpu" and args.batches is None
+        return
+    with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        parse_args(overrides)
