@@ -6,15 +6,20 @@
    2.5 minutes on a CPU; experiment/demo_gpu.yaml, a wider model for longer, with a GPU);
 3. evaluates the validation matrix (NLL per token and perplexity of joint, left-to-right, MLM,
    infilling, random big-learning, prefix and suffix tasks) against the same model untrained;
-4. writes the loss curves and the matrix to run_dir/training.png and prints where everything is.
+4. reports held-out infilling accuracy and left-to-right NLL against the untrained model and a
+   unigram baseline, filled-in held-out spans and a sentence scored against its scrambled
+   version (pretrain.demo_report);
+5. writes the loss curves and the matrix to run_dir/training.png and prints where everything is.
 
 Extra arguments are trainer overrides, e.g. `python -m pretrain.demo trainer.max_minutes=1`.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from pathlib import Path
 
 # One OpenMP thread unless the user says otherwise, set before torch loads its OpenMP runtime:
 # on a small shared CPU, 2 spinning threads per process ran the tiny config 20x slower than one
@@ -65,6 +70,13 @@ def main(argv=None) -> int:
     batches = eval_batches(windows, config.eval, int(load_manifest(meta["manifest"])["pad_id"]))
     baseline = evaluate(untrained.loss, batches, torch.device("cpu"))
     matrix = summary["eval"]
+    from data_pipeline.tokenizer import Tokenizer
+
+    from .demo_report import report
+
+    tokenizer = Tokenizer.load(Path(meta["manifest"]).parent)  # the directory build_demo wrote
+    text, numbers = report(trained, untrained, batches, matrix, baseline, meta["manifest"], tokenizer)
+    (Path(summary["run_dir"]) / "demo_report.json").write_text(json.dumps(numbers, indent=2))
     plot = plot_run(summary["run_dir"], matrix, baseline)
     run_dir = summary["run_dir"]
     print(f"""
@@ -72,6 +84,8 @@ demo finished: {summary['step']} steps, {summary['tokens_seen']:,} tokens, {summ
 
 validation matrix (fixed seeded (S, T) draws; lower is better):
 {format_matrix(matrix, baseline)}
+
+{text}
 
 where everything is:
   run directory      {run_dir}

@@ -35,12 +35,12 @@ PLOT = "training.png"
 _SEED_TAG = 7919  # keeps these draws apart from the training sampler's streams
 
 
-def validation_windows(manifest, n_batches: int, batch_size: int) -> list[list[np.ndarray]]:
-    """The first n_batches x batch_size windows of the validation split, in file order.
+def validation_windows(manifest, n_batches: int, batch_size: int, split: str = "val") -> list[list[np.ndarray]]:
+    """The first n_batches x batch_size windows of the validation split (or `split`), in file order.
     Read through BatchStream with the causal-LM layout, whose labels are the window itself."""
     from .data import BatchStream
 
-    stream = BatchStream(manifest, split="val", sampler=ObjectiveSampler("clm"), batch_size=batch_size,
+    stream = BatchStream(manifest, split=split, sampler=ObjectiveSampler("clm"), batch_size=batch_size,
                          rank=0, world_size=1, num_workers=0, shuffle=False)
     windows = []
     for batch in stream:

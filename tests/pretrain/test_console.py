@@ -7,7 +7,6 @@ import sys
 import warnings
 
 import numpy as np
-import torch
 
 from pretrain.engine import shm_extension_built
 from pretrain.logs import console_around_bar, quiet_third_party
