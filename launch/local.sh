@@ -16,7 +16,7 @@
 # In gpu mode with CUDA_VISIBLE_DEVICES set, the first N of those devices are used.
 set -euo pipefail
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 die() { echo "local.sh: error: $*" >&2; echo "(launch/local.sh --help for usage)" >&2; exit 2; }
 
 [[ $# -ge 1 ]] || { usage; exit 2; }

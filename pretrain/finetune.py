@@ -89,7 +89,7 @@ class FinetuneConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=_finetune_deepspeed)
     out: str = "runs/finetune"      # run directory: metrics.jsonl, checkpoints/, result.json, model/
     resume: str = "auto"            # auto: continue from the newest complete checkpoint in `out`; never
-    save_model: bool = False        # exported classifier in out/model (label layout in its metadata)
+    save_model: bool = True         # exported classifier in out/model (label layout in its metadata)
     log_every: int = 1
     save_every: int = 0             # 0: save at the end and on signals only
     keep_last: int = 2
@@ -376,7 +376,7 @@ def main(argv=None, prog: str = "python -m pretrain.finetune") -> int:
                "  python -m pretrain.finetune ... 'sweep=[{beta: 0.0}, {beta: 0.5}]'     # summary.md in out/\n"
                "  torchrun --nproc_per_node 2 -m pretrain.finetune ... deepspeed.zero_stage=2\n\n"
                "outputs (out): metrics.jsonl, checkpoints/ (resume=auto continues), result.json, model/ "
-               "(save_model=true).\nSIGTERM or SIGUSR1 saves a checkpoint and exits 0.")
+               "(unless save_model=false).\nSIGTERM or SIGUSR1 saves a checkpoint and exits 0.")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="Hydra overrides")
     parser.add_argument("--cfg", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
