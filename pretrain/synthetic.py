@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .collate import TaskBatch, collate
+from .collate import TaskBatch, collate, make_split
 from .infer import label_log_probs
 from .model import BigLearner, ModelConfig
 from .objectives import TASKS, ObjectiveSampler, SplitSpec
@@ -248,8 +248,8 @@ def mdm_nelbo(model: BigLearner, x: np.ndarray, rng: np.random.Generator, *, mas
             for _ in range(masks_per_length):
                 is_masked = np.zeros(length, dtype=bool)
                 is_masked[rng.choice(length, size=k, replace=False)] = True
-                order = np.concatenate([np.flatnonzero(~is_masked), np.flatnonzero(is_masked)]).astype(np.int32)
-                specs.append(SplitSpec(order, length - k, k, np.ones(k, dtype=np.int32), task))
+                specs.append(make_split(length, np.flatnonzero(~is_masked), np.flatnonzero(is_masked),
+                                        np.ones(k), task_id=task))
                 rows.append(b)
     log_probs = model_target_log_probs(model, x[np.array(rows)], specs, batch_size)
     terms = np.array([-lp.sum() / len(lp) for lp in log_probs]).reshape(n, length * masks_per_length)

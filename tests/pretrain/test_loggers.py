@@ -22,16 +22,21 @@ def records(rng):
     return out
 
 
+def log_records(run_dir, backend: str) -> list[dict]:
+    """Fresh random records written through MetricsLog to jsonl and `backend`, then closed."""
+    written = records(np.random.default_rng())
+    log = MetricsLog(run_dir, None, ["jsonl", backend], config={"trainer": {"lr": 1e-3}})
+    for record in written:
+        log.write(record)
+    log.close()
+    return written
+
+
 def test_wandb_offline_writes_the_run(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
-    rng = np.random.default_rng()
-    written = records(rng)
-    log = MetricsLog(tmp_path, None, ["jsonl", "wandb"], config={"trainer": {"lr": 1e-3}})
-    for record in written:
-        log.write(record)
-    log.close()
+    written = log_records(tmp_path, "wandb")
     wandb.teardown()  # what the process's exit does: the wandb service writes out what it holds
     (data,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     # The offline run file holds each history row as protobuf items: the key, then the value as JSON.
@@ -47,12 +52,7 @@ def test_mlflow_file_store_holds_every_curve(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from mlflow.tracking import MlflowClient
 
-    rng = np.random.default_rng()
-    written = records(rng)
-    log = MetricsLog(tmp_path, None, ["jsonl", "mlflow"], config={"trainer": {"lr": 1e-3}})
-    for record in written:
-        log.write(record)
-    log.close()
+    written = log_records(tmp_path, "mlflow")
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").resolve().as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("biglearn").experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["trainer.lr"] == "0.001"
