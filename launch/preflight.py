@@ -5,8 +5,10 @@ Every rank runs this module. It checks, and prints one report on rank 0:
 - gpus:       GPUs visible on every node (and enough for the node's ranks);
 - all-reduce: a correct sum across all ranks, and its bandwidth (NCCL on GPUs, else gloo);
 - disk:       free space and write access in the output directory, on every node;
-- manifest:   the shard manifest parses and every shard exists, is readable and has the size the
-              manifest records ('bytes'), on every node (a stat each: cheap, always on);
+- manifest:   the shard manifest loads as training loads it (data_pipeline.shards.load_manifest:
+              fields, shard paths inside the dataset directory unless --allow-external-shards)
+              and every shard exists, is readable and has the size the manifest records
+              ('bytes'), on every node (a stat each: cheap, always on);
               with --verify also each shard's sha256 (split across all ranks);
 - tokenizer:  sha256 of tokenizer.model (--tokenizer, else the copy named by the manifest's
               tokenizer.path) equals the manifest's tokenizer.sha256.
@@ -36,8 +38,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-# The function the shard builder records hashes with, so both sides hash the same way.
+# The function the shard builder records hashes with, so both sides hash the same way, and the
+# one manifest loader of the project (format, fields, shard paths inside the dataset directory).
 from data_pipeline.files import file_sha256
+from data_pipeline.shards import MANIFEST, load_manifest, shard_file
 from pretrain.errors import add_debug_flag, cli_main
 
 MAX_LISTED = 10  # failures listed per check and node before "... and N more"
@@ -105,28 +109,8 @@ def check_disk(output_dir: Path, min_free_gb: float) -> Result:
     return Result("disk", "PASS" if free_gb >= min_free_gb else "FAIL", detail)
 
 
-def load_manifest(path: Path) -> tuple[Path, dict]:
-    """Read manifest.json (path may be the file or its directory); ValueError names the problem."""
-    manifest_file = path / "manifest.json" if path.is_dir() else path
-    try:
-        manifest = json.loads(manifest_file.read_text())
-    except OSError as err:
-        raise ValueError(f"manifest {manifest_file}: cannot read: {err}") from err
-    except json.JSONDecodeError as err:
-        raise ValueError(f"manifest {manifest_file}: not valid JSON: {err}") from err
-    if not isinstance(manifest, dict):
-        raise ValueError(f"manifest {manifest_file}: top level is not a JSON object")
-    shards = manifest.get("shards")
-    if not isinstance(shards, list) or not shards:
-        raise ValueError(f"manifest {manifest_file}: field 'shards' is missing or not a non-empty list")
-    for i, entry in enumerate(shards):
-        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-            raise ValueError(f"manifest {manifest_file}: shards[{i}] has no string field 'path'")
-    return manifest_file, manifest
-
-
-def _shard_path(manifest_file: Path, entry: dict) -> Path:
-    return manifest_file.parent / entry["path"]  # absolute paths stay absolute
+def _manifest_file(path: Path) -> Path:
+    return path / MANIFEST if path.is_dir() else path
 
 
 def check_shards_present(manifest_file: Path, manifest: dict) -> Result:
@@ -134,7 +118,7 @@ def check_shards_present(manifest_file: Path, manifest: dict) -> Result:
     copy, a stale NFS handle or a permission problem shows up here, not hours into training)."""
     problems = []
     for entry in manifest["shards"]:
-        path = _shard_path(manifest_file, entry)
+        path = shard_file(manifest, entry)
         try:
             with open(path, "rb") as f:
                 f.read(1)
@@ -156,7 +140,7 @@ def check_shards_verified(manifest_file: Path, manifest: dict, info: RankInfo) -
     mine = manifest["shards"][info.rank::info.world_size]
     problems = []
     for entry in tqdm(mine, desc="preflight sha256", unit="shard", disable=info.rank != 0):
-        path = _shard_path(manifest_file, entry)
+        path = shard_file(manifest, entry)
         expected = entry.get("sha256")
         if not isinstance(expected, str):
             problems.append(f"shard {entry['path']!r} has no 'sha256' in the manifest")
@@ -203,7 +187,8 @@ def node_checks(args: argparse.Namespace, info: RankInfo) -> list[Result]:
     manifest_file = manifest = None
     if args.manifest is not None:
         try:
-            manifest_file, manifest = load_manifest(args.manifest)
+            manifest_file = _manifest_file(args.manifest)
+            manifest = load_manifest(args.manifest, args.allow_external_shards)
         except ValueError as err:
             if info.node_leader:
                 results.append(Result("manifest", "FAIL", str(err)))
@@ -347,6 +332,9 @@ def _parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
                         help="run directory: created if missing, must be writable with --min-free-gb free")
     parser.add_argument("--min-free-gb", type=float, default=50.0, help="free space needed (GiB) [50]")
     parser.add_argument("--manifest", type=Path, default=None, help="shard manifest.json or its directory")
+    parser.add_argument("--allow-external-shards", action="store_true",
+                        help="accept shard paths outside the manifest's directory (absolute or with ..), "
+                             "as data.allow_external_shards does for training")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory (with tokenizer.model) or the model file; its sha256 "
                              "must equal the manifest's tokenizer.sha256 [the manifest's tokenizer.path]")

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from data_pipeline.shards import FORMAT, FORMAT_VERSION
+
 
 @pytest.fixture
 def dataset(tmp_path):
@@ -21,6 +23,7 @@ def dataset(tmp_path):
                         "bytes": len(data)})
     tok = os.urandom(512)
     (tok_dir / "tokenizer.model").write_bytes(tok)
-    manifest = {"shards": entries, "tokenizer": {"sha256": hashlib.sha256(tok).hexdigest()}}
+    manifest = {"format": FORMAT, "version": FORMAT_VERSION, "seq_len": 8, "pad_id": 0, "vocab_size": 16,
+                "token_dtype": "uint16", "shards": entries, "tokenizer": {"sha256": hashlib.sha256(tok).hexdigest()}}
     (shards_dir / "manifest.json").write_text(json.dumps(manifest))
     return shards_dir, tok_dir, tmp_path / "out"

@@ -85,17 +85,51 @@ def test_tokenizer_mismatch(dataset, capsys):
     assert "[FAIL] tokenizer" in report and "tokenizer.model" in report and "does not match" in report
 
 
-@pytest.mark.parametrize("manifest,message", [
-    ("{not json", "not valid JSON"),
-    ('{"tokenizer": {}}', "field 'shards'"),
-    ('{"shards": [{"sha256": "ab"}]}', "shards[0] has no string field 'path'"),
-    ('{"shards": [{"path": "shard-000000.tar"}]}', "field 'tokenizer.sha256' is missing"),
+def _edit_manifest(shards, edit):
+    manifest = json.loads((shards / "manifest.json").read_text())
+    edit(manifest)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda m: m.clear(), "not a biglearn-token-shards v1 manifest"),
+    (lambda m: m.pop("seq_len"), "manifest lacks field 'seq_len'"),
+    (lambda m: m["shards"][0].pop("path"), "shards[0] has no path"),
+    (lambda m: m["tokenizer"].pop("sha256"), "field 'tokenizer.sha256' is missing"),
 ])
-def test_bad_manifest_fields(dataset, capsys, manifest, message):
+def test_bad_manifest_fields(dataset, capsys, edit, message):
     shards, tok, out = dataset
-    (shards / "manifest.json").write_text(manifest)
+    _edit_manifest(shards, edit)
     code, report = _preflight(capsys, shards, tok, out)
     assert code == 1 and message in report and "manifest.json" in report
+
+
+def test_unparsable_manifest(dataset, capsys):
+    shards, tok, out = dataset
+    (shards / "manifest.json").write_text("{not json")
+    code, report = _preflight(capsys, shards, tok, out)
+    assert code == 1 and f"{shards / 'manifest.json'}: cannot read manifest" in report
+
+
+@pytest.mark.parametrize("outside", ["absolute", "dotdot", "symlink"])
+def test_shard_outside_the_dataset_directory(dataset, capsys, outside):
+    """The check training applies (data_pipeline.shards.load_manifest): a shard path that leads
+    out of the dataset directory is refused, naming the manifest and the entry, unless opted in."""
+    shards, tok, out = dataset
+    moved = shards.parent / "elsewhere.tar"
+    (shards / "shard-000001.tar").rename(moved)
+    path = {"absolute": str(moved), "dotdot": "../elsewhere.tar", "symlink": "link.tar"}[outside]
+    if outside == "symlink":
+        (shards / "link.tar").symlink_to(moved)
+    _edit_manifest(shards, lambda m: m["shards"][1].update(path=path))
+    code, report = _preflight(capsys, shards, tok, out)
+    assert code == 1, report
+    line = next(line for line in report.splitlines() if "[FAIL] manifest" in line)
+    assert f"{shards / 'manifest.json'}: shards[1].path {path!r} leads outside" in line
+    assert "allow_external_shards" in line
+    code, report = _preflight(capsys, shards, tok, out, "--allow-external-shards", "--verify")
+    assert code == 0, report
+    assert "3 shard(s) present" in report and "3 shard(s) verified" in report
 
 
 def test_disk_and_gpu_expectations(dataset, capsys):

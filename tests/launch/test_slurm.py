@@ -62,6 +62,8 @@ def test_ssh_path(tmp_path):
     assert _commands(proc.stdout)[0][-4:] == ["8", "--verify", "--manifest", "/d/manifest.json"]
     proc = _run_sbatch(tmp_path, "data.manifest=/d/manifest.json", LAUNCH_MODE="ssh", PREFLIGHT_ARGS="--manifest /e")
     assert _commands(proc.stdout)[0][-3:] == ["8", "--manifest", "/e"]
+    proc = _run_sbatch(tmp_path, "data.manifest=/d", "data.allow_external_shards=true", LAUNCH_MODE="ssh")
+    assert _commands(proc.stdout)[0][-4:] == ["8", "--manifest", "/d", "--allow-external-shards"]
     forward = _commands(proc.stdout)[2]
     assert forward[:5] == ["(on", "USR1/TERM)", "pdsh", "-S", "-w"] and forward[5] == "gpu001,gpu002"
     assert _commands(proc.stdout)[3] == ["(after", "USR1)", "scontrol", "requeue", "4242"]
