@@ -136,9 +136,11 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict | None = None, devic
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_tables(positions: torch.Tensor, config: ModelConfig, dtype):
-    """cos/sin [B, 1, N, head_dim/2] for ORIGINAL positions (the sorted layout reorders rows)."""
-    inv_freq = rope_inv_freq(config.head_dim, config.rope_base, config.rope_scaling, positions.device)
+def rope_tables(positions: torch.Tensor, config: ModelConfig, dtype, inv_freq: torch.Tensor | None = None):
+    """cos/sin [B, 1, N, head_dim/2] for ORIGINAL positions (the sorted layout reorders rows);
+    inv_freq: rope_inv_freq's result when the caller keeps it (the KV cache does)."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_base, config.rope_scaling, positions.device)
     angles = positions.float()[:, None, :, None] * inv_freq
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -195,35 +197,34 @@ class Block(nn.Module):
             h = self._attend_residual(h, o_content)
         return h, g
 
-    def decode(self, h, g, cache_k, cache_v, write_index, new_groups, key_groups, query_groups,
-               rope_new, rope_query, content_out: bool):
+    def decode(self, x, n_new: int, cache_k, cache_v, write_index, row_groups, key_groups, rope, content_out: bool):
         """One layer of incremental decoding (docs/design.md, key/value cache).
 
-        h: new content rows [B, m, d] or None; their keys/values are written into the cache at
-        columns write_index [B, m] BEFORE attending, so they see themselves and everything
-        cached with a group <= theirs. g: query rows [B, nq, d] or None, seeing cached keys of
-        groups strictly below query_groups. Cached rows never change: a content row only sees
-        groups <= its own, all of which were decoded before it. content_out=False skips the
-        content rows' output (the last layer's, unless they predict in single-stream mode).
+        x [B, n_new + nq, d]: the step's new content rows, then its query rows, as ONE batch of
+        rows through the shared weights (read once per step, not once per stream). The content
+        rows' keys/values are written into the cache at columns write_index [B, n_new] BEFORE
+        attending, so they see themselves and everything cached with a group <= theirs. Every
+        row follows the content rule at row_groups (a query row of group g comes as g - 1: it
+        sees groups strictly below g). Cached rows never change: a content row only sees groups
+        <= its own, all of which were decoded before it. content_out=False: the content rows
+        only give keys/values (the last layer, unless they predict in single-stream mode) and
+        only the query rows are returned.
         """
         c = self.config
-        if h is not None:
-            normed_h = self.attn_norm(h)
-            k, v = self._heads(self.wkv(normed_h), 2 * c.n_kv_heads).split(c.n_kv_heads, dim=1)
+        cos, sin = rope
+        normed = self.attn_norm(x)
+        if n_new:
+            k, v = self._heads(self.wkv(normed[:, :n_new]), 2 * c.n_kv_heads).split(c.n_kv_heads, dim=1)
             index = write_index[:, None, :, None].expand(-1, c.n_kv_heads, -1, c.head_dim)
-            cache_k.scatter_(2, index, apply_rope(k, *rope_new))
+            cache_k.scatter_(2, index, apply_rope(k, cos[:, :, :n_new], sin[:, :, :n_new]))
             cache_v.scatter_(2, index, v)
-            if content_out:
-                q_content = apply_rope(self._heads(self.wq(normed_h), c.n_heads), *rope_new)
-                o_content = kernels.group_attention(q_content, cache_k, cache_v, new_groups, key_groups, strict=False,
-                                                    backend=c.attention_backend, check_sorted=False)
-                h = self._attend_residual(h, o_content)
-        if g is not None:
-            q_query = apply_rope(self._heads(self.wq(self.attn_norm(g)), c.n_heads), *rope_query)
-            o_query = kernels.group_attention(q_query, cache_k, cache_v, query_groups, key_groups, strict=True,
-                                              backend=c.attention_backend, check_sorted=False)
-            g = self._attend_residual(g, o_query)
-        return h, g
+        first = 0 if content_out else n_new
+        if first == x.shape[1]:
+            return x[:, first:]
+        q = apply_rope(self._heads(self.wq(normed[:, first:]), c.n_heads), cos[:, :, first:], sin[:, :, first:])
+        o = kernels.group_attention(q, cache_k, cache_v, row_groups[:, first:], key_groups, strict=False,
+                                    backend=c.attention_backend, check_sorted=False)
+        return self._attend_residual(x[:, first:], o)
 
 
 @dataclass
@@ -237,6 +238,7 @@ class KVCache:
     values: list[torch.Tensor]  # n_layers x [B, Hkv, capacity, head_dim]
     groups: torch.Tensor        # [B, capacity] int32
     length: torch.Tensor        # [B] int64 filled columns
+    inv_freq: torch.Tensor      # rope_inv_freq of the model, computed once rather than every step
 
     @property
     def capacity(self) -> int:
@@ -424,7 +426,8 @@ class BigLearner(nn.Module):
         return KVCache(keys=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks],
                        values=[torch.zeros(shape, device=device, dtype=dtype) for _ in self.blocks],
                        groups=torch.full((batch_size, capacity), kernels.INVALID_GROUP, device=device, dtype=torch.int32),
-                       length=torch.zeros(batch_size, device=device, dtype=torch.long))
+                       length=torch.zeros(batch_size, device=device, dtype=torch.long),
+                       inv_freq=rope_inv_freq(c.head_dim, c.rope_base, c.rope_scaling, device))
 
     @torch.no_grad()
     def decode_step(self, cache: KVCache, tokens=None, positions=None, groups=None,
@@ -450,35 +453,40 @@ class BigLearner(nn.Module):
         if readout and (has_queries or tokens is None):
             raise ValueError("decode_step: target_positions predicts from new content rows; pass tokens and no "
                              "query_positions")
-        h = write_index = rope_new = None
+        rows, row_positions, row_groups = [], [], []
+        n_new, write_index = 0, None
         if tokens is not None and tokens.shape[1] > 0:
             groups = groups.to(torch.int32)
-            n_new = (groups != kernels.INVALID_GROUP).sum(1)
-            write_index = cache.length[:, None] + torch.arange(tokens.shape[1], device=tokens.device)
+            n_new = tokens.shape[1]
+            write_index = cache.length[:, None] + torch.arange(n_new, device=tokens.device)
             if int(write_index.max()) >= cache.capacity:
                 raise ValueError(f"KV cache is full: capacity {cache.capacity} rows, "
                                  f"needed {int(write_index.max()) + 1}")
             cache.groups.scatter_(1, write_index, groups)
-            cache.length += n_new
+            cache.length += (groups != kernels.INVALID_GROUP).sum(1)
             h = self.embed(tokens)
             if self.segment_embed is not None and segments is not None:
                 h = h + self.segment_embed(segments)
             if readout:
                 h = h + self._offset_term(positions, target_positions) * (target_positions != NO_TARGET)[..., None]
-            rope_new = rope_tables(positions, c, h.dtype)
-        g = rope_query = None
+            rows.append(h)
+            row_positions.append(positions)
+            row_groups.append(groups)
         if has_queries:
-            param = self.query_start
-            g = param.expand(query_positions.shape[0], query_positions.shape[1], -1)
-            rope_query = rope_tables(query_positions, c, param.dtype)
+            rows.append(self.query_start.expand(query_positions.shape[0], query_positions.shape[1], -1))
+            row_positions.append(query_positions)
             query_groups = query_groups.to(torch.int32)
+            # strictly below g = at most g - 1, for integer groups (INVALID stays INVALID)
+            row_groups.append(torch.where(query_groups == kernels.INVALID_GROUP, query_groups, query_groups - 1))
+        if not rows:
+            return None
+        x = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
+        rope = rope_tables(torch.cat(row_positions, 1), c, x.dtype, cache.inv_freq)
+        row_groups = torch.cat(row_groups, 1)
         for i, block in enumerate(self.blocks):
-            content_out = readout or i < len(self.blocks) - 1
-            h, g = block.decode(h, g, cache.keys[i], cache.values[i], write_index, groups, cache.groups,
-                                query_groups, rope_new, rope_query, content_out)
-        if readout:
-            return self.head(self.norm(h))
-        return None if g is None else self.head(self.norm(g))
+            x = block.decode(x, n_new, cache.keys[i], cache.values[i], write_index, row_groups, cache.groups, rope,
+                             content_out=readout or i < len(self.blocks) - 1)
+        return self.head(self.norm(x)) if x.shape[1] else None
 
     def forward(self, batch: TaskBatch) -> torch.Tensor:
         """Logits [B, Nt, vocab] for every target row (padding rows included)."""

@@ -52,7 +52,7 @@ def grouped_log_prob(model, tokens, source, order, groups, all_query=False):
     return float(logits.log_softmax(-1)[torch.arange(len(order)), torch.as_tensor(tokens[order])].sum())
 
 
-CASES = [(schedule, k, streams) for schedule in ("confidence", "left_to_right", "random")
+CASES = [(schedule, k, streams) for schedule in ("confidence", "left_to_right", "random", "strided")
          for k, streams in ((1, 1), (2, 2), (2, 1), (4, 2))]
 
 
@@ -78,14 +78,28 @@ def test_group_parallel_cached_equals_uncached_and_the_grouped_chain_rule(schedu
         assert abs(uncached.log_probs[b] - expected) < 1e-8
     if schedule == "left_to_right":
         assert all((np.diff(o) > 0).all() for o in cached.orders)
+    if schedule == "strided":
+        for b in range(4):
+            assert_strided(np.sort(targets[b]), cached.orders[b], cached.groups[b], group_size)
+
+
+def assert_strided(sorted_targets, order, groups, k):
+    """Group g holds the g-th token of each of k contiguous runs of the sorted targets, the runs'
+    lengths ceil or floor of n/k, the longer ones first."""
+    n = len(sorted_targets)
+    lengths = [n // k + (c < n % k) for c in range(k)]
+    starts = np.cumsum([0] + lengths[:-1])
+    for g in range(1, groups.max() + 1):
+        expected = {sorted_targets[start + g - 1] for start, length in zip(starts, lengths) if g <= length}
+        assert set(order[groups == g].tolist()) == expected
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("schedule", ["left_to_right", "confidence"])
+@pytest.mark.parametrize("schedule", ["left_to_right", "confidence", "strided"])
 def test_one_token_per_group_is_sequential_decoding(schedule):
     """Greedy group_parallel with k = 1 against a sequential decoder written here: each step a full
     pass over S and the tokens decided so far (one group each), the next target by position or by
-    the highest top probability, its argmax appended."""
+    the highest top probability, its argmax appended (strided with one chunk: by position)."""
     rng = np.random.default_rng()
     model = tiny_model()
     tokens, sources, targets = random_problem(rng, 1, 11)
@@ -93,13 +107,13 @@ def test_one_token_per_group_is_sequential_decoding(schedule):
                       temperature=0)
     filled, source = tokens[0].copy(), sources[0]
     # Candidates in the order given (ties, e.g. before anything is known, go to the first).
-    remaining = sorted(targets[0].tolist()) if schedule == "left_to_right" else targets[0].tolist()
+    remaining = targets[0].tolist() if schedule == "confidence" else sorted(targets[0].tolist())
     decided = []
     while remaining:
         spec = spec_of(11, source, np.array(decided + remaining), list(range(1, len(decided) + 1))
                        + [len(decided) + 1] * len(remaining))
         logits = model(collate(filled[None], [spec], pad_id=0).to_torch())[0, len(decided):len(decided) + len(remaining)]
-        pick = 0 if schedule == "left_to_right" else int(logits.softmax(-1).max(-1).values.argmax())
+        pick = 0 if schedule != "confidence" else int(logits.softmax(-1).max(-1).values.argmax())
         filled[remaining[pick]] = int(logits[pick].argmax())
         decided.append(remaining.pop(pick))
     np.testing.assert_array_equal(result.tokens[0], filled)
