@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 
 from .collate import IGNORE_LABEL, QUERY_PREDICTOR, START_PREDICTOR, TaskBatch
+from .ops import rms_norm, swiglu_down
 
 
 @dataclass
@@ -100,9 +101,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in at least fp32 (bf16 sums of squares lose too much precision).
-        wide = x.float() if x.element_size() < 4 else x
-        return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        return rms_norm(x, self.weight, self.eps)
+
+
+class SwiGLUDown(nn.Linear):
+    """The down projection applied to [gate | up] as silu(gate) * up @ W.T, with the product
+    recomputed in backward instead of saved (pretrain/ops.py). A module, so that ZeRO-3 gathers
+    its weight on entry like any Linear's, under the usual `w_down.weight` name."""
+
+    def forward(self, gate_up):
+        return swiglu_down(gate_up, self.weight)
 
 
 ROPE_SCALING_KEYS = {"linear": ("factor",),
@@ -163,15 +171,14 @@ class Block(nn.Module):
         self.wo = nn.Linear(config.n_heads * hd, d, bias=False)
         self.mlp_norm = RMSNorm(d, config.norm_eps)
         self.w_gate_up = nn.Linear(d, 2 * config.ffn_hidden, bias=False)
-        self.w_down = nn.Linear(config.ffn_hidden, d, bias=False)
+        self.w_down = SwiGLUDown(config.ffn_hidden, d, bias=False)
         self.dropout = nn.Dropout(config.dropout)
 
     def _heads(self, x, n_heads):
         return x.view(x.shape[0], x.shape[1], n_heads, self.config.head_dim).transpose(1, 2)
 
     def _mlp(self, x):
-        gate, up = self.w_gate_up(self.mlp_norm(x)).chunk(2, dim=-1)
-        return x + self.dropout(self.w_down(F.silu(gate) * up))
+        return x + self.dropout(self.w_down(self.w_gate_up(self.mlp_norm(x))))
 
     def _attend_residual(self, x, o):
         """Attention output projection + residual, then the MLP sub-block."""
