@@ -41,15 +41,19 @@ def make_split(length: int, source, targets, groups=None, weights=None, norm=Non
     """SplitSpec of a window of `length` positions: S = `source` (any order), T = `targets` in
     prediction order with `groups` (default: one group per target, 1..n), the rest dropped;
     optional per-target loss `weights` and the sample's loss normaliser `norm`."""
-    source = np.sort(np.asarray(source, dtype=np.int64).reshape(-1))
+    source = np.asarray(source, dtype=np.int64).reshape(-1)
     targets = np.asarray(targets, dtype=np.int64).reshape(-1)
     if groups is None:
         groups = np.arange(1, len(targets) + 1)
-    used = np.zeros(length, dtype=bool)
-    used[source] = True
-    used[targets] = True
-    order = np.concatenate([source, targets, np.flatnonzero(~used)]).astype(np.int32)
-    return SplitSpec(order=order, n_source=len(source), n_target=len(targets),
+    role = np.zeros(length, dtype=np.int8)  # 0: dropped, 1: source, 2: target (sorts S without a sort)
+    role[source] = 1
+    role[targets] = 2
+    sorted_source, dropped = (role == 1).nonzero()[0], (role == 0).nonzero()[0]
+    if len(sorted_source) != len(source) or len(sorted_source) + len(targets) + len(dropped) != length:
+        raise ValueError(f"make_split: source ({len(source)}) and targets ({len(targets)}) must be distinct positions "
+                         f"of the window of {length}")
+    order = np.concatenate([sorted_source, targets, dropped], dtype=np.int32)
+    return SplitSpec(order=order, n_source=len(sorted_source), n_target=len(targets),
                      target_groups=np.asarray(groups, dtype=np.int32), task_id=task_id,
                      target_weights=None if weights is None else np.asarray(weights, dtype=np.float32),
                      loss_norm=norm)
@@ -99,8 +103,8 @@ def collate(windows, specs: list[SplitSpec], pad_id: int, segments=None) -> Task
     if len(windows) != len(specs) or len(specs) == 0:
         raise ValueError(f"collate needs one spec per window and at least one window; "
                          f"got {len(windows)} windows and {len(specs)} specs")
-    lengths = np.array([len(w) for w in windows])
-    for b, (window_len, spec) in enumerate(zip(lengths, specs)):
+    for b, (window, spec) in enumerate(zip(windows, specs)):
+        window_len = len(window)
         if len(spec.order) != window_len:
             raise ValueError(f"sample {b}: spec.order has {len(spec.order)} positions but the window has {window_len}")
         if spec.n_target < 1 or spec.n_source + spec.n_target > window_len:
@@ -109,58 +113,46 @@ def collate(windows, specs: list[SplitSpec], pad_id: int, segments=None) -> Task
             raise ValueError(f"sample {b}: target_weights has {len(spec.target_weights)} entries, n_target={spec.n_target}")
         if len(spec.target_groups) != spec.n_target:
             raise ValueError(f"sample {b}: target_groups has {len(spec.target_groups)} entries, n_target={spec.n_target}")
-        if spec.n_target and (spec.target_groups[0] < 1 or np.any(np.diff(spec.target_groups) < 0)):
-            raise ValueError(f"sample {b}: target_groups must be >= 1 and non-decreasing")
-    batch, max_len = len(specs), int(lengths.max())
+    batch = len(specs)
     n_source = np.array([s.n_source for s in specs], dtype=np.int64)
     n_target = np.array([s.n_target for s in specs], dtype=np.int64)
-    n_keep = n_source + n_target
-    width, n_targets_max = int(n_keep.max()), int(n_target.max())
+    width, n_targets_max = int((n_source + n_target).max()), int(n_target.max())
 
-    # Pad windows and orders to [B, max_len]; padding is never read past n_keep.
-    padded_tokens = np.full((batch, max_len), pad_id, dtype=np.int64)
-    order = np.zeros((batch, max_len), dtype=np.int64)
-    for b, (window, spec) in enumerate(zip(windows, specs)):
-        padded_tokens[b, :lengths[b]] = window
-        order[b, :lengths[b]] = spec.order
-    order = order[:, :width]
-    column = np.arange(width)[None, :]
-    kept = column < n_keep[:, None]
-    is_target = kept & (column >= n_source[:, None])
-
-    target_groups = np.full((batch, n_targets_max), INVALID_GROUP, dtype=np.int32)
-    target_mask = np.arange(n_targets_max)[None, :] < n_target[:, None]
-    target_groups[target_mask] = np.concatenate([s.target_groups for s in specs])
-
-    tokens = np.where(kept, np.take_along_axis(padded_tokens, order, axis=1), pad_id)
-    positions = np.where(kept, order, 0)
+    # One row at a time with slices (a batch holds few rows): each row's kept prefix of the
+    # sorted layout is its order's first n_source + n_target positions; the rest is padding.
+    tokens = np.full((batch, width), pad_id, dtype=np.int64)
+    positions = np.zeros((batch, width), dtype=np.int64)
     groups = np.full((batch, width), INVALID_GROUP, dtype=np.int32)
-    groups[kept & ~is_target] = 0
-    groups[is_target] = target_groups[target_mask]  # row-major order matches on both sides
-
-    target_index = np.where(target_mask, n_source[:, None] + np.arange(n_targets_max)[None, :], 0)
-    labels = np.where(target_mask, np.take_along_axis(tokens, target_index, axis=1), IGNORE_LABEL)
-
+    target_groups = np.full((batch, n_targets_max), INVALID_GROUP, dtype=np.int32)
+    labels = np.full((batch, n_targets_max), IGNORE_LABEL, dtype=np.int64)
     target_weights = np.zeros((batch, n_targets_max), dtype=np.float32)
-    target_weights[target_mask] = np.concatenate(
-        [np.ones(s.n_target) if s.target_weights is None else s.target_weights for s in specs])
+    sorted_segments = None if segments is None else np.zeros((batch, width), dtype=np.int64)
+    for b, (window, spec) in enumerate(zip(windows, specs)):
+        ns, nt = spec.n_source, spec.n_target
+        order = spec.order[:ns + nt]
+        positions[b, :ns + nt] = order
+        tokens[b, :ns + nt] = np.asarray(window)[order]
+        labels[b, :nt] = tokens[b, ns:ns + nt]
+        groups[b, :ns] = 0
+        groups[b, ns:ns + nt] = target_groups[b, :nt] = spec.target_groups
+        target_weights[b, :nt] = 1.0 if spec.target_weights is None else spec.target_weights
+        if segments is not None:
+            sorted_segments[b, :ns + nt] = np.asarray(segments[b])[order]
+    decreasing = (target_groups[:, 1:] < target_groups[:, :-1]).any(axis=1)  # padding (INVALID_GROUP) sorts last
+    bad = np.flatnonzero((target_groups[:, 0] < 1) | decreasing)
+    if len(bad):
+        raise ValueError(f"sample {bad[0]}: target_groups must be >= 1 and non-decreasing")
+    target_mask = np.arange(n_targets_max)[None, :] < n_target[:, None]
+    target_index = np.where(target_mask, n_source[:, None] + np.arange(n_targets_max)[None, :], 0)
     loss_norm = np.array([s.n_target if s.loss_norm is None else s.loss_norm for s in specs], dtype=np.float32)
-
-    predictor = single_stream_predictors(target_groups, target_mask, n_source)
-    sorted_segments = None
-    if segments is not None:
-        padded_segments = np.zeros((batch, max_len), dtype=np.int64)
-        for b, seg in enumerate(segments):
-            padded_segments[b, :lengths[b]] = seg
-        sorted_segments = np.where(kept, np.take_along_axis(padded_segments, order, axis=1), 0)
 
     return TaskBatch(
         tokens=tokens, positions=positions, groups=groups,
-        target_index=target_index, target_groups=target_groups, labels=labels.astype(np.int64),
+        target_index=target_index, target_groups=target_groups, labels=labels,
         target_mask=target_mask, n_source=n_source, n_target=n_target,
         task_id=np.array([s.task_id for s in specs], dtype=np.int64), segments=sorted_segments,
         target_weights=target_weights, loss_norm=loss_norm,
-        predictor=predictor,
+        predictor=single_stream_predictors(target_groups, target_mask, n_source),
     )
 
 
@@ -169,10 +161,15 @@ def single_stream_predictors(target_groups: np.ndarray, target_mask: np.ndarray,
     (or that is the first group) is predicted by that group's content row (or the START row):
     that row sees exactly the groups below the target's, what a predictor of it may see. Every
     other target gets a query row. Groups are sorted, so a singleton differs from both neighbours."""
-    batch, n_targets = target_groups.shape
-    previous = np.concatenate([np.zeros((batch, 1), np.int64), target_groups[:, :-1]], axis=1)
-    following = np.concatenate([target_groups[:, 1:], np.full((batch, 1), INVALID_GROUP)], axis=1)
-    singleton = target_mask & (target_groups != previous) & (target_groups != following)
-    after_singleton = np.concatenate([np.ones((batch, 1), bool), singleton[:, :-1]], axis=1)
-    row = np.where(np.arange(n_targets) == 0, START_PREDICTOR, n_source[:, None] + np.arange(n_targets) - 1)
-    return np.where(singleton & after_singleton, row, QUERY_PREDICTOR).astype(np.int64)
+    n_targets = target_groups.shape[1]
+    changes = target_groups[:, 1:] != target_groups[:, :-1]
+    singleton = target_mask.copy()
+    singleton[:, 0] &= target_groups[:, 0] != 0  # the group before the first is the START row's 0
+    singleton[:, 1:] &= changes
+    singleton[:, :-1] &= changes
+    singleton[:, -1] &= target_groups[:, -1] != INVALID_GROUP  # the group after the last is padding's
+    predicted_by_row = singleton.copy()
+    predicted_by_row[:, 1:] &= singleton[:, :-1]
+    row = n_source[:, None] + np.arange(-1, n_targets - 1)
+    row[:, 0] = START_PREDICTOR
+    return np.where(predicted_by_row, row, QUERY_PREDICTOR)

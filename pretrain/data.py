@@ -16,9 +16,9 @@ reader index, so every rank can compute every other rank's plan without communic
    that comes up short because of corrupt data re-reads its pieces (counted as `wraps`).
 
 Machinery: each reader is a loader worker of torchdata's StatefulDataLoader (what torchtitan
-uses) iterating a ShardReader (an IterableDataset) whose samples come from webdataset's tar
-stages (`tarfile_samples`: open, expand, group members by key); the sampler and the collator run
-in the worker. The loader snapshots every worker's cursor with each batch it hands out, so the
+uses) iterating a ShardReader (an IterableDataset) whose samples come from a memory-mapped
+tar expansion (data_pipeline.shards.tar_members) and webdataset's `group_by_keys`; the sampler
+and the collator run in the worker. The loader snapshots every worker's cursor with each batch it hands out, so the
 state is that of the consumer, never of what was prefetched. Which parts are not webdataset's
 and why: docs/data.md.
 """
@@ -37,7 +37,7 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipeline.shards import decode_sample, load_manifest, shard_file
+from data_pipeline.shards import decode_sample, load_manifest, shard_file, tar_members
 
 from .collate import TaskBatch, collate
 from .objectives import ObjectiveSampler
@@ -163,10 +163,11 @@ def _sample_index(key: str) -> int | None:
 
 
 def _piece_samples(ctx: ReaderContext, piece: Piece, start: int, counters: dict):
-    """Samples of one piece from sample index `start` on, read with webdataset's tar stages:
-    yields (index, key, tokens, segment ids or None). Bad samples and shards are logged and
-    counted; so are samples lost behind a damaged tar header (where tarfile, and so
-    webdataset, ends the archive quietly): the count falls short of the manifest's."""
+    """Samples of one piece from sample index `start` on, read with our tar expansion
+    (data_pipeline.shards.tar_members, for speed) and webdataset's grouping by key: yields
+    (index, key, tokens, segment ids or None). Bad samples and shards are logged and
+    counted; so are samples lost behind a damaged tar header (where the expansion, like
+    tarfile, ends the archive quietly): the count falls short of the manifest's."""
     import webdataset
 
     entry = ctx.shards[piece.shard]
@@ -192,7 +193,8 @@ def _piece_samples(ctx: ReaderContext, piece: Piece, start: int, counters: dict)
 
     dtype = np.dtype(ctx.manifest["token_dtype"])
     seen = 0
-    for sample in webdataset.tarfile_samples([{"url": str(path)}], handler=stop_shard, select_files=wanted):
+    members = tar_members(path, select=wanted, handler=stop_shard)
+    for sample in webdataset.tariterators.group_by_keys(members, handler=stop_shard):
         seen += 1
         key = sample["__key__"]
         fields = {k: v for k, v in sample.items() if not k.startswith("__")}
@@ -324,6 +326,12 @@ def _worker_init(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
+def _as_is(item: dict) -> dict:
+    # The loader's collate_fn: items are finished batches (numpy, made in the worker); torch's
+    # default would walk every item recursively looking for arrays to convert.
+    return item
+
+
 _LIVE_STREAMS: "weakref.WeakSet[BatchStream]" = weakref.WeakSet()
 
 
@@ -414,8 +422,8 @@ class BatchStream:
         with warnings.catch_warnings():  # torchdata 0.11 calls a torch function torch 2.6+ deprecates
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             self.loader = StatefulDataLoader(
-                self.dataset, batch_size=None, num_workers=num_workers, prefetch_factor=prefetch if num_workers else None,
-                worker_init_fn=_worker_init, multiprocessing_context=mp_context if num_workers else None)
+                self.dataset, batch_size=None, collate_fn=_as_is, num_workers=num_workers,
+                prefetch_factor=prefetch if num_workers else None, worker_init_fn=_worker_init, multiprocessing_context=mp_context if num_workers else None)
         self.last_keys: list[str] = []  # sample keys of the batch handed out last
         self._epoch = self._batch = self._batches = 0
         self._loaded = False  # load_state_dict was called: the next iteration continues from it

@@ -180,8 +180,8 @@ def validate(config: ObjectiveConfig) -> None:
 
 
 # --------------------------------------------------------------------------- presets
-# Each takes n >= 1 free positions 0..n-1 and returns (source, targets in prediction order,
-# target groups), plus (target weights, loss normaliser) for the weighted ones. Positions not
+# Each takes n >= 1 free positions 0..n-1 and returns (source in any order (make_split sorts it),
+# targets in prediction order, target groups), plus (target weights, loss normaliser) for the weighted ones. Positions not
 # returned are dropped (absent from the sample).
 
 def _biglearn(n, rng, cfg: BigLearnConfig):
@@ -189,7 +189,7 @@ def _biglearn(n, rng, cfg: BigLearnConfig):
     rest = n - n_source
     n_target = min(rest, max(1, int(round(rng.beta(cfg.target_alpha, cfg.target_beta) * rest))))
     perm = rng.permutation(n)
-    source = np.sort(perm[:n_source])
+    source = perm[:n_source]
     targets = perm[n_source:n_source + n_target]  # random prediction order
     return source, targets, np.arange(1, n_target + 1)
 
@@ -198,7 +198,7 @@ def _mlm(n, rng, cfg: MLMConfig):
     n_target = min(n, max(1, int(round(cfg.ratio * n))))
     perm = rng.permutation(n)
     targets = np.sort(perm[:n_target])
-    return np.sort(perm[n_target:]), targets, np.ones(n_target, dtype=np.int64)
+    return perm[n_target:], targets, np.ones(n_target, dtype=np.int64)
 
 
 def _clm(n, rng, cfg=None):
@@ -227,7 +227,7 @@ def _plm(n, rng, cfg: PLMConfig):
     else:
         n_target = min(n, max(1, int(round(n / cfg.k))))
         perm = rng.permutation(n)
-        source, targets = np.sort(perm[:n - n_target]), perm[n - n_target:]
+        source, targets = perm[:n - n_target], perm[n - n_target:]
     return source, targets, np.arange(1, len(targets) + 1)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import build_shards, load_manifest
-from data_pipeline.shards import ShardConfig, ShardError, make_windows, read_shard, split_of, write_shard
+from data_pipeline.shards import ShardConfig, ShardError, make_windows, read_shard, split_of, tar_members, write_shard
 from data_pipeline.sources import SourceConfig, iter_documents
 from data_pipeline.tokenizer import Tokenizer
 
@@ -219,3 +219,57 @@ def test_labelled_jsonl_becomes_multi_segment_samples(tmp_path, tiny_demo):
     (tmp_path / "corpus.txt").write_text("plain text has no fields")
     with pytest.raises(ValueError, match="corpus.txt.*jsonl files only"):
         list(iter_documents([tmp_path / "corpus.txt"], SourceConfig(segments=["label", "text"])))
+
+
+def _tarfile_members(path):
+    """Reference for tar_members: Python's tarfile (what webdataset's tar expansion uses), file members only."""
+    with tarfile.open(path, "r|") as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tar_members_reads_what_tarfile_reads(tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    path = tmp_path / "s.tar"
+    with tarfile.open(path, "w", format=int(rng.choice([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT]))) as tar:
+        for i in range(int(rng.integers(1, 40))):
+            if rng.random() < 0.1:
+                info = tarfile.TarInfo(f"d{i}")
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)  # not a file: skipped by both
+                continue
+            data = rng.bytes(int(rng.integers(0, 2000)))
+            name = f"{'p' * int(rng.integers(0, 3))}x/" * int(rng.integers(0, 2)) + f"k-{i:07d}.f{rng.integers(9)}"
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), int(rng.integers(0, 2**30)), 0o644
+            tar.addfile(info, io.BytesIO(data))
+    assert [(m["fname"], m["data"]) for m in tar_members(path, chunk=int(rng.integers(1, 8)))] == _tarfile_members(path)
+    assert all(m["__url__"] == str(path) for m in tar_members(path))
+    names = [name for name, _ in _tarfile_members(path)]
+    assert [m["fname"] for m in tar_members(path, select=set(names[::2]).__contains__)] == names[::2]
+
+
+def test_tar_members_end_at_a_damaged_header_like_tarfile_and_report_broken_shards(tmp_path):
+    windows = [np.arange(i, i + 7) for i in range(6)]
+    write_shard(tmp_path / "s.tar", "s", windows, np.uint16)
+    with tarfile.open(tmp_path / "s.tar") as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    data = bytearray((tmp_path / "s.tar").read_bytes())
+    for flip in (148, 0, 130):  # checksum field, a name byte, a size digit: each makes the checksum wrong
+        damaged = bytearray(data)
+        damaged[offsets[4] + flip] ^= 0x01
+        (tmp_path / "d.tar").write_bytes(bytes(damaged))
+        names = [m["fname"] for m in tar_members(tmp_path / "d.tar", chunk=3)]
+        assert names == [name for name, _ in _tarfile_members(tmp_path / "d.tar")] == [
+            f"s-{i:07d}.tokens.u16" for i in range(4)]
+    errors = []
+    (tmp_path / "t.tar").write_bytes(bytes(data[:offsets[3] + 512 + 5]))  # the 4th member's data cut short
+    assert len(list(tar_members(tmp_path / "t.tar", handler=errors.append))) == 3
+    assert len(errors) == 1 and "t.tar" in str(errors[0]) and "past the end" in str(errors[0])
+    with pytest.raises(ShardError, match="t.tar"):
+        list(tar_members(tmp_path / "t.tar"))
+    with tarfile.open(tmp_path / "pax.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("é-0000000.tokens.u16")  # a non-ASCII name needs a pax header
+        tar.addfile(info, io.BytesIO(b""))
+    with pytest.raises(ShardError, match="pax.tar.*pax/GNU"):
+        list(tar_members(tmp_path / "pax.tar"))
