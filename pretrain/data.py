@@ -25,10 +25,14 @@ and why: docs/data.md.
 from __future__ import annotations
 
 import atexit
+import ctypes
 import hashlib
 import json
 import logging
+import multiprocessing
+import os
 import signal
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, replace
@@ -316,14 +320,24 @@ def reader_batches(ctx: ReaderContext, cursor: dict):
     blocks.close()
 
 
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
 def _worker_init(worker_id: int) -> None:
     # The process that owns the loader decides when its workers stop (BatchStream.close, the
     # loader's shutdown): a SIGTERM/SIGUSR1 sent to the whole process group (a pre-emption) must
     # not kill them before the trainer has saved its checkpoint, and the trainer's own handlers,
-    # inherited through fork, must not run here. A worker whose parent dies exits by itself
-    # (torch's worker watchdog); one that outlives the shutdown is killed by close().
+    # inherited through fork, must not run here. One that outlives the shutdown is killed by close().
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    # A worker whose parent dies (SIGKILL, the OOM killer) must go too. torch's worker watchdog
+    # is not enough: it leaves its loop, but its exit then waits for the queue's feeder thread,
+    # blocked forever on a full pipe nobody reads (seen: workers alive minutes after the parent).
+    # On Linux the kernel kills the worker when its parent dies (PR_SET_PDEATHSIG).
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != multiprocessing.parent_process().pid:  # it died before prctl
+            os._exit(0)
 
 
 def _as_is(item: dict) -> dict:

@@ -373,13 +373,18 @@ def test_a_stop_signal_to_the_process_group_ends_the_run_and_its_workers(tmp_pat
 
 
 def test_workers_exit_when_their_parent_is_killed(tmp_path):
-    manifest, _ = write_dataset(tmp_path, {"train": [40, 40]})
-    script = EXIT_SCRIPT.replace("while not flag", "time.sleep(600)\nwhile not flag")
+    """Batches big enough that the prefetched ones fill the pipe to the dead parent (a worker's
+    exit then waits for the queue's feeder thread, blocked on that pipe, unless the kernel kills it)."""
+    manifest, _ = write_dataset(tmp_path, {"train": [200, 200]})
+    script = EXIT_SCRIPT.replace("while not flag", "time.sleep(600)\nwhile not flag").replace("batch_size=2", "batch_size=16")
     proc, workers = _start(tmp_path, script, manifest, 2, "close")
     assert len(workers) == 2
     proc.kill()
     proc.wait(timeout=10)
-    assert _wait_gone(workers) == []  # torch's worker watchdog notices the parent is gone
+    left = _wait_gone(workers)
+    for pid in left:  # a failure leaves nothing behind either
+        os.kill(pid, signal.SIGKILL)
+    assert left == []  # the kernel kills them with their parent (PR_SET_PDEATHSIG)
 
 
 def test_samples_behind_a_damaged_tar_header_are_counted(tmp_path, caplog):
