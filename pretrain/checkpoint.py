@@ -7,6 +7,8 @@ Layout of run_dir/checkpoints/:
         meta.json                  step, tokens seen, resolved config, git revision, world size
         COMPLETE                   written LAST, by rank 0, after every rank finished writing
     latest                         name of the newest complete tag (DeepSpeed's convention)
+    universal/step_00001000/       DeepSpeed universal copy of a tag, made when a run resumes it on
+                                   another number of ranks; pruned with its tag
 
 A save writes into checkpoints/.partial-step_N/ and renames it to step_N/ only once COMPLETE is
 in it, so a save that fails (a full disk, a killed rank) leaves no COMPLETE marker under a
@@ -24,8 +26,10 @@ trust_checkpoint=True (`--trust-checkpoint` on the command lines), still weights
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import logging
 import os
 import pickle
 import random
@@ -48,6 +52,7 @@ COMPLETE = "COMPLETE"
 META = "meta.json"
 LATEST = "latest"
 MODULE_PREFIX = "model."  # the engine wraps BigLearner in engine.LossModel
+UNIVERSAL = "universal"  # checkpoints/universal/step_N: a tag converted for a resume on another world size
 PARTIAL = ".partial-"  # prefix of a tag being written; never matches step_*
 STALE = ".stale-"  # a complete tag of the same step, moved aside while the new one takes its name
 TAG = re.compile(r"step_\d{8}")
@@ -57,6 +62,9 @@ FREE_SPACE_FACTOR = 1.10
 FREE_SPACE_SLACK = 1 << 20
 # First-save estimate: fp32 weights, fp32 master copy and AdamW's two moments per parameter.
 BYTES_PER_PARAMETER = 16
+
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(UserError):
@@ -239,7 +247,8 @@ def save_checkpoint(engine, checkpoint_dir, step: int, meta: dict, rank_state: d
     check_free_space(checkpoint_dir, estimate_bytes)
     if rank == 0:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        for leftover in [*checkpoint_dir.glob(PARTIAL + "*"), *checkpoint_dir.glob(STALE + "*")]:
+        for leftover in [*checkpoint_dir.glob(PARTIAL + "*"), *checkpoint_dir.glob(STALE + "*"),
+                         *checkpoint_dir.glob(f"{UNIVERSAL}/{PARTIAL}*")]:
             shutil.rmtree(leftover, ignore_errors=True)  # never complete: left by a failed or killed save
     _barrier()
     try:
@@ -259,33 +268,87 @@ def save_checkpoint(engine, checkpoint_dir, step: int, meta: dict, rank_state: d
                 os.replace(tag_dir, stale)
             os.replace(partial, tag_dir)
             shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(checkpoint_dir / UNIVERSAL / tag_dir.name, ignore_errors=True)  # converted from `stale`
             atomic_write(checkpoint_dir / LATEST, tag_dir.name)
         except OSError as err:
             raise _write_failed(partial, step, err) from err
         for old in complete_checkpoints(checkpoint_dir)[:-keep_last]:
             if protect is None or old != Path(protect):
                 shutil.rmtree(old, ignore_errors=True)
+                shutil.rmtree(checkpoint_dir / UNIVERSAL / old.name, ignore_errors=True)
     _barrier()
     return tag_dir
 
 
-def load_checkpoint(engine, tag_dir) -> tuple[dict, dict]:
+def load_checkpoint(engine, tag_dir, universal_dir=None) -> tuple[dict, dict]:
     """Collective: restore engine (weights, optimizer, schedule) and return (meta, this rank's
-    state), every file read weights-only."""
+    state), every file read weights-only.
+
+    A checkpoint saved by another number of ranks is loaded through DeepSpeed's universal
+    checkpoint (ZeRO's optimizer shards regrouped per parameter, `universal_copy`, written once
+    into `universal_dir`, by default checkpoints/universal/); rank r then takes rank r's state,
+    or rank 0's where the saved run had no rank r (the data cursor is global, docs/data.md)."""
     tag_dir = Path(tag_dir)
     if not is_complete(tag_dir):
         raise CheckpointError(f"{tag_dir} is not a complete checkpoint (no {COMPLETE} marker)")
     meta = json.loads((tag_dir / META).read_text())
     rank, world = _rank_and_world()
-    if meta["world_size"] != world:
-        raise CheckpointError(f"{tag_dir} was saved by {meta['world_size']} ranks but this run has {world}: the "
-                              "data cursor and ZeRO shards are per rank; resume with the same number of processes")
-    with weights_only_loading():
-        load_path, _ = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise CheckpointError(f"DeepSpeed could not load {tag_dir}")
-        return meta, torch.load(rank_file(tag_dir, rank))
+    saved_world = meta["world_size"]
+    load_dir, universal = tag_dir, saved_world != world and any(tag_dir.glob("*optim_states.pt"))
+    if universal:  # stage 0 keeps the whole optimizer in the model file: any world size loads it as is
+        load_dir = universal_copy(tag_dir, Path(universal_dir or tag_dir.parent / UNIVERSAL), saved_world)
+    # DeepSpeed reads checkpoint.load_universal only while loading, and the engine exists before
+    # the checkpoint is chosen: set it for this load only.
+    engine._config.load_universal_checkpoint = universal
+    try:
+        with weights_only_loading():
+            load_path, _ = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
+            if load_path is None:
+                raise CheckpointError(f"DeepSpeed could not load {load_dir}")
+            return meta, torch.load(rank_file(tag_dir, rank if rank < saved_world else 0))
+    finally:
+        engine._config.load_universal_checkpoint = False
+
+
+def universal_copy(tag_dir: Path, universal_dir: Path, saved_world: int) -> Path:
+    """Collective: universal_dir/<tag>, DeepSpeed's universal checkpoint of tag_dir (converted by
+    rank 0 with deepspeed.checkpoint.ds_to_universal, into a temporary directory renamed when
+    done; tag_dir is only read). A copy made earlier from the same tag is reused."""
+    rank, world = _rank_and_world()
+    target = universal_dir / tag_dir.name
+    source = str(tag_dir.resolve())
+    error = None
+    if rank == 0 and not (is_complete(target) and (target / COMPLETE).read_text() == source):
+        log.info("%s was saved by %d ranks and this run has %d: converting it to a DeepSpeed universal checkpoint "
+                 "in %s (the original stays as it is)", tag_dir, saved_world, world, target)
+        partial = universal_dir / (PARTIAL + tag_dir.name)
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.rmtree(target, ignore_errors=True)
+            # The converter also writes `latest_universal` next to its output: keep that inside `partial`.
+            # One process: its worker pools would fork a process that holds the process group, and
+            # the weights-only loading set here would not reach spawned workers.
+            args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(partial / tag_dir.name),
+                                      num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
+                                      strict=True, inject_missing_state=True)
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            with weights_only_loading(), no_stdout():
+                ds_to_universal(args)
+            atomic_write(partial / tag_dir.name / COMPLETE, source)
+            os.replace(partial / tag_dir.name, target)
+            shutil.rmtree(partial, ignore_errors=True)
+        except Exception as err:  # whatever it is, the other ranks must hear of it (they wait below)
+            error = f"converting {tag_dir} to a universal checkpoint in {partial} failed: {err}"
+            shutil.rmtree(partial, ignore_errors=True)
+    if torch.distributed.is_initialized():  # every rank fails together, or loads together
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error:
+        raise CheckpointError(error)
+    return target
 
 
 # --------------------------------------------------------------------------- inference

@@ -100,6 +100,8 @@ class TrainerConfig:
     loggers: list[str] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     progress: bool = True  # tqdm bar on rank 0
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look the GPU up (no MFU on CPU)
+    # each rank writes the sample keys of every micro-batch to run_dir/sample_keys/rank_NNNNN.jsonl
+    log_sample_keys: bool = False
 
 
 @dataclass

@@ -170,7 +170,8 @@ class PretrainTask:
 def settings_of(t: TrainerConfig) -> TrainerSettings:
     return TrainerSettings(max_steps=t.max_steps, grad_accum=t.grad_accum, log_every=t.log_every,
                            eval_every=t.eval_every, save_every=t.save_every, keep_last=t.keep_last,
-                           max_bad_steps=t.max_bad_steps, max_minutes=t.max_minutes, progress=t.progress)
+                           max_bad_steps=t.max_bad_steps, max_minutes=t.max_minutes, progress=t.progress,
+                           log_sample_keys=t.log_sample_keys)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

@@ -42,6 +42,7 @@ from .utils import METRICS
 
 log = logging.getLogger("pretrain.trainer")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SAMPLE_KEYS = "sample_keys"  # run_dir/sample_keys/rank_NNNNN.jsonl with trainer.log_sample_keys
 FIT_AFTER_STEPS = 5  # steps measured before a time-limited run's schedule is sized to its budget
 
 
@@ -103,6 +104,7 @@ class TrainerSettings:
     max_bad_steps: int = 5
     max_minutes: float = 0.0
     progress: bool = True
+    log_sample_keys: bool = False  # SAMPLE_KEYS/rank_NNNNN.jsonl: {"step", "keys"} per micro-batch
 
 
 def _all_reduce(tensor: torch.Tensor) -> None:
@@ -163,6 +165,7 @@ class Trainer:
         self.progress = Progress()
         self.guard = BadStepGuard(settings.max_bad_steps)
         self.rank_states: dict[str, Stateful] = {"data": stream, "rng": RNGState()}
+        self.keys_log = self.run_dir / SAMPLE_KEYS / f"rank_{rank:05d}.jsonl" if settings.log_sample_keys else None
         self.last_saved: Path | None = None
         self.stop_reason: str | None = None
         self._signal = 0
@@ -185,7 +188,7 @@ class Trainer:
         return self.last_saved
 
     def load(self, tag_dir: Path) -> None:
-        meta, rank_state = ckpt.load_checkpoint(self.engine, tag_dir)
+        meta, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, self.checkpoint_dir / ckpt.UNIVERSAL)
         self.progress.load_state_dict(meta["progress"])
         if "guard" in meta:
             self.guard.load_state_dict(meta["guard"])
@@ -197,6 +200,10 @@ class Trainer:
                 raise UserError(f"cannot resume {tag_dir} ({name}): {err}. Start over with resume=never "
                                 "or use another run_dir") from None
         self.last_saved = Path(tag_dir)
+        if self.keys_log is not None and self.keys_log.is_file():  # keys past the checkpoint were not trained on
+            kept = [line for line in self.keys_log.read_text().splitlines(keepends=True)
+                    if json.loads(line)["step"] <= self.progress.step]
+            self.keys_log.write_text("".join(kept))
         log.info("resumed from %s (step %d)", tag_dir, self.progress.step)
 
     # ------------------------------------------------------------------ steps
@@ -238,6 +245,11 @@ class Trainer:
             engine.backward(loss)
             engine.step()
             micro += 1
+            if self.keys_log is not None:
+                self.keys_log.parent.mkdir(parents=True, exist_ok=True)
+                with self.keys_log.open("a") as f:
+                    f.write(json.dumps({"step": self.progress.step + 1, "keys": list(map(str, self.stream.last_keys))})
+                            + "\n")
             self._accumulate(self.task.sums(batch, device_batch, output))
         self.guard.optimizer_step(self.progress.step + 1, engine.was_step_applied(), engine.get_global_grad_norm(),
                                   *dynamic_loss_scale(engine))
@@ -345,7 +357,9 @@ class Trainer:
                 bar.close()  # before the final messages (closing again in `finally` is harmless)
             if self.stop_reason is not None:
                 log.warning("stopping at step %d (%s): saving a checkpoint", self.progress.step, self.stop_reason)
-            if self.last_saved is None or self.last_saved.name != ckpt.tag_name(self.progress.step):
+            # (a run resumed from another run's checkpoint ends with one of its own, too)
+            here = self.checkpoint_dir / ckpt.tag_name(self.progress.step)
+            if self.last_saved is None or self.last_saved.resolve() != here.resolve():
                 self.save()
             summary = {"run_dir": str(self.run_dir), "step": self.progress.step, "checkpoint": str(self.last_saved),
                        "tokens_seen": self.progress.tokens_seen, "stopped": self.stop_reason,
