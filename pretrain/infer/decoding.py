@@ -223,7 +223,9 @@ def _decode_groups(model, tokens, sources, targets, plans, group_size, sampling:
             count = min(group_size, len(candidates[b]))
             order = range(count)
             if plans is None and count:  # most confident first: the highest top probabilities win
-                top = model_log_probs[b, :len(candidates[b])].max(-1).values
+                # Compared in float32: candidates tied up to rounding (e.g. several that see nothing
+                # yet) keep their order, so the cached and the uncached pass pick the same one.
+                top = model_log_probs[b, :len(candidates[b])].max(-1).values.float()
                 order = top.argsort(descending=True, stable=True)[:count].tolist()
             picks += [(b, i) for i in order]
         rows, index = torch.tensor(picks, dtype=torch.long).reshape(-1, 2).unbind(1)
