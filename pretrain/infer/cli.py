@@ -126,9 +126,9 @@ def _main(argv: list[str], prog: str = "python -m pretrain.infer") -> None:
                         "step (masked diffusion, as LLaDA): remask_low_confidence, remask_random, block")
     p.add_argument("--group-size", type=int, default=4,
                    help="group_parallel: tokens decided per step, sampled independently and cached as one group")
-    p.add_argument("--schedule", choices=SCHEDULES, default="confidence",
-                   help="group_parallel: which tokens each step decides (the most confident, or the next of a fixed "
-                        "order; strided: the targets cut into k runs decoded left to right side by side)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="strided",
+                   help="group_parallel: which tokens each step decides (strided: the targets cut into k runs "
+                        "decoded left to right side by side; or the most confident; or the next of a fixed order)")
     p.add_argument("--steps", type=int, help="remask_*, block: denoising steps, 1..tokens to fill (default: one per token)")
     p.add_argument("--block-size", type=int, help="block: tokens per semi-autoregressive block; must divide the tokens to fill")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")

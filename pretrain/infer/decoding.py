@@ -330,7 +330,7 @@ def _check_options(strategy, targets, group_size, schedule, steps, block_size):
 
 @torch.inference_mode()  # no autograd bookkeeping at all: ~14% of a small model's decoding step
 def complete(model, tokens, source_positions, target_positions, *, strategy: str = "left_to_right",
-             group_size: int = 4, schedule: str = "confidence", steps: int | None = None,
+             group_size: int = 4, schedule: str = "strided", steps: int | None = None,
              block_size: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              seed: int | None = None, allowed_tokens=None, use_cache: bool = True, pad_id: int = 0) -> Completion:
     """Sample x_T ~ p(x_T | x_S) for a batch of samples, with one of STRATEGIES (module docstring).
@@ -339,9 +339,10 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
     target positions to fill. Sequential strategies: "left_to_right" (ascending positions),
     "random" (a random order), "confident" (the remaining target whose predictive distribution
     has the highest top probability). "group_parallel": `group_size` targets per step, chosen by
-    `schedule` ("confidence", or the fixed "left_to_right" / "random" / "strided" orders; strided:
-    the sorted targets cut into `group_size` chunks decoded left to right side by side), sampled
-    independently and cached as one group. "remask_low_confidence" / "remask_random": `steps`
+    `schedule` ("strided": the sorted targets cut into `group_size` chunks decoded left to right
+    side by side, the default, whose samples are closest to left-to-right decoding's on a known
+    source (docs/benchmarks.md); "confidence"; or the fixed "left_to_right" / "random" orders),
+    sampled independently and cached as one group. "remask_low_confidence" / "remask_random": `steps`
     steps (default: one per target) that each predict every masked target and keep the most
     confident (or random) share of them. "block": targets cut left to right into blocks of
     `block_size`, decoded one after the other with remask_low_confidence (the steps shared out
