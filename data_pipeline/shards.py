@@ -224,9 +224,11 @@ def tar_members(path, select=None, handler=None, chunk: int = 1024):
     are checksummed at once with numpy from a memory map (docs/data.md, "Machinery"). It reads
     by tarfile's rules: the archive ends at a zero block or, quietly, at the first damaged
     header (bad checksum or size field; the reader counts the samples lost behind it), and
-    non-file members are skipped. Data running past the end of the file, and pax or GNU extension
-    headers (TarWriter never writes them for our short ASCII names) end it through
-    `handler(error)`, as webdataset's handler policy does; handler=None raises."""
+    non-file members are skipped. Data running past the end of the file ends it through
+    `handler(error)`, as webdataset's handler policy does; handler=None raises. At a pax or GNU
+    extension header (a long or non-ASCII name, a huge member; TarWriter writes none for our
+    short ASCII names) the rest of the shard is read by webdataset's own `tar_file_iterator`,
+    which understands them, so any valid tar is read whole."""
     import mmap
 
     path = Path(path)
@@ -236,20 +238,31 @@ def tar_members(path, select=None, handler=None, chunk: int = 1024):
             _tar_error(handler, ShardError(f"{path}: {size} bytes, too short for a tar header"))
             return
         with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            offset = 0
+            offset, done = 0, set()
             while offset is not None:
                 members, offset = _checked_headers(data, offset, size, chunk)
                 for name, kind, start, length in members:
-                    error = None
                     if kind in _EXTENSION_TYPES:
-                        error = f"tar member type {kind.decode()!r} (pax/GNU extension) at byte {start - _BLOCK}"
-                    elif start + length > size:
-                        error = f"member {name} runs past the end of the file"
-                    if error:
-                        _tar_error(handler, ShardError(f"{path}: {error}"))
+                        yield from _tarfile_members(path, lambda n: n not in done and (select is None or select(n)),
+                                                    handler)
+                        return
+                    if start + length > size:
+                        _tar_error(handler, ShardError(f"{path}: member {name} runs past the end of the file"))
                         return
                     if kind in _FILE_TYPES and not name.endswith("/") and (select is None or select(name)):
+                        done.add(name)
                         yield {"fname": name, "data": data[start:start + length], "__url__": str(path)}
+
+
+def _tarfile_members(path: Path, select, handler):
+    """webdataset's tarfile-based expansion of one shard, for the members tar_members leaves."""
+    import webdataset
+
+    with open(path, "rb") as stream:
+        for member in webdataset.tariterators.tar_file_iterator(
+                stream, skip_meta=None, select_files=select,
+                handler=handler or webdataset.handlers.reraise_exception):
+            yield member | {"__url__": str(path)}
 
 
 def _tar_error(handler, error: Exception) -> None:

@@ -227,11 +227,12 @@ def _tarfile_members(path):
         return [(m.name, tar.extractfile(m).read()) for m in tar if m.isreg()]
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(8))
 def test_tar_members_reads_what_tarfile_reads(tmp_path, seed):
     rng = np.random.default_rng(seed)
     path = tmp_path / "s.tar"
-    with tarfile.open(path, "w", format=int(rng.choice([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT]))) as tar:
+    tar_format = (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT)[seed % 3]
+    with tarfile.open(path, "w", format=tar_format) as tar:
         for i in range(int(rng.integers(1, 40))):
             if rng.random() < 0.1:
                 info = tarfile.TarInfo(f"d{i}")
@@ -240,6 +241,9 @@ def test_tar_members_reads_what_tarfile_reads(tmp_path, seed):
                 continue
             data = rng.bytes(int(rng.integers(0, 2000)))
             name = f"{'p' * int(rng.integers(0, 3))}x/" * int(rng.integers(0, 2)) + f"k-{i:07d}.f{rng.integers(9)}"
+            if tar_format != tarfile.USTAR_FORMAT and rng.random() < 0.2:
+                # GNU long-name or pax headers before the member: read by webdataset's expansion
+                name = ("é" if tar_format == tarfile.PAX_FORMAT else "long") * 40 + name
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), int(rng.integers(0, 2**30)), 0o644
             tar.addfile(info, io.BytesIO(data))
@@ -268,8 +272,3 @@ def test_tar_members_end_at_a_damaged_header_like_tarfile_and_report_broken_shar
     assert len(errors) == 1 and "t.tar" in str(errors[0]) and "past the end" in str(errors[0])
     with pytest.raises(ShardError, match="t.tar"):
         list(tar_members(tmp_path / "t.tar"))
-    with tarfile.open(tmp_path / "pax.tar", "w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo("é-0000000.tokens.u16")  # a non-ASCII name needs a pax header
-        tar.addfile(info, io.BytesIO(b""))
-    with pytest.raises(ShardError, match="pax.tar.*pax/GNU"):
-        list(tar_members(tmp_path / "pax.tar"))
