@@ -358,9 +358,8 @@ def _wait_gone(pids, seconds=30.0):
 
 
 @pytest.mark.parametrize("num_workers, signum, close", [
-    (2, signal.SIGTERM, "close"), (2, signal.SIGTERM, "no-close"),
-    pytest.param(0, signal.SIGTERM, "close", marks=pytest.mark.slow),
-    pytest.param(1, signal.SIGUSR1, "no-close", marks=pytest.mark.slow)])
+    (2, signal.SIGTERM, "close"), (2, signal.SIGTERM, "no-close"), (0, signal.SIGTERM, "close"),
+    (1, signal.SIGUSR1, "no-close")])  # about 3 s each
 def test_a_stop_signal_to_the_process_group_ends_the_run_and_its_workers(tmp_path, num_workers, signum, close):
     manifest, _ = write_dataset(tmp_path, {"train": [40, 40]})
     proc, workers = _start(tmp_path, EXIT_SCRIPT, manifest, num_workers, close)
