@@ -61,14 +61,46 @@ def prepare_manifest(config: TrainConfig, rank: int) -> Path:
         return path
     import data_pipeline
 
-    out = Path(d.demo_dir) / (f"vocab{d.demo_vocab_size}_len{d.demo_seq_len}"
-                              + (f"_files{d.demo_max_files}" if d.demo_max_files else ""))
+    out = demo_data_dir(d)
     if rank == 0:
         data_pipeline.build_demo(out, vocab_size=d.demo_vocab_size, seq_len=d.demo_seq_len,
                                  stdlib_limit=d.demo_max_files or None, progress=True)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
     return out / data_pipeline.MANIFEST
+
+
+def demo_data_dir(d) -> Path:
+    """Where kind=demo builds (or finds) its data: one directory per vocabulary, length and corpus size."""
+    return Path(d.demo_dir) / (f"vocab{d.demo_vocab_size}_len{d.demo_seq_len}"
+                               + (f"_files{d.demo_max_files}" if d.demo_max_files else ""))
+
+
+def config_as_run(config: TrainConfig) -> tuple[TrainConfig, str]:
+    """The config with model.vocab_size and model.bos_id as the run will set them from the data's
+    tokenizer (train() does so at start), and a line saying where they come from: --cfg prints
+    what the run uses, not the schema default."""
+    import data_pipeline
+    from data_pipeline.tokenizer import SPECIAL_IDS
+
+    if config.model.init:
+        return config, f"model: architecture and vocabulary from the export model.init={config.model.init}"
+    d = config.data
+    if d.sources or d.kind == "manifest":
+        manifest = Path(d.sources[0].manifest if d.sources else d.manifest)
+    else:
+        manifest = demo_data_dir(d) / data_pipeline.MANIFEST
+    if manifest.is_file():
+        tokenizer = data_pipeline.load_manifest(manifest, d.allow_external_shards)["tokenizer"]
+        vocab, bos, origin = int(tokenizer["vocab_size"]), int(tokenizer["bos_id"]), str(manifest)
+    elif d.kind == "demo" and not d.sources:  # not built yet: build_demo makes exactly this tokenizer
+        vocab, bos, origin = d.demo_vocab_size, SPECIAL_IDS["bos_id"], f"data.demo_vocab_size (built into {manifest})"
+    else:
+        return config, (f"model.vocab_size and model.bos_id: taken at start from {manifest}'s tokenizer "
+                        f"(not readable now); configured {config.model.vocab_size}, {config.model.bos_id}")
+    note = (f"model.vocab_size: {vocab}, model.bos_id: {bos} from {origin}, the data's tokenizer "
+            f"(configured: {config.model.vocab_size}, {config.model.bos_id})")
+    return replace(config, model=replace(config.model, vocab_size=vocab, bos_id=bos)), note
 
 
 def step_flops(model: ModelConfig, batch) -> float:
@@ -294,7 +326,8 @@ def _main(argv: list[str], prog: str) -> int:
     args = parser.parse_intermixed_args(argv)
     config = load_config(args.overrides, CONFIG_DIR)
     if args.cfg:
-        print(to_yaml(config))
+        config, note = config_as_run(config)
+        print(f"# {note}\n{to_yaml(config)}")
         return 0
     try:
         summary = train(config)

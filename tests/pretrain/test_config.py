@@ -1,6 +1,7 @@
 """Config composition and validation: every preset composes, errors name the offending key."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pretrain.config import CONFIG_DIR, available_options, load_config, resolve_run_dir
@@ -101,3 +102,25 @@ def test_data_sources_and_segment_rules_come_from_overrides():
     assert [(r.p_source, r.p_target, r.p_drop) for r in config.objective.segments] == [(0.5, 0.5, 0.0), (0.0, 0.0, 0.0)]
     with pytest.raises(ValueError, match=r"data.sources\[1\].weight"):
         load_config(["data.sources=[{manifest: a.json}, {manifest: b.json, weight: -1}]"])
+
+
+def test_cfg_prints_the_vocabulary_the_run_takes_from_the_data(manifest, tmp_path, capsys):
+    """--cfg shows model.vocab_size / bos_id as the run sets them from the data's tokenizer (the
+    manifest, or for a demo not built yet data.demo_vocab_size), not the schema's 8000."""
+    import yaml
+    from data_pipeline import load_manifest
+
+    from pretrain.train import main
+
+    tokenizer = load_manifest(manifest)["tokenizer"]
+    vocab = int(np.random.default_rng().integers(300, 4000))
+    for overrides, expected in (
+            (["data.kind=manifest", f"data.manifest={manifest}"], (tokenizer["vocab_size"], tokenizer["bos_id"])),
+            (["data.kind=demo", f"data.demo_dir={tmp_path}", f"data.demo_vocab_size={vocab}"], (vocab, 2))):
+        assert main([*overrides, "model.vocab_size=8000", "--cfg"]) == 0
+        out = capsys.readouterr().out
+        model = yaml.safe_load(out)["model"]
+        assert (model["vocab_size"], model["bos_id"]) == expected
+        note = out.splitlines()[0]
+        assert note.startswith("#") and f"model.vocab_size: {expected[0]}" in note and "configured: 8000" in note
+    assert not any(tmp_path.iterdir())  # --cfg builds nothing

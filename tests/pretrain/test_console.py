@@ -17,15 +17,22 @@ def test_horizon_is_the_step_the_budget_or_max_steps_ends_at():
     rng = np.random.default_rng()
     for _ in range(200):
         max_steps = int(rng.integers(1, 5000))
-        start = int(rng.integers(0, max_steps))
-        step = int(rng.integers(start + 1, max_steps + 1))
+        step = int(rng.integers(1, max_steps + 1))
         seconds_per_step = float(rng.uniform(0.01, 3.0))
         minutes = float(rng.uniform(0.1, 30.0))
-        elapsed = (step - start) * seconds_per_step
-        expected = min(max_steps, max(step, start + int(60 * minutes / seconds_per_step + 1e-9)))
-        assert abs(step_horizon(max_steps, minutes, start, step, elapsed) - expected) <= 1
-        assert step_horizon(max_steps, 0.0, start, step, elapsed) == max_steps  # no time budget
-    assert step_horizon(100, 1.0, 0, 0, 0.0) == 100  # nothing measured yet
+        # the first step (not timed) was slow; the timed steps ran at seconds_per_step
+        first_s, timed = float(rng.uniform(0, 20)), int(rng.integers(0, step))
+        elapsed = first_s + (step - 1) * seconds_per_step
+        # count the steps one by one until the budget runs out (brute force)
+        expected, clock = step, elapsed
+        while timed and expected < max_steps and clock + seconds_per_step <= 60 * minutes + 1e-9:
+            expected, clock = expected + 1, clock + seconds_per_step
+        if not timed:
+            expected = max_steps  # nothing measured yet
+        got = step_horizon(max_steps, minutes, step, elapsed, timed, timed * seconds_per_step)
+        assert abs(got - expected) <= 1, (got, expected)
+        assert step_horizon(max_steps, 0.0, step, elapsed, timed, timed * seconds_per_step) == max_steps
+    assert step_horizon(100, 1.0, 70, 90.0, 10, 10.0) == 70  # over budget already: ends now
 
 
 def test_log_records_go_above_the_bar_not_onto_its_line(monkeypatch):
