@@ -163,8 +163,9 @@ def save_grid(images: np.ndarray, n_cols: int, path: Path, title: str, row_label
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     n_rows = int(np.ceil(len(images) / n_cols))
-    # 0.8 inch per 8x8 image at 100 dpi (80 px) and 10-11 pt text: readable on a docs page.
-    cell, head = 0.8, 0.5
+    # 0.8 inch per 8x8 image at 120 dpi (96 px, ~1000 px for a 10-wide grid) and 12-13 pt text:
+    # readable on a docs page without zooming (the old 32 px per image was not); gaps between digits.
+    cell, head = 0.8, 0.6
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * cell + (1.2 if row_labels is not None else 0.1),
                                                       n_rows * cell + head))
     for i, ax in enumerate(np.atleast_1d(axes).ravel()):
@@ -173,12 +174,12 @@ def save_grid(images: np.ndarray, n_cols: int, path: Path, title: str, row_label
             ax.imshow(images[i].reshape(8, 8), cmap="gray_r", vmin=0, vmax=16, interpolation="nearest")
     if row_labels is not None:
         for r, text in enumerate(row_labels):
-            np.atleast_2d(axes)[r, 0].text(-1.5, 3.5, text, ha="right", va="center", fontsize=10)
-    fig.suptitle(title, fontsize=11)
+            np.atleast_2d(axes)[r, 0].text(-1.5, 3.5, text, ha="right", va="center", fontsize=12)
+    fig.suptitle(title, fontsize=13)
     width = fig.get_figwidth()
-    fig.subplots_adjust(wspace=0.05, hspace=0.05, top=1 - head / fig.get_figheight(),
+    fig.subplots_adjust(wspace=0.15, hspace=0.15, top=1 - head / fig.get_figheight(),
                         left=(1.2 if row_labels is not None else 0.05) / width, right=1 - 0.05 / width, bottom=0.01)
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -280,8 +281,9 @@ def main(argv=None) -> None:
         monitor = lambda m: f"train-subset accuracy {accuracy_of_model(m, train_samples[:200], train_labels[:200]):.3f}"  # noqa: E731
         model = train(args, train_samples, monitor)
         train_s = time.perf_counter() - start
-        export_model(model, args.out / "model", {"data": "sklearn digits 8x8: token 0 = label (17 + digit), "
-                                                           "tokens 1..64 = pixel intensities 0..16"})
+        # "source" is the model card's free-form origin table; "data" would be read as a manifest.
+        export_model(model, args.out / "model", {"source": {"dataset": "sklearn digits 8x8", "layout": (
+            "token 0 = label (17 + digit), tokens 1..64 = pixel intensities 0..16")}})
     accuracy = accuracy_of_model(model, test_samples, test_labels)
     baseline = accuracy_of_logistic_regression(train_samples, train_labels, test_samples, test_labels, args.seed)
     extra = generate_figures(model, test_samples, args.out, args.seed, args.strategy, args.temperature) \

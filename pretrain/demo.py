@@ -2,8 +2,9 @@
 
 1. builds a sentencepiece tokenizer and token shards from the built-in corpus (the Python
    standard library's docstrings; data_pipeline.build_demo, reused when already built);
-2. trains the tiny model with the big-learning objective (configs/experiment/demo.yaml: about
-   2.5 minutes on a CPU; experiment/demo_gpu.yaml, a wider model for longer, with a GPU);
+2. trains the tiny model with big learning in its generalist form (configs/experiment/demo.yaml:
+   single stream, 512-token vocabulary, about 2.5 minutes on a CPU; experiment/demo_gpu.yaml, a
+   wider model for longer, with a GPU);
 3. evaluates the validation matrix (NLL per token and perplexity of joint, left-to-right, MLM,
    infilling, random big-learning, prefix and suffix tasks) against the same model untrained;
 4. reports held-out infilling accuracy and left-to-right NLL against the untrained model and a
@@ -48,8 +49,10 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"pretrain.demo: {err}", file=sys.stderr)
         return 2
+    t = config.trainer
+    budget = f"up to {t.max_minutes:g} min or {t.max_steps} steps" if t.max_minutes > 0 else f"{t.max_steps} steps"
     print(f"demo: experiment={experiment} (configs/experiment/{experiment}.yaml), "
-          f"{'GPU' if torch.cuda.is_available() else 'CPU'}, up to {config.trainer.max_minutes:g} min of training")
+          f"{'GPU' if torch.cuda.is_available() else 'CPU'}, {budget} of training")
     try:
         summary = train(config)
     except (ValueError, TrainingError) as err:

@@ -1,8 +1,7 @@
-"""The demo's report: unigram baseline against brute force, and (slow) a demo run, evaluation
-shortened to 2 batches, whose trained model beats the unigram baseline at left-to-right NLL and
-prefers a held-out sentence to its scrambled tokens. Infilling top-1 accuracy is NOT asserted
-above the unigram baseline: at the demo's 2.5 minutes the two are within a point (9.3% vs 8.3%
-in one run, 7.2% vs 7.7% in another; README), a goal of issue 17 still missed."""
+"""The demo's report: unigram baseline against brute force; a shortened demo run (the demo's
+model and objective on a small corpus, 200 steps) whose report contains the baselines and beats
+the unigram model at held-out infilling and left to right; and (slow) the real 2.5-minute demo,
+which beats both baselines and prefers a held-out sentence to its scrambled tokens."""
 import json
 import os
 import subprocess
@@ -34,8 +33,32 @@ def test_unigram_baseline_equals_brute_force():
     assert got["left_to_right_nll"] == pytest.approx(-log_unigram[every].mean())
 
 
+def test_shortened_demo_report_has_the_baselines_and_beats_them(manifest, tmp_path):
+    """pretrain.demo end to end on the 40-file, 32-token-window corpus of the `manifest` fixture,
+    200 steps, any seed: trained infill top-1 above the unigram model's and left-to-right NLL
+    below it (seeds 1-5: 14.5-15.4% vs 5.9%, 4.03-4.06 vs 4.66 nats; the margins asserted are a
+    third of those)."""
+    seed = int(np.random.default_rng().integers(0, 10_000))
+    run_dir = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "pretrain.demo", f"run_dir={run_dir}", "resume=never",
+                          "data.kind=manifest", f"data.manifest={manifest}", "trainer.max_steps=200",
+                          "trainer.max_minutes=0", "trainer.warmup_steps=10", "trainer.eval_every=0",
+                          "trainer.save_every=0", "trainer.progress=false", "trainer.loggers=[jsonl]",
+                          f"trainer.seed={seed}"],
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = run.stdout
+    assert "unigram" in out and "untrained" in out and "scrambled" in out
+    numbers = json.loads((run_dir / "demo_report.json").read_text())
+    accuracy, nll = numbers["infill_top1"], numbers["left_to_right_nll"]
+    assert set(accuracy) == set(nll) == {"trained", "untrained", "unigram"}
+    assert accuracy["trained"] > accuracy["unigram"] + 0.03, (seed, accuracy)
+    assert nll["trained"] < nll["unigram"] - 0.2 and nll["unigram"] < nll["untrained"], (seed, nll)
+
+
 @pytest.mark.slow
-def test_demo_beats_the_baselines_at_left_to_right_nll(tmp_path):
+def test_demo_beats_the_baselines(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "pretrain.demo", f"run_dir={tmp_path / 'run'}", "resume=never",
                           "eval.batches=2", "trainer.progress=false"],
@@ -46,6 +69,6 @@ def test_demo_beats_the_baselines_at_left_to_right_nll(tmp_path):
     nll = numbers["left_to_right_nll"]
     assert nll["trained"] < nll["unigram"] < nll["untrained"], nll
     accuracy = numbers["infill_top1"]
-    assert accuracy["trained"] > accuracy["untrained"], accuracy
+    assert accuracy["trained"] > 2 * accuracy["unigram"] and accuracy["unigram"] > accuracy["untrained"], accuracy
     log_p = numbers["sentence_log_p"]
     assert log_p["original"] > log_p["scrambled"], log_p
