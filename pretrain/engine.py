@@ -6,6 +6,7 @@ CPU runs (no CUDA, or deepspeed.accelerator=cpu) use DeepSpeed's CPU accelerator
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
@@ -73,6 +74,25 @@ def init_distributed(on_cpu: bool, timeout_s: float = 1800.0) -> tuple[int, int,
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=datetime.timedelta(seconds=timeout_s))
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+_GROUP_ENVIRONMENT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@contextlib.contextmanager
+def process_group(on_cpu: bool, timeout_s: float = 1800.0):
+    """init_distributed for the length of one run: yields (rank, world_size, local_rank). When
+    this call creates the group (a plain `python -m`, a notebook), the launcher variables it set
+    (RANK, MASTER_PORT, ...) are removed at exit, so that a process started later from this one
+    does not try to join this process's group. The group itself stays for the next run in the
+    same process: DeepSpeed keeps references to it, and destroying it breaks a second run."""
+    created = "RANK" not in os.environ
+    try:
+        yield init_distributed(on_cpu, timeout_s)
+    finally:
+        if created:
+            for key in _GROUP_ENVIRONMENT:
+                os.environ.pop(key, None)
 
 
 def deepspeed_config(config: TrainConfig, world_size: int, on_cpu: bool) -> dict:

@@ -37,7 +37,7 @@ import torch
 from . import checkpoint as ckpt
 from .collate import TaskBatch, collate
 from .config import CONFIG_DIR, DataConfig as PretrainData, DeepSpeedConfig, TrainConfig, TrainerConfig, compose, to_schema
-from .engine import build_engine, init_distributed, use_cpu
+from .engine import build_engine, process_group, use_cpu
 from .infer import LabelLayout, evaluate_classifier, load_model, read_examples, split_spec
 from .logs import quiet_third_party
 from .model import BigLearner, ModelConfig
@@ -281,7 +281,11 @@ def run(cfg: FinetuneConfig, tokenizer, progress: bool | None = None) -> dict:
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     on_cpu = use_cpu(TrainConfig(deepspeed=cfg.deepspeed))
-    rank, world_size, _ = init_distributed(on_cpu, cfg.deepspeed.dist_timeout_s)
+    with process_group(on_cpu, cfg.deepspeed.dist_timeout_s) as (rank, world_size, _):
+        return _run(cfg, tokenizer, on_cpu, rank, world_size)
+
+
+def _run(cfg: FinetuneConfig, tokenizer, on_cpu: bool, rank: int, world_size: int) -> dict:
     out = Path(cfg.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     layout, train_samples, dev_samples, dev_labels = _examples(cfg, tokenizer)

@@ -10,6 +10,7 @@ DeepSpeed engine and PretrainTask (per-task NLL, tokens, FLOPs, MFU).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from . import checkpoint as ckpt
 from .collate import QUERY_PREDICTOR
 from .config import (CONFIG_DIR, TrainConfig, TrainerConfig, available_options, load_config, resolve_run_dir, to_dict,
                      to_yaml)
-from .engine import LossModel, build_engine, engine_schedule, init_distributed, task_stats, use_cpu
+from .engine import LossModel, build_engine, engine_schedule, process_group, task_stats, use_cpu
 from .errors import UserError, add_debug_flag, cli_main, one_line
 from .evaluate import eval_batches, evaluate, plot_run, validation_windows
 from .export import init_config, load_init
@@ -149,15 +150,29 @@ def memory_gb(on_cpu: bool) -> float:
     return torch.cuda.max_memory_allocated() / 2 ** 30
 
 
-def _setup_logging(run_dir: Path, rank: int) -> None:
+@contextlib.contextmanager
+def _run_logging(run_dir: Path, rank: int):
+    """Root logging for one run: stderr (and train.log on rank 0), put back as it was at exit so
+    that a later run or the caller's own logging (a notebook, pytest) finds no closed streams."""
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
     handlers = [logging.StreamHandler(sys.stderr)]
     if rank == 0:
         handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers, force=True,
-                        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    formatter = logging.Formatter(f"%(asctime)s [rank {rank}] %(name)s: %(message)s")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    root.handlers = handlers
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     for noisy in ("DeepSpeed", "deepspeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     quiet_third_party()
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.close()
+        root.handlers, root.level = saved_handlers, saved_level
 
 
 def _resume_checkpoint(config: TrainConfig, checkpoint_dir: Path) -> Path | None:
@@ -224,10 +239,15 @@ def train(config: TrainConfig) -> dict:
     if t.deterministic:  # deterministic cuBLAS needs a fixed workspace, set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     on_cpu = use_cpu(config)
-    rank, world_size, _ = init_distributed(on_cpu, config.deepspeed.dist_timeout_s)
-    run_dir = resolve_run_dir(config).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(run_dir, rank)
+    with process_group(on_cpu, config.deepspeed.dist_timeout_s) as (rank, world_size, _):
+        run_dir = resolve_run_dir(config).resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with _run_logging(run_dir, rank):
+            return _train(config, on_cpu, rank, world_size, run_dir)
+
+
+def _train(config: TrainConfig, on_cpu: bool, rank: int, world_size: int, run_dir: Path) -> dict:
+    t = config.trainer
     seed_everything(t.seed, t.deterministic)
 
     manifest = prepare_manifest(config, rank).resolve()

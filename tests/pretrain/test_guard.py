@@ -7,6 +7,7 @@ nothing is exported."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,20 +85,28 @@ def train(run_dir, manifest, *overrides):
 
 
 def test_huge_learning_rate_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, manifest):
+    """lr=1e6 blows the weights up after a step or two. Whether the first bad event is a
+    non-finite gradient norm (the step is taken, and counted bad) or a non-finite loss (the
+    micro-batch is skipped, the step does not advance) depends on where the overflow surfaces;
+    either way the run stops after 3 bad events in a row with exit 1, names the steps, keeps the
+    last good checkpoint and exports nothing."""
     run_dir = tmp_path / "run"
     result = train(run_dir, manifest, "trainer.lr=1e6", "deepspeed.zero_stage=1", "trainer.max_steps=40",
                    "trainer.save_every=1", "trainer.keep_last=2", "trainer.max_bad_steps=3")
     assert result.returncode == 1, result.stderr[-3000:]
+    found = re.search(r"diverged: 3 bad steps in a row \(trainer.max_bad_steps=3\), from step (\d+) to step (\d+)",
+                      result.stderr)
+    assert found, result.stderr[-3000:]
+    first_bad, last_bad = map(int, found.groups())
+    assert first_bad <= last_bad <= first_bad + 2
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    norms = {r["step"]: r["grad_norm"] for r in records if r["kind"] == "train"}
-    first_bad = min(step for step, norm in norms.items() if not math.isfinite(norm))
-    assert all(math.isfinite(norms[s]) for s in range(1, first_bad))
-    assert f"diverged: 3 bad steps in a row (trainer.max_bad_steps=3), from step {first_bad} to step " \
-           f"{first_bad + 2}" in result.stderr, result.stderr[-3000:]
+    train_records = [r for r in records if r["kind"] == "train"]
+    assert all(math.isfinite(r["grad_norm"]) and math.isfinite(r["loss"]) for r in train_records if r["step"] < first_bad)
+    assert all(not math.isfinite(r["grad_norm"]) for r in train_records if first_bad <= r["step"] <= last_bad)
     kept = [p.name for p in complete_checkpoints(run_dir / "checkpoints")]
     last_good = f"step_{first_bad - 1:08d}"
     assert last_good in kept and f"last good checkpoint is {run_dir / 'checkpoints' / last_good}" in result.stderr
-    assert len(kept) == 3  # keep_last=2 newest + the protected one
+    assert len(kept) <= 3  # keep_last=2 newest + the protected last good one
     assert not (run_dir / "export").exists()
 
 

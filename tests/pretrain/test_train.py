@@ -164,3 +164,26 @@ def test_sigusr1_to_the_ranks_saves_and_resume_continues(tmp_path, manifest):
     resumed = run(run_dir, manifest, f"trainer.max_steps={step + 2}", "trainer.log_every=1", nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert max(train_records(run_dir)) == step + 2
+
+
+@pytest.mark.slow  # two in-process runs: ~30-60 s on 2 cores
+def test_in_process_runs_leave_no_launcher_variables_and_no_log_handlers(tmp_path, manifest, monkeypatch):
+    """train() twice in one process (a notebook): the launcher variables a run set for its
+    one-process group are gone after it (a child process would try to join that group), the
+    second run reuses the group, and the root logger is put back as it was."""
+    import logging
+
+    from pretrain.config import CONFIG_DIR, load_config
+    from pretrain.train import train
+
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    for name in ("first", "second"):
+        config = load_config([*TINY, "trainer.max_steps=2", "data.kind=manifest", f"data.manifest={manifest}",
+                              f"run_dir={tmp_path / name}"], CONFIG_DIR)
+        assert train(config)["step"] == 2
+        assert "RANK" not in os.environ and "MASTER_PORT" not in os.environ
+        assert root.handlers == handlers and root.level == level
+        assert "run dir" in (tmp_path / name / "train.log").read_text()
