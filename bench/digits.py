@@ -245,7 +245,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/digits"),
                         help="metrics.json, PNG grids and the exported model (out/model) go here")
-    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--steps", type=int, default=4000,
+                        help="training steps (4000: 95.2-95.7%% at seeds 0 and 1; 2500 swung 91-97%% with the seed)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=4e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
