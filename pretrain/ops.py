@@ -44,6 +44,7 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x, weight, eps: float):
     """x / sqrt(mean(x^2) + eps) * weight, normalised in at least fp32; saves x and 1/rms only."""
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        # No graph to build (decoding calls this every step): skip the Function's bookkeeping.
         return _rms_forward(x, weight, eps)[0]
     return _RMSNorm.apply(x, weight, eps)
 

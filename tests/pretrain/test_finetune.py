@@ -20,8 +20,8 @@ WORDS_B = "train plane boat truck bike ship rocket tram".split()
 
 @pytest.fixture(autouse=True, scope="module")
 def restore_environment():
-    """In-process runs join a one-process group, which sets RANK, MASTER_PORT, ... in os.environ:
-    put the environment back after this module, so later tests' subprocesses start fresh groups."""
+    """In-process runs set DS_ACCELERATOR=cpu for DeepSpeed (and, while they run, the launcher
+    variables of their one-process group): put the environment back after this module."""
     saved = dict(os.environ)
     yield
     os.environ.clear()
