@@ -37,6 +37,69 @@ def visible_prefix(q_groups: torch.Tensor, k_groups: torch.Tensor, *, strict: bo
     return n_visible.masked_fill_(q_groups == INVALID_GROUP, 0)
 
 
+class _Plan:
+    """How reference_attention cuts one (q_groups, k_groups, strict) call: query chunks, the key
+    bound of each, and each chunk's additive float mask (None where every row sees all `bound`
+    keys). Every layer of a forward pass attends under the same groups, so the plan is built
+    once and shared: one host sync per forward instead of one per layer, and one mask tensor
+    that all layers save for backward instead of a fresh copy per layer (SDPA converts a bool
+    mask to the query's dtype itself and saves that copy)."""
+
+    def __init__(self, q_groups, k_groups, strict: bool, n_heads: int, dtype):
+        batch, n_queries = q_groups.shape
+        n_keys = k_groups.shape[1]
+        n_visible = visible_prefix(q_groups, k_groups, strict=strict)  # [B, Nq]
+        chunk = min(n_queries, max(1, _CHUNK_ELEMENTS // max(1, batch * n_heads * n_keys)))
+        starts = list(range(0, n_queries, chunk))
+        # Longest prefix per chunk, read in one host sync. Rows are non-decreasing in prefix length
+        # except for INVALID rows (zero), so a max is needed rather than the chunk's last row.
+        padded = F.pad(n_visible, (0, len(starts) * chunk - n_queries))
+        # Row i seeing exactly keys 0..i in every sample (a causal LM's rows) is SDPA's is_causal case,
+        # which needs no mask and skips the upper triangle; read with the bounds (same host sync).
+        causal = (n_visible == torch.arange(1, n_queries + 1, device=q_groups.device)).all()
+        *bounds, causal = torch.cat([padded.view(batch, len(starts), chunk).amax(dim=(0, 2)), causal.view(1)]).tolist()
+        self.causal = bool(causal) and len(starts) == 1
+        self.chunks = []  # (start, stop, bound, additive mask or None, row multiplier or None)
+        for start, bound in zip(starts, bounds):
+            stop = min(n_queries, start + chunk)
+            if self.causal or bound == 0:  # bound 0: no row sees a key (padding, strict rows of group 0)
+                self.chunks.append((start, stop, bound, None, None))
+                continue
+            rows_visible = n_visible[:, start:stop, None]  # [B, c, 1]
+            sees_any = rows_visible > 0
+            # A row that sees nothing would give NaN in softmax: let it see the chunk's keys, then zero it.
+            rows_visible = torch.where(sees_any, rows_visible, bound)
+            mask = None  # every row sees all `bound` keys: no mask, SDPA's fastest path
+            if not bool((rows_visible == bound).all()):
+                hidden = torch.arange(bound, device=q_groups.device) >= rows_visible
+                mask = torch.zeros(hidden.shape, dtype=dtype, device=q_groups.device).masked_fill_(
+                    hidden, float("-inf"))[:, None]  # [B, 1, c, bound]
+            keep = None if bool(sees_any.all()) else sees_any[:, None].to(dtype)
+            self.chunks.append((start, stop, bound, mask, keep))
+
+
+_plans: list[tuple[tuple, tuple, _Plan]] = []  # (key, group tensors kept alive, plan), newest last
+_PLANS_KEPT = 4  # a two-stream layer uses two plans (content rows, query rows); room for both and spares
+
+
+def _plan(q_groups, k_groups, strict: bool, n_heads: int, dtype) -> _Plan:
+    """The plan of this call, reused while the same group tensors come back unchanged. Keyed by
+    the tensors' identity and version counters; holding them keeps their ids from being reused
+    by other tensors, and an in-place write (the KV cache's groups) bumps the version. Tensors
+    made under torch.inference_mode have no version counter, so their plans are not kept."""
+    if q_groups.is_inference() or k_groups.is_inference():
+        return _Plan(q_groups, k_groups, strict, n_heads, dtype)  # no version counter: never reused
+    key = (id(q_groups), q_groups._version, id(k_groups), k_groups._version, strict, n_heads, dtype,
+           q_groups.device, tuple(q_groups.shape), tuple(k_groups.shape), _CHUNK_ELEMENTS)
+    for entry_key, _, plan in _plans:
+        if entry_key == key:
+            return plan
+    plan = _Plan(q_groups, k_groups, strict, n_heads, dtype)
+    _plans.append((key, (q_groups, k_groups), plan))
+    del _plans[:-_PLANS_KEPT]
+    return plan
+
+
 def reference_attention(q, k, v, q_groups, k_groups, *, strict: bool, scale: float | None = None):
     """Softmax attention under the group rule; rows that see no key return zeros.
 
@@ -47,39 +110,22 @@ def reference_attention(q, k, v, q_groups, k_groups, *, strict: bool, scale: flo
     small and the sliced K/V gradients are re-assembled; measured in docs/benchmarks.md.)
     """
     batch, n_heads, n_queries, head_dim = q.shape
-    n_kv_heads, n_keys = k.shape[1], k.shape[2]
+    n_kv_heads = k.shape[1]
     if n_kv_heads != n_heads:  # grouped-query attention: share each K/V head across H/Hkv heads
         k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
         v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
     scale = head_dim**-0.5 if scale is None else scale
-    n_visible = visible_prefix(q_groups, k_groups, strict=strict)  # [B, Nq]
     if n_queries == 0:
         return q.new_zeros(batch, n_heads, 0, v.shape[-1])
-    chunk = min(n_queries, max(1, _CHUNK_ELEMENTS // max(1, batch * n_heads * n_keys)))
-    starts = list(range(0, n_queries, chunk))
-    # Longest prefix per chunk, read in one host sync. Rows are non-decreasing in prefix length
-    # except for INVALID rows (zero), so a max is needed rather than the chunk's last row.
-    padded = F.pad(n_visible, (0, len(starts) * chunk - n_queries))
-    # Row i seeing exactly keys 0..i in every sample (a causal LM's rows) is SDPA's is_causal case,
-    # which needs no mask and skips the upper triangle; read with the bounds (same host sync).
-    causal = (n_visible == torch.arange(1, n_queries + 1, device=q.device)).all()
-    *bounds, causal = torch.cat([padded.view(batch, len(starts), chunk).amax(dim=(0, 2)), causal.view(1)]).tolist()
-    if causal and len(starts) == 1:
+    plan = _plan(q_groups, k_groups, strict, n_heads, q.dtype)
+    if plan.causal:
         return F.scaled_dot_product_attention(q, k[:, :, :n_queries], v[:, :, :n_queries], is_causal=True, scale=scale)
     pieces = []
-    for start, bound in zip(starts, bounds):
-        stop = min(n_queries, start + chunk)
-        if bound == 0:  # no row of this chunk sees a key (padding, or strict rows of group 0)
+    for start, stop, bound, mask, keep in plan.chunks:
+        if bound == 0:
             pieces.append(q.new_zeros(batch, n_heads, stop - start, v.shape[-1]))
             continue
-        rows_visible = n_visible[:, start:stop, None]  # [B, c, 1]
-        sees_any = rows_visible > 0
-        # A row that sees nothing would give NaN in softmax: let it see the chunk's keys, then zero it.
-        rows_visible = torch.where(sees_any, rows_visible, bound)
-        mask = None  # every row sees all `bound` keys: no mask, SDPA's fastest path
-        if not bool((rows_visible == bound).all()):
-            mask = (torch.arange(bound, device=q.device) < rows_visible)[:, None]  # [B, 1, c, bound]
         o = F.scaled_dot_product_attention(
             q[:, :, start:stop], k[:, :, :bound], v[:, :, :bound], attn_mask=mask, scale=scale)
-        pieces.append(o if bool(sees_any.all()) else o * sees_any[:, None].to(o.dtype))
+        pieces.append(o if keep is None else o * keep)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)

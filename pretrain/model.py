@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 
 from .collate import IGNORE_LABEL, QUERY_PREDICTOR, START_PREDICTOR, TaskBatch
-from .ops import rms_norm, swiglu_down
+from .ops import linear_cross_entropy, rms_norm, swiglu_down
 
 
 @dataclass
@@ -102,6 +102,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps)
+
+
+class LMHead(nn.Linear):
+    """The vocabulary projection. Called with labels it returns (loss, per-row NLL) through the
+    chunked linear cross-entropy of pretrain/ops.py, which never holds the [N, vocab] logits;
+    one module either way, so that ZeRO-3 gathers the weight on entry under `head.weight`."""
+
+    def forward(self, states, labels=None, weights=None, norm=None):
+        if labels is None:
+            return super().forward(states)
+        return linear_cross_entropy(states, self.weight, labels, weights, norm, IGNORE_LABEL)
 
 
 class SwiGLUDown(nn.Linear):
@@ -269,7 +280,7 @@ class BigLearner(nn.Module):
         self.offset_embed = nn.Embedding(2 * config.max_seq_len + 1, config.d_model) if config.streams == 1 else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.head = LMHead(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
         self.apply(self._init)
@@ -505,12 +516,8 @@ class BigLearner(nn.Module):
         [B, Nt] (0 on padding rows)."""
         states = self.predictor_states(batch)
         mask = batch.target_mask
-        logits = self.head(states[mask])  # only real targets reach the vocabulary projection
-        labels = batch.labels[mask]
-        if logits.element_size() < 4:
-            logits = logits.float()  # softmax over the vocabulary in fp32 under bf16/fp16
-        nll = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE_LABEL)
-        weights = 1.0 if batch.target_weights is None else batch.target_weights[mask].to(nll.dtype)
+        labels = batch.labels[mask]  # only real targets reach the vocabulary projection
+        weights = torch.ones_like(labels, dtype=torch.float32) if batch.target_weights is None else batch.target_weights[mask]
         norm = batch.n_target.sum() if batch.loss_norm is None else batch.loss_norm.sum()
-        loss = (nll * weights).sum() / norm.to(nll.dtype)
+        loss, nll = self.head(states[mask], labels, weights, norm)
         return loss, torch.zeros(mask.shape, dtype=nll.dtype, device=nll.device).masked_scatter(mask, nll)

@@ -82,3 +82,106 @@ def swiglu_down(gate_up, weight):
         gate, up = gate_up.chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, weight)
     return _SwiGLUDown.apply(gate_up, weight)
+
+
+# Logits held at once by linear_cross_entropy: 16 MiB of fp32 on CPU, under glibc's largest
+# mmap threshold (32 MiB), so every chunk reuses heap memory instead of being mapped and
+# zero-filled afresh each step; larger on accelerators, whose caching allocators reuse blocks.
+_CE_CHUNK_ELEMENTS = {"cpu": 1 << 22}
+_CE_CHUNK_ELEMENTS_ACCELERATOR = 1 << 26
+
+
+def _chunk_rows(states, vocab_size: int) -> int:
+    return max(1, _CE_CHUNK_ELEMENTS.get(states.device.type, _CE_CHUNK_ELEMENTS_ACCELERATOR) // vocab_size)
+
+
+def _ce_chunk(states, weight, labels, valid):
+    """fp32 logits of a chunk of rows, their per-row NLL and the probabilities' buffer (the
+    logits, shifted in place into softmax(logits) only when the caller asks)."""
+    logits = F.linear(states, weight)
+    logits = logits.float() if logits.element_size() < 4 else logits  # softmax in fp32 under bf16/fp16
+    lse = torch.logsumexp(logits, dim=-1)
+    nll = (lse - logits.gather(1, labels[:, None]).squeeze(1)) * valid
+    return logits, lse, nll
+
+
+def _ce_grads(states, weight, logits, lse, labels, coefficients, grad_states, grad_weight, rows):
+    """Add d(sum_i coefficients_i * nll_i)/d(states, weight) of one chunk: the logits' gradient is
+    coefficients * (softmax - onehot(label)), computed in place in the logits' buffer."""
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[torch.arange(probs.shape[0], device=probs.device), labels] -= 1
+    grad_logits = probs.mul_(coefficients[:, None]).to(states.dtype)
+    if grad_states is not None:
+        grad_states[rows] += grad_logits @ weight.to(grad_logits.dtype)
+    if grad_weight is not None:
+        grad_weight += (grad_logits.t() @ states).to(grad_weight.dtype)
+
+
+def _linear_ce_pass(states, weight, labels, weights, norm, ignore_index: int, grad_states, grad_weight):
+    """The chunked pass: per-row NLL and the loss, adding the loss's gradient into grad_states /
+    grad_weight when they are given. Returns (loss, nll, labels with ignored rows at 0, valid)."""
+    valid = labels != ignore_index
+    labels = labels.masked_fill(~valid, 0)  # any in-range index; these rows get weight 0
+    wide = torch.promote_types(states.dtype, torch.float32)  # the NLL's dtype: at least fp32
+    valid = valid.to(wide)
+    coefficients = weights.to(wide) * valid / norm.to(wide)
+    n_rows, step = states.shape[0], _chunk_rows(states, weight.shape[0])
+    nll = torch.empty(n_rows, dtype=wide, device=states.device)
+    for start in range(0, n_rows, step):
+        rows = slice(start, start + step)
+        logits, lse, nll[rows] = _ce_chunk(states[rows], weight, labels[rows], valid[rows])
+        if grad_states is not None or grad_weight is not None:
+            _ce_grads(states[rows], weight, logits, lse, labels[rows], coefficients[rows], grad_states,
+                      grad_weight, rows)
+    return (nll * weights.to(wide)).sum() / norm.to(wide), nll, labels, valid
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, states, weight, labels, weights, norm, ignore_index: int):
+        ctx.set_materialize_grads(False)
+        grad_states = torch.zeros_like(states) if states.requires_grad else None
+        wide = torch.promote_types(weight.dtype, torch.float32)  # accumulated over chunks: at least fp32
+        grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if weight.requires_grad else None
+        loss, nll, labels, valid = _linear_ce_pass(states, weight, labels, weights, norm, ignore_index,
+                                                   grad_states, grad_weight)
+        ctx.save_for_backward(states, weight, labels, valid, grad_states, grad_weight)
+        return loss, nll
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_nll):
+        states, weight, labels, valid, grad_states, grad_weight = ctx.saved_tensors
+        out_states = out_weight = None
+        if grad_loss is not None:
+            out_states = None if grad_states is None else grad_states * grad_loss.to(grad_states.dtype)
+            out_weight = None if grad_weight is None else grad_weight * grad_loss
+        if grad_nll is not None:  # a caller differentiating the per-row NLL: recompute the chunks' logits
+            add_states = None if grad_states is None else torch.zeros_like(states)
+            add_weight = None if grad_weight is None else torch.zeros_like(grad_weight)
+            coefficients = grad_nll.to(valid.dtype) * valid
+            step = _chunk_rows(states, weight.shape[0])
+            for start in range(0, states.shape[0], step):
+                rows = slice(start, start + step)
+                logits, lse, _ = _ce_chunk(states[rows], weight, labels[rows], valid[rows])
+                _ce_grads(states[rows], weight, logits, lse, labels[rows], coefficients[rows], add_states,
+                          add_weight, rows)
+            out_states = add_states if out_states is None else out_states + add_states
+            out_weight = add_weight if out_weight is None else out_weight + add_weight
+        if out_weight is not None:
+            out_weight = out_weight.to(weight.dtype)
+        return out_states, out_weight, None, None, None, None
+
+
+def linear_cross_entropy(states, weight, labels, weights, norm, ignore_index: int):
+    """(sum_i weights_i * nll_i / norm, nll) with nll_i = -log softmax(states_i @ weight.T)[labels_i]
+    (0 where labels_i == ignore_index), without ever holding the [N, vocab] logits: rows go
+    through the vocabulary projection in chunks, and the gradient of the loss is computed in
+    the same pass (the chunk's logits are at hand then), so backward only scales it by the
+    incoming gradient. This is the "fused linear cross-entropy" of large-vocabulary training
+    (the same FLOPs as logits + F.cross_entropy: one projection forward, two in backward).
+    Differentiating the per-row nll instead of the loss also works, by recomputing the chunks.
+
+    states [N, d], weight [vocab, d], labels [N] int64, weights [N], norm: a 0-dim tensor."""
+    if not torch.is_grad_enabled() or not (states.requires_grad or weight.requires_grad):
+        return _linear_ce_pass(states, weight, labels, weights, norm, ignore_index, None, None)[:2]
+    return _LinearCrossEntropy.apply(states, weight, labels, weights, norm, ignore_index)

@@ -83,6 +83,33 @@ def test_reference_query_chunks_agree(monkeypatch):
     torch.testing.assert_close(reference_attention(q, k, v, groups, groups, strict=False), whole)
 
 
+def test_plans_are_shared_by_layers_and_follow_in_place_changes():
+    """Calls with the same group tensors (every layer of a forward) share one plan and one mask
+    tensor, which autograd saves once; a group tensor written in place between calls (the KV
+    cache's groups) gets a new plan, so the answer always matches the groups of the moment."""
+    rng = np.random.default_rng()
+    q, k, v = (torch.randn(2, 2, 15, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    groups = random_groups(rng, 2, 15, with_padding=False)
+    groups[:, -3:] = groups[:, -3:].clamp(max=int(groups[:, -4].min()))  # one repeated group: a mask is needed
+    saved = {}
+
+    def keep(t):
+        saved.setdefault(t.untyped_storage().data_ptr(), (tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        first = reference_attention(q, k, v, groups, groups, strict=False)
+        second = reference_attention(q * 1.0, k * 1.0, v * 1.0, groups, groups, strict=False)
+    torch.testing.assert_close(second, first)
+    masks = [key for key, (shape, dtype) in saved.items() if shape[-2:] == (15, 15) and dtype == torch.float64
+             and shape[1] == 1]
+    assert len(masks) == 1, "both calls must save the same mask tensor"
+    for _ in range(3):
+        groups[:, int(rng.integers(0, 15)):] = INVALID_GROUP  # in place, as the KV cache writes
+        got = reference_attention(q, k, v, groups, groups, strict=False)
+        torch.testing.assert_close(got, naive_attention(q.detach(), k.detach(), v.detach(), groups, groups, False))
+
+
 def test_rows_that_see_nothing_are_zero_and_finite_grads():
     q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     groups = torch.tensor([[0, 0, 1, 2, INVALID_GROUP]], dtype=torch.int32)

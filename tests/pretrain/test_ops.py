@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pretrain.ops import rms_norm, swiglu_down
+import pretrain.ops as ops
+from pretrain.ops import linear_cross_entropy, rms_norm, swiglu_down
 
 
 def plain_rms_norm(x, weight, eps):
@@ -82,3 +83,60 @@ def test_bf16_autocast_and_no_grad_paths():
     out.float().sum().backward()
     assert gate_up.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
     assert torch.isfinite(gate_up.grad).all() and torch.isfinite(weight.grad).all()
+
+
+def plain_linear_cross_entropy(states, weight, labels, weights, norm):
+    nll = F.cross_entropy(states @ weight.t(), labels, reduction="none", ignore_index=-100)
+    return (nll * weights).sum() / norm, nll
+
+
+@pytest.mark.parametrize("use", ["loss", "nll", "both"])
+def test_linear_cross_entropy_equals_logits_then_cross_entropy(use, monkeypatch):
+    """Loss, per-row NLL and gradients of the chunked pass against F.cross_entropy on the full
+    logits, in float64, with chunks forced small (several per call, a ragged last one), ignored
+    rows and weights; through the loss (gradient computed in the forward pass), through the
+    per-row NLL (recomputed in backward) or both."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    g = torch.Generator().manual_seed(seed)
+    rows, vocab, d = int(torch.randint(1, 60, (1,), generator=g)), int(torch.randint(2, 40, (1,), generator=g)), 6
+    monkeypatch.setitem(ops._CE_CHUNK_ELEMENTS, "cpu", vocab * int(torch.randint(1, 9, (1,), generator=g)))
+    states = torch.randn(rows, d, generator=g, dtype=torch.float64)
+    weight = torch.randn(vocab, d, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (rows,), generator=g).masked_fill(torch.rand(rows, generator=g) < 0.3, -100)
+    weights, norm = torch.rand(rows, generator=g, dtype=torch.float64), torch.tensor(rows / 2, dtype=torch.float64)
+    upstream = torch.randn(rows, generator=g, dtype=torch.float64)
+    results = []
+    for fn in (lambda *a: linear_cross_entropy(*a, ignore_index=-100), plain_linear_cross_entropy):
+        leaves = [states.clone().requires_grad_(), weight.clone().requires_grad_()]
+        loss, nll = fn(*leaves, labels, weights, norm)
+        objective = {"loss": 3 * loss, "nll": (nll * upstream).sum(), "both": loss**2 + (nll * upstream).sum()}[use]
+        results.append((loss.detach(), nll.detach(), *torch.autograd.grad(objective, leaves)))
+    for fused, plain in zip(*results):
+        torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12, msg=f"seed {seed}")
+    with torch.no_grad():  # no graph: the same numbers, no gradient work
+        loss, nll = linear_cross_entropy(states, weight, labels, weights, norm, ignore_index=-100)
+    torch.testing.assert_close((loss, nll), results[1][:2], rtol=1e-10, atol=1e-12)
+
+
+def test_linear_cross_entropy_never_saves_the_logits():
+    states = torch.randn(512, 16, requires_grad=True) * 1.0
+    weight = torch.randn(1000, 16, requires_grad=True)
+    labels, weights, norm = torch.randint(0, 1000, (512,)), torch.ones(512), torch.tensor(512.0)
+    logits_bytes = 512 * 1000 * 4
+    assert saved_bytes(plain_linear_cross_entropy, states, weight, labels, weights, norm) >= logits_bytes
+    assert saved_bytes(lambda *a: linear_cross_entropy(*a, ignore_index=-100),
+                       states, weight, labels, weights, norm) < logits_bytes / 4
+
+
+def test_linear_cross_entropy_under_bf16_autocast():
+    g = torch.Generator().manual_seed(5)
+    states = torch.randn(40, 8, generator=g, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, requires_grad=True)
+    labels, weights, norm = torch.randint(0, 30, (40,), generator=g), torch.ones(40), torch.tensor(40.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, nll = linear_cross_entropy(states, weight, labels, weights, norm, ignore_index=-100)
+    assert loss.dtype == torch.float32 and nll.dtype == torch.float32  # softmax in fp32
+    loss.backward()
+    assert states.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+    reference = plain_linear_cross_entropy(states.detach(), weight.detach(), labels, weights, norm)[0]
+    torch.testing.assert_close(loss.detach(), reference, rtol=2e-2, atol=2e-2)
