@@ -55,14 +55,20 @@ class _Plan:
         # except for INVALID rows (zero), so a max is needed rather than the chunk's last row.
         padded = F.pad(n_visible, (0, len(starts) * chunk - n_queries))
         # Row i seeing exactly keys 0..i in every sample (a causal LM's rows) is SDPA's is_causal case,
-        # which needs no mask and skips the upper triangle; read with the bounds (same host sync).
-        causal = (n_visible == torch.arange(1, n_queries + 1, device=q_groups.device)).all()
-        *bounds, causal = torch.cat([padded.view(batch, len(starts), chunk).amax(dim=(0, 2)), causal.view(1)]).tolist()
-        self.causal = bool(causal) and len(starts) == 1
+        # which needs no mask and skips the upper triangle. So is row i seeing keys 0..i+c-1 for one
+        # c <= 1 (c = 0: the query stream of a causal order, which sees the keys strictly before it):
+        # rows below 1 - c see nothing, and the rest are the causal case against the keys shifted by
+        # 1 - c. Read with the bounds, in the same host sync.
+        shift = n_visible - torch.arange(n_queries, device=q_groups.device)  # c per row
+        uniform = (shift == shift[:1, :1]).all()
+        *bounds, uniform, offset = torch.cat([padded.view(batch, len(starts), chunk).amax(dim=(0, 2)),
+                                              uniform.view(1), shift[:1, 0]]).tolist()
+        # causal_skip: None, or how many leading rows see no key before the causal case begins
+        self.causal_skip = 1 - offset if uniform and offset <= 1 else None
         self.chunks = []  # (start, stop, bound, additive mask or None, row multiplier or None)
         for start, bound in zip(starts, bounds):
             stop = min(n_queries, start + chunk)
-            if self.causal or bound == 0:  # bound 0: no row sees a key (padding, strict rows of group 0)
+            if self.causal_skip is not None or bound == 0:  # bound 0: no row sees a key (padding, strict rows of group 0)
                 self.chunks.append((start, stop, bound, None, None))
                 continue
             rows_visible = n_visible[:, start:stop, None]  # [B, c, 1]
@@ -115,11 +121,15 @@ def reference_attention(q, k, v, q_groups, k_groups, *, strict: bool, scale: flo
         k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
         v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
     scale = head_dim**-0.5 if scale is None else scale
-    if n_queries == 0:
-        return q.new_zeros(batch, n_heads, 0, v.shape[-1])
+    if n_queries == 0 or batch == 0:
+        return q.new_zeros(batch, n_heads, n_queries, v.shape[-1])
     plan = _plan(q_groups, k_groups, strict, n_heads, q.dtype)
-    if plan.causal:
-        return F.scaled_dot_product_attention(q, k[:, :, :n_queries], v[:, :, :n_queries], is_causal=True, scale=scale)
+    if plan.causal_skip is not None:
+        skip = min(plan.causal_skip, n_queries)
+        width = n_queries - skip
+        o = F.scaled_dot_product_attention(q[:, :, skip:], k[:, :, :width], v[:, :, :width], is_causal=True,
+                                           scale=scale)
+        return o if skip == 0 else torch.cat([q.new_zeros(batch, n_heads, skip, v.shape[-1]), o], dim=2)
     pieces = []
     for start, stop, bound, mask, keep in plan.chunks:
         if bound == 0:

@@ -61,15 +61,22 @@ def test_reference_matches_naive_loop(n_kv_heads, strict):
 
 
 @pytest.mark.parametrize("n_keys", [9, 12])
-def test_causal_rows_match_naive_loop(n_keys):
-    """Strictly increasing groups, row i seeing keys 0..i (the causal fast path), with keys past the
-    last row's group unseen; a repeated group leaves the fast path and must agree as well."""
-    q = torch.randn(2, 4, 9, 8, dtype=torch.float64)
-    k, v = (torch.randn(2, 2, n_keys, 8, dtype=torch.float64) for _ in range(2))
+@pytest.mark.parametrize("strict", [False, True])
+def test_causal_rows_match_naive_loop(n_keys, strict):
+    """Strictly increasing groups: row i sees keys 0..i (content rule, the causal fast path) or
+    keys 0..i-1 (strict rule: the query stream of a causal order, the same path shifted by one
+    row), with keys past the last row's group unseen; a repeated group leaves the fast path and
+    must agree as well. Gradients too."""
+    q = torch.randn(2, 4, 9, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, n_keys, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
     groups = torch.arange(n_keys, dtype=torch.int32).expand(2, -1).contiguous()
     for q_groups in (groups[:, :9], groups[:, :9].clone().index_fill_(1, torch.tensor([4]), 3)):
-        got = group_attention(q, k, v, q_groups, groups, strict=False, backend="torch")
-        torch.testing.assert_close(got, naive_attention(q, k, v, q_groups, groups, False))
+        got = group_attention(q, k, v, q_groups, groups, strict=strict, backend="torch")
+        want = naive_attention(q, k, v, q_groups, groups, strict)
+        torch.testing.assert_close(got, want)
+        upstream = torch.randn(got.shape, dtype=torch.float64)
+        torch.testing.assert_close(torch.autograd.grad((got * upstream).sum(), (q, k, v)),
+                                   torch.autograd.grad((want * upstream).sum(), (q, k, v)))
 
 
 def test_reference_query_chunks_agree(monkeypatch):
