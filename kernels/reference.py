@@ -106,6 +106,13 @@ def _plan(q_groups, k_groups, strict: bool, n_heads: int, dtype) -> _Plan:
     return plan
 
 
+def attention_plan(q_groups, k_groups, *, strict: bool, n_heads: int, dtype) -> _Plan:
+    """reference_attention's plan for these groups, built now for a caller that applies it to
+    several q, k, v itself (planned_attention): the layers of a decoding step, whose groups are
+    made under torch.inference_mode, so the plan cache above cannot key them."""
+    return _Plan(q_groups, k_groups, strict, n_heads, dtype)
+
+
 def reference_attention(q, k, v, q_groups, k_groups, *, strict: bool, scale: float | None = None):
     """Softmax attention under the group rule; rows that see no key return zeros.
 
@@ -115,15 +122,20 @@ def reference_attention(q, k, v, q_groups, k_groups, *, strict: bool, scale: flo
     rows. (Smaller chunks skip more of the staircase but were slower on CPU: the SDPA calls get
     small and the sliced K/V gradients are re-assembled; measured in docs/benchmarks.md.)
     """
+    if q.shape[0] == 0 or q.shape[2] == 0:
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
+    return planned_attention(q, k, v, _plan(q_groups, k_groups, strict, q.shape[1], q.dtype), scale=scale)
+
+
+def planned_attention(q, k, v, plan: _Plan, *, scale: float | None = None):
+    """reference_attention of q [B, H, Nq, D] (B, Nq >= 1) over k, v [B, Hkv, Nk, D] under a
+    plan built for q's rows and k's keys."""
     batch, n_heads, n_queries, head_dim = q.shape
     n_kv_heads = k.shape[1]
     if n_kv_heads != n_heads:  # grouped-query attention: share each K/V head across H/Hkv heads
         k = k.repeat_interleave(n_heads // n_kv_heads, dim=1)
         v = v.repeat_interleave(n_heads // n_kv_heads, dim=1)
     scale = head_dim**-0.5 if scale is None else scale
-    if n_queries == 0 or batch == 0:
-        return q.new_zeros(batch, n_heads, n_queries, v.shape[-1])
-    plan = _plan(q_groups, k_groups, strict, n_heads, q.dtype)
     if plan.causal_skip is not None:
         skip = min(plan.causal_skip, n_queries)
         width = n_queries - skip

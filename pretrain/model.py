@@ -215,34 +215,70 @@ class Block(nn.Module):
             h = self._attend_residual(h, o_content)
         return h, g
 
-    def decode(self, x, n_new: int, cache_k, cache_v, write_index, row_groups, key_groups, rope, content_out: bool):
+    def decode(self, x, step: DecodeStep, cache_k, cache_v, content_out: bool, weights):
         """One layer of incremental decoding (docs/design.md, key/value cache).
 
-        x [B, n_new + nq, d]: the step's new content rows, then its query rows, as ONE batch of
-        rows through the shared weights (read once per step, not once per stream). The content
-        rows' keys/values are written into the cache at columns write_index [B, n_new] BEFORE
-        attending, so they see themselves and everything cached with a group <= theirs. Every
-        row follows the content rule at row_groups (a query row of group g comes as g - 1: it
-        sees groups strictly below g). Cached rows never change: a content row only sees groups
-        <= its own, all of which were decoded before it. content_out=False: the content rows
-        only give keys/values (the last layer, unless they predict in single-stream mode) and
-        only the query rows are returned.
+        x [B, step.n_new + nq, d]: the step's new content rows, then its query rows, as ONE batch
+        of rows through the shared weights (read once per step, not once per stream). The content
+        rows' keys/values are written into the cache BEFORE attending, so they see themselves and
+        everything cached with a group <= theirs. Every row follows the content rule (a query
+        row of group g comes as g - 1: it sees groups strictly below g), as step.row_groups say.
+        Cached rows never change: a content row only sees groups <= its own, all of which were
+        decoded before it. content_out=False: the content rows only give keys/values (the last
+        layer, unless they predict in single-stream mode) and only the query rows are returned.
+        weights: this block's (wq, wkv, wo, w_gate_up, w_down) as [in, out] matrices
+        (BigLearner.decoding_weights). Inference only: no dropout.
         """
         c = self.config
-        cos, sin = rope
+        n_new = step.n_new
+        wq, wkv, wo, w_gate_up, w_down = weights
         normed = self.attn_norm(x)
         if n_new:
-            k, v = self._heads(self.wkv(normed[:, :n_new]), 2 * c.n_kv_heads).split(c.n_kv_heads, dim=1)
-            index = write_index[:, None, :, None].expand(-1, c.n_kv_heads, -1, c.head_dim)
-            cache_k.scatter_(2, index, apply_rope(k, cos[:, :, :n_new], sin[:, :, :n_new]))
-            cache_v.scatter_(2, index, v)
+            k, v = self._heads(_rows_times(normed[:, :n_new], wkv), 2 * c.n_kv_heads).split(c.n_kv_heads, dim=1)
+            cache_k.scatter_(2, step.write_index, step.rope(k, 0, n_new))
+            cache_v.scatter_(2, step.write_index, v)
         first = 0 if content_out else n_new
         if first == x.shape[1]:
             return x[:, first:]
-        q = apply_rope(self._heads(self.wq(normed[:, first:]), c.n_heads), cos[:, :, first:], sin[:, :, first:])
-        o = kernels.group_attention(q, cache_k, cache_v, row_groups[:, first:], key_groups, strict=False,
-                                    backend=c.attention_backend, check_sorted=False)
-        return self._attend_residual(x[:, first:], o)
+        x = x[:, first:]
+        q = step.rope(self._heads(_rows_times(normed[:, first:], wq), c.n_heads), first, None)
+        o = step.attention(q, cache_k, cache_v, first)
+        x = x + _rows_times(o.transpose(1, 2), wo)
+        gate, up = _rows_times(self.mlp_norm(x), w_gate_up).chunk(2, dim=-1)
+        return x + _rows_times(F.silu(gate) * up, w_down)
+
+
+def _rows_times(x, weight):
+    """x [B, N, ...] (flattened after N) @ weight [in, out] as ONE GEMM over all B * N rows: a
+    strided x made torch.matmul run a batched GEMM per sample."""
+    return (x.reshape(-1, weight.shape[0]) @ weight).view(x.shape[0], x.shape[1], -1)
+
+
+@dataclass
+class DecodeStep:
+    """What every layer of one decoding step shares, built once per step by decode_step."""
+    n_new: int                       # new content rows (the first rows of the step)
+    write_index: torch.Tensor | None  # [B, Hkv, n_new, head_dim]: their cache columns
+    row_groups: torch.Tensor         # [B, rows] int32: the content-rule group of each row
+    key_groups: torch.Tensor         # [B, capacity] int32: the cache's groups
+    cos: torch.Tensor                # [B, 1, rows, head_dim] = cat(cos, cos) of rope_tables
+    sin: torch.Tensor                # [B, 1, rows, head_dim] = cat(-sin, sin)
+    plans: dict = field(default_factory=dict)  # first row -> kernels.attention_plan of rows first:
+
+    def rope(self, x, start: int, stop: int | None):
+        """apply_rope for the step's rows start:stop, as x * cos + roll(x, head_dim / 2) * sin with
+        the tables widened once per step: bitwise the same numbers (a - b is a + (-b)), half the
+        operations per call."""
+        return x * self.cos[:, :, start:stop] + x.roll(x.shape[-1] // 2, -1) * self.sin[:, :, start:stop]
+
+    def attention(self, q, k, v, first: int):
+        """Attention of the step's rows first: (q) over the cache (k, v), under a plan of which
+        keys each row sees that is built once per step, not once per layer: deriving it cost
+        ~4x the attention itself for a few rows on CPU."""
+        if first not in self.plans:
+            self.plans[first] = kernels.attention_plan(self.row_groups[:, first:], self.key_groups, strict=False,
+                                                       n_heads=q.shape[1], dtype=q.dtype)
+        return kernels.planned_attention(q, k, v, self.plans[first])
 
 
 @dataclass
@@ -435,6 +471,26 @@ class BigLearner(nn.Module):
         h = h.scatter_add(1, rows[..., None].expand(-1, -1, h.shape[-1]), term.to(h.dtype))
         return h, positions, groups, rows, is_query
 
+    def decoding_weights(self) -> tuple[list[tuple], torch.Tensor]:
+        """Every decoding matmul's weight as [in, out]: per block (wq, wkv, wo, w_gate_up, w_down),
+        and the head. A decoding step multiplies 1-64 rows by each weight, and on CPU GEMMs of so
+        few rows against the [out, in] layout of nn.Linear ran 1.2-2.4x slower (docs/benchmarks.md,
+        decoding), so CPU weights get contiguous copies (one more copy of the matmul weights in
+        memory), kept until a parameter changes (its version counter or storage: a training step,
+        a load, .to()); elsewhere the transposed views, as nn.Linear multiplies."""
+        params = [p for b in self.blocks for p in (b.wq.weight, b.wkv.weight, b.wo.weight, b.w_gate_up.weight,
+                                                     b.w_down.weight)] + [self.head.weight]
+        # Inference tensors (a model built under torch.inference_mode) keep no version counter;
+        # they cannot be changed outside inference mode either.
+        key = [(p.data_ptr(), p.dtype, -1 if p.is_inference() else p._version) for p in params]
+        saved = self.__dict__.get("_decoding_weights")
+        if saved is None or saved[0] != key:
+            with torch.no_grad():
+                copies = [p.t().contiguous() if p.device.type == "cpu" else p.t() for p in params]
+            saved = (key, [tuple(copies[i:i + 5]) for i in range(0, len(copies) - 1, 5)], copies[-1])
+            self.__dict__["_decoding_weights"] = saved  # a plain attribute: not a parameter, not saved
+        return saved[1], saved[2]
+
     def new_cache(self, batch_size: int, capacity: int, device=None, dtype=None) -> KVCache:
         """An empty KVCache for `capacity` content rows per sample (the START row included)."""
         c = self.config
@@ -499,12 +555,16 @@ class BigLearner(nn.Module):
         if not rows:
             return None
         x = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
-        rope = rope_tables(torch.cat(row_positions, 1), c, x.dtype, cache.inv_freq)
-        row_groups = torch.cat(row_groups, 1)
+        cos, sin = rope_tables(torch.cat(row_positions, 1), c, x.dtype, cache.inv_freq)
+        if write_index is not None:
+            write_index = write_index[:, None, :, None].expand(-1, c.n_kv_heads, -1, c.head_dim)
+        step = DecodeStep(n_new, write_index, torch.cat(row_groups, 1), cache.groups, torch.cat([cos, cos], -1),
+                          torch.cat([-sin, sin], -1))
+        weights, head = self.decoding_weights()
         for i, block in enumerate(self.blocks):
-            x = block.decode(x, n_new, cache.keys[i], cache.values[i], write_index, row_groups, cache.groups, rope,
-                             content_out=readout or i < len(self.blocks) - 1)
-        return self.head(self.norm(x)) if x.shape[1] else None
+            x = block.decode(x, step, cache.keys[i], cache.values[i], content_out=readout or i < len(self.blocks) - 1,
+                             weights=weights[i])
+        return _rows_times(self.norm(x), head) if x.shape[1] else None
 
     def forward(self, batch: TaskBatch) -> torch.Tensor:
         """Logits [B, Nt, vocab] for every target row (padding rows included)."""

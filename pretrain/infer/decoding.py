@@ -66,12 +66,17 @@ def sample_from_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_
         before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
         sorted_logits = sorted_logits.masked_fill(before >= top_p, -math.inf)  # keeps the top token
         logits = torch.full_like(logits, -math.inf).scatter(-1, index, sorted_logits)
-    # Inverse-CDF sampling, one uniform per row: the same distribution as torch.multinomial, which
-    # took ~25x longer on CPU over an 8000-token vocabulary (bench/decode.py). u < total, so the
-    # clamp only guards rounding; a zero-probability token adds no width to the CDF.
-    cdf = (logits - logits.amax(-1, keepdim=True)).exp().reshape(-1, logits.shape[-1]).cumsum(-1)  # unnormalised
+    return _inverse_cdf((logits - logits.amax(-1, keepdim=True)).exp(), generator)
+
+
+def _inverse_cdf(weights, generator):
+    """One token per row of unnormalised probabilities weights [..., V], by inverse-CDF sampling with
+    one uniform per row: the same distribution as torch.multinomial, which took ~25x longer on CPU
+    over an 8000-token vocabulary (bench/decode.py). u < total, so the clamp only guards rounding;
+    a zero-probability token adds no width to the CDF."""
+    cdf = weights.reshape(-1, weights.shape[-1]).cumsum(-1)
     u = torch.rand(len(cdf), 1, generator=generator, dtype=cdf.dtype).to(cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).reshape(logits.shape[:-1])
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).reshape(weights.shape[:-1])
 
 
 def _at_least_float32(x):
@@ -132,6 +137,9 @@ class Sampling:
         return logits.log_softmax(-1)
 
     def draw(self, log_probs):
+        """One token per row of `log_probs` (log_probs' result)."""
+        if self.temperature == 1 and not self.top_k and self.top_p == 1:  # already normalised: exp is safe
+            return _inverse_cdf(log_probs.exp(), self.generator)
         return sample_from_logits(log_probs, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                   generator=self.generator)
 
@@ -237,8 +245,11 @@ def _decode_groups(model, tokens, sources, targets, plans, group_size, sampling:
                 top = model_log_probs[b, :len(candidates[b])].max(-1).values.float()
                 order = top.argsort(descending=True, stable=True)[:count].tolist()
             picks += [(b, i) for i in order]
-        rows, index = torch.tensor(picks, dtype=torch.long).reshape(-1, 2).unbind(1)
-        chosen_log_probs = model_log_probs[rows, index]
+        if len(picks) == model_log_probs.shape[0] * model_log_probs.shape[1] and plans is not None:
+            chosen_log_probs = model_log_probs.flatten(0, 1)  # every row, in order: no copy
+        else:
+            rows, index = torch.tensor(picks, dtype=torch.long).reshape(-1, 2).unbind(1)
+            chosen_log_probs = model_log_probs[rows, index]
         drawn = sampling.draw(chosen_log_probs)  # one draw for the whole step
         gained = chosen_log_probs.gather(-1, drawn[:, None])[:, 0].tolist()
         picked_rows = [[] for _ in range(batch_size)]
@@ -246,7 +257,8 @@ def _decode_groups(model, tokens, sources, targets, plans, group_size, sampling:
             position = candidates[b][i]
             tokens[b, position] = token
             log_probs[b] += gain
-            remaining[b].remove(position)
+            if plans is None:  # only the adaptive order reads what remains (a list removal is O(L))
+                remaining[b].remove(position)
             decoded[b].append(position)
             decoded_groups[b].append(step)
             picked_rows[b].append(position)

@@ -89,6 +89,35 @@ def test_decode_step_equals_full_forward_on_the_same_layout():
     assert int(cache.length[0]) == n_source + 6 and (cache.groups[0, n_source + 6:] == INVALID_GROUP).all()
 
 
+def test_decoding_follows_the_weights_after_they_change():
+    """Decoding keeps [in, out] copies of the weights (BigLearner.decoding_weights): after an
+    optimizer step (in place), load_state_dict and a dtype change, its log-probabilities are
+    still those of a full forward pass (score) with the current weights; also for a model built
+    under torch.inference_mode (weights without a version counter)."""
+    rng = np.random.default_rng()
+    with torch.inference_mode():
+        frozen = tiny_model()
+    tokens, sources, targets = random_problem(rng, 1, 8)
+    result = complete(frozen, tokens, sources, targets, temperature=0)
+    assert abs(result.log_probs[0] - float(score(frozen, result.tokens[0], sources[0], result.orders[0]))) < 1e-8
+    model = tiny_model()
+    tokens, sources, targets = random_problem(rng, 2, 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2)
+
+    def optimizer_step():
+        with torch.enable_grad():
+            sum((p * torch.randn_like(p)).sum() for p in model.parameters()).backward()
+        optimizer.step()
+
+    changes = [lambda: None, optimizer_step, lambda: model.load_state_dict(tiny_model().state_dict()), model.float]
+    for change, tolerance in zip(changes, (1e-8, 1e-8, 1e-8, 1e-3)):
+        change()
+        result = complete(model, tokens, sources, targets, temperature=0, seed=1)
+        for b in range(2):
+            expected = float(score(model, result.tokens[b], sources[b], result.orders[b]))
+            assert abs(result.log_probs[b] - expected) < tolerance * max(1.0, abs(expected))
+
+
 @pytest.mark.parametrize("strategy", ["left_to_right", "random", "confident"])
 def test_cached_greedy_decoding_matches_uncached_and_score(strategy):
     rng = np.random.default_rng()
