@@ -18,11 +18,14 @@ built from their configs (random init, no download).
 Each (system, L) runs in a fresh subprocess, so peak memory is per system: peak RSS on CPU,
 torch.cuda.max_memory_allocated on GPU; the systems' order rotates every round. One timed
 step = forward + backward + AdamW step; batches are made before the clock starts. Medians over
-all timed steps of all rounds.
+all timed steps of all rounds. `--interleaved` adds a 5th table: per L, the chosen systems built
+in ONE process and timed in turns (process CPU time, no memory), so that every system sees the
+same heap, the same page-fault state and the same load.
 
     python bench/peers.py --threads 1                    # CPU: L = 128 512 1024 (HF XLNet's L=1024 is slowest)
     python bench/peers.py --lengths 128 512 1024 2048 --json peers.json
     python bench/peers.py --systems hf-llama ours-1-clm  # a subset
+    python bench/peers.py --systems hf-llama ours-1-clm --interleaved   # + both in one process, in turns
     python bench/peers.py --quick                         # seconds; checks the script runs
 """
 from __future__ import annotations
@@ -38,8 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling bench script
 
-from throughput import (FIRST_WORD_ID, SIZES, batch_maker, build_model, format_table,  # noqa: E402
-                        measure_ours, peak_rss_bytes, summarise, sync, time_steps, train_step)
+from throughput import (FIRST_WORD_ID, SIZES, batch_maker, build_model, format_table, measure, measure_ours,  # noqa: E402
+                        ours_runner, peak_rss_bytes, summarise, sync, train_step)
 
 XLNET_SYSTEMS = ("ours", "hf-xlnet")  # table 1: "ours" is the two-stream model under XLNet's plm
 # table 2: "ours-<streams>-<preset>"
@@ -64,8 +67,7 @@ def xlnet_collator(vocab_size: int):
     return DataCollatorForPermutationLanguageModeling(tokenizer=tokenizer, plm_probability=1 / 6, max_span_length=5)
 
 
-def measure_xlnet(seq_len: int, batch_size: int, steps: int, warmup: int, *, size: str, device: str,
-                  dtype: torch.dtype, seed: int = 0) -> dict:
+def xlnet_runner(seq_len: int, batch_size: int, *, size: str, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
     from transformers import XLNetConfig, XLNetLMHeadModel
 
     dims = SIZES[size]
@@ -83,17 +85,14 @@ def measure_xlnet(seq_len: int, batch_size: int, steps: int, warmup: int, *, siz
         windows = rng.integers(FIRST_WORD_ID, dims["vocab_size"], size=(batch_size, seq_len))
         return {k: v.to(device) for k, v in collator([torch.from_numpy(w) for w in windows]).items()}
 
-    step = train_step(lambda batch: model(**batch).loss, optimizer, device, dtype)
-    walls, cpus, predicted = time_steps(step, make, warmup + steps, warmup, device,
-                                        lambda b: (b["labels"] != -100).sum())
-    return summarise(walls, cpus, batch_size * seq_len, float(np.mean(predicted))) | {
-        "system": "hf-xlnet", "preset": "plm", "seq_len": seq_len, "batch_size": batch_size}
+    return {"step": train_step(lambda batch: model(**batch).loss, optimizer, device, dtype), "make": make,
+            "predicted_of": lambda b: (b["labels"] != -100).sum(),
+            "row": {"system": "hf-xlnet", "preset": "plm", "seq_len": seq_len, "batch_size": batch_size}}
 
 
 # --------------------------------------------------------------------------- HF Llama
 
-def measure_llama(seq_len: int, batch_size: int, steps: int, warmup: int, *, size: str, device: str,
-                  dtype: torch.dtype, seed: int = 0) -> dict:
+def llama_runner(seq_len: int, batch_size: int, *, size: str, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
     """transformers.LlamaForCausalLM with our dims (SwiGLU FFN, RMSNorm, RoPE, tied embeddings),
     sdpa attention, causal LM on random windows: L - 1 predicted tokens per window."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -112,11 +111,9 @@ def measure_llama(seq_len: int, batch_size: int, steps: int, warmup: int, *, siz
         rng = np.random.default_rng([seed, seq_len, i])
         return torch.from_numpy(rng.integers(FIRST_WORD_ID, dims["vocab_size"], size=(batch_size, seq_len))).to(device)
 
-    step = train_step(lambda ids: model(input_ids=ids, labels=ids).loss, optimizer, device, dtype)
-    walls, cpus, predicted = time_steps(step, make, warmup + steps, warmup, device,
-                                        lambda ids: ids.shape[0] * (ids.shape[1] - 1))
-    return summarise(walls, cpus, batch_size * seq_len, float(np.mean(predicted))) | {
-        "system": "hf-llama", "preset": "clm", "seq_len": seq_len, "batch_size": batch_size}
+    return {"step": train_step(lambda ids: model(input_ids=ids, labels=ids).loss, optimizer, device, dtype),
+            "make": make, "predicted_of": lambda ids: ids.shape[0] * (ids.shape[1] - 1),
+            "row": {"system": "hf-llama", "preset": "clm", "seq_len": seq_len, "batch_size": batch_size}}
 
 
 def rows_per_prediction(model, preset: str, seq_len: int, batch_size: int, seed: int) -> float:
@@ -128,23 +125,36 @@ def rows_per_prediction(model, preset: str, seq_len: int, batch_size: int, seed:
 
 # --------------------------------------------------------------------------- workers
 
+def runner(system: str, args, **common) -> dict:
+    """The system, built and ready to time (throughput.measure)."""
+    if system == "hf-xlnet":
+        return xlnet_runner(args.seq_len, args.batch_size, **common)
+    if system == "hf-llama":
+        return llama_runner(args.seq_len, args.batch_size, **common)
+    streams, preset = (2, "plm") if system == "ours" else (int(system.split("-")[1]), system.split("-")[2])
+    ready = ours_runner(preset, args.seq_len, args.batch_size, streams=streams, checkpointing=args.checkpointing,
+                        **common)
+    ready["row"]["system"] = system
+    return ready
+
+
 def run_worker(args) -> dict:
     """Measure one system (or the objective sweep) in this process; returns rows with memory."""
     torch.set_num_threads(args.threads)
     device, dtype = args.device, getattr(torch, args.dtype)
     baseline = peak_rss_bytes()
     common = dict(size=args.size, device=device, dtype=dtype)
-    if args.worker == "hf-xlnet":
-        rows = [measure_xlnet(args.seq_len, args.batch_size, args.steps, args.warmup, **common)]
-    elif args.worker == "hf-llama":
-        rows = [measure_llama(args.seq_len, args.batch_size, args.steps, args.warmup, **common)]
-    elif args.worker == "ours":
-        rows = [measure_ours("plm", args.seq_len, args.batch_size, args.steps, args.warmup,
-                             checkpointing=args.checkpointing, **common)]
-    elif args.worker.startswith("ours-"):
-        _, streams, preset = args.worker.split("-")
-        rows = [measure_ours(preset, args.seq_len, args.batch_size, args.steps, args.warmup, streams=int(streams),
-                             checkpointing=args.checkpointing, **common) | {"system": args.worker}]
+    if args.worker in SYSTEMS:
+        rows = [measure(runner(args.worker, args, **common), args.steps, args.warmup, device)]
+    elif args.worker == "interleaved":  # every system in this one process, in turns (time only)
+        runners = {system: runner(system, args, **common) for system in args.systems}
+        timings = {system: [] for system in args.systems}
+        for round_ in range(args.rounds):
+            shift = round_ % len(args.systems)
+            for system in args.systems[shift:] + args.systems[:shift]:
+                timings[system].append(measure(runners[system], args.steps, args.warmup if round_ == 0 else 0,
+                                               device, first_input=round_ * (args.warmup + args.steps)))
+        return [merge_steps(timings[system]) | {"table": "interleaved"} for system in args.systems]
     else:  # objective sweep on one model per mode; the (mode, preset) order rotates every round
         models = {s: build_model(args.size, device, checkpointing=args.checkpointing, streams=s,
                                  max_seq_len=max(2048, args.seq_len)) for s in (1, 2)}
@@ -185,7 +195,8 @@ def spawn(worker: str, seq_len: int, args) -> list[dict]:
     command = [sys.executable, __file__, "--worker", worker, "--seq-len", str(seq_len),
                "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--rounds", str(args.rounds),
                "--warmup", str(args.warmup), "--threads", str(args.threads), "--device", args.device,
-               "--dtype", args.dtype, "--size", args.size] + ["--checkpointing"] * args.checkpointing
+               "--dtype", args.dtype, "--size", args.size, "--systems", *args.systems] + \
+        ["--checkpointing"] * args.checkpointing
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         reason = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
@@ -257,6 +268,25 @@ def yardstick_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+def interleaved_rows(rows: list[dict]) -> list[dict]:
+    """Per L, CPU time per step and per predicted token of each system relative to HF Llama's (and
+    ours relative to HF XLNet's), all timed in one process."""
+    out = []
+    for seq_len in sorted({r["seq_len"] for r in rows if "cpu_s" in r}):
+        here = {r["system"]: r for r in rows if r["seq_len"] == seq_len and "cpu_s" in r}
+        llama, xlnet = here.get("hf-llama"), here.get("hf-xlnet")
+        for system, r in here.items():
+            row = {"system": system, "seq_len": seq_len, "cpu_s": r["cpu_s"], "load_1min": r["load_1min"],
+                   "us_per_pred": r["cpu_s"] / r["predicted_per_step"] * 1e6}
+            if llama is not None and system in YARDSTICK_SYSTEMS:
+                row |= {"cpu_vs_llama": r["cpu_s"] / llama["cpu_s"],
+                        "per_pred_vs_llama": row["us_per_pred"] / (llama["cpu_s"] / llama["predicted_per_step"] * 1e6)}
+            if xlnet is not None and system == "ours":
+                row["speed_vs_xlnet"] = xlnet["cpu_s"] / r["cpu_s"]  # same tokens per step
+            out.append(row)
+    return out
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -300,6 +330,12 @@ SCALING_COLUMNS = [("system", "system", "s"), ("L", "seq_len", "d"), ("us/token"
                    ("mem exp", "mem_exponent", ".2f")]
 
 
+INTERLEAVED_COLUMNS = [("system", "system", "s"), ("L", "seq_len", "d"), ("cpu s", "cpu_s", ".3f"),
+                       ("cpu us/pred", "us_per_pred", ".1f"), ("cpu / llama", "cpu_vs_llama", ".2f"),
+                       ("per pred / llama", "per_pred_vs_llama", ".2f"), ("x xlnet speed", "speed_vs_xlnet", ".2f"),
+                       ("load", "load_1min", ".1f")]
+
+
 def with_mib(rows):
     return [r | ({"peak_mib": r["peak_mem_bytes"] / 2**20} if "peak_mem_bytes" in r else {}) for r in rows]
 
@@ -328,7 +364,10 @@ def parse_args(argv):
     parser.add_argument("--json", type=Path, help="write every row here as a JSON list (the plot goes next to it)")
     parser.add_argument("--plot", type=Path, help="PNG path (default: --json path with .png, else peers.png)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, one step: checks the script runs")
-    parser.add_argument("--worker", choices=SYSTEMS + ("objective",), help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", action="store_true",
+                        help="also time the chosen systems in ONE process per L, in turns (5th table: CPU-time "
+                             "ratios, no memory); separate processes differ by their own heap growth")
+    parser.add_argument("--worker", choices=SYSTEMS + ("objective", "interleaved"), help=argparse.SUPPRESS)
     parser.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.device == "auto":
@@ -362,12 +401,13 @@ def main(argv=None) -> list[dict]:
     jobs = [(system, seq_len) for seq_len in args.lengths for r in range(args.rounds)
             for system in systems[r % len(systems):] + systems[:r % len(systems)]]
     jobs += [("objective", args.objective_len)] if args.objective else []
+    jobs += [("interleaved", seq_len) for seq_len in args.lengths] if args.interleaved else []
     runs = {}
     for system, seq_len in tqdm(jobs, desc="peers (one worker each)", disable=args.quick):
         runs.setdefault((system, seq_len), []).extend(spawn(system, seq_len, args))
     peers = []
     for (system, seq_len), got in runs.items():
-        if system == "objective":
+        if system in ("objective", "interleaved"):
             continue
         ok = [r for r in got if "error" not in r]
         peers.append((merge_steps(ok) if ok else got[0]) | {"table": "peers"})
@@ -392,7 +432,11 @@ def main(argv=None) -> list[dict]:
     print(format_table(objective, OBJECTIVE_COLUMNS))
     print("\n4. Scaling: time per token and peak memory as L grows (exponents fitted over all L)")
     print(format_table(with_mib(scaling_rows(peers)), SCALING_COLUMNS))
-    rows = peers + objective
+    interleaved = [r for (system, _), got in runs.items() if system == "interleaved" for r in got]
+    if args.interleaved:
+        print(f"\n5. Interleaved: the systems in turns in ONE process per L, process CPU time, {settings}")
+        print(format_table(interleaved_rows(interleaved), INTERLEAVED_COLUMNS))
+    rows = peers + objective + interleaved
     plot_path = args.plot or (args.json.with_suffix(".png") if args.json else Path("peers.png"))
     plot(peers, plot_path)
     if args.json:

@@ -106,21 +106,36 @@ def ours_train_step(model, optimizer, device: str, dtype: torch.dtype):
     return train_step(lambda batch: model.loss(batch)[0], optimizer, device, dtype)
 
 
-def measure_ours(preset: str, seq_len: int, batch_size: int, steps: int, warmup: int, *,
-                 size: str = "tiny", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 model: BigLearner | None = None, seed: int = 0, checkpointing: bool = False,
-                 streams: int = 2) -> dict:
-    """One row: medians over `steps` timed training steps of BigLearner under `preset`."""
+def ours_runner(preset: str, seq_len: int, batch_size: int, *, size: str = "tiny", device: str = "cpu",
+                dtype: torch.dtype = torch.float32, model: BigLearner | None = None, seed: int = 0,
+                checkpointing: bool = False, streams: int = 2) -> dict:
+    """BigLearner under `preset`, ready to time: {step, make, predicted_of, row} (see measure)."""
     if model is None:
         model = build_model(size, device, seed, checkpointing, streams, max_seq_len=max(2048, seq_len))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    make = batch_maker(preset, seq_len, batch_size, model.config.vocab_size, seed, device)
-    walls, cpus, predicted = time_steps(ours_train_step(model, optimizer, device, dtype), make, warmup + steps,
-                                        warmup, device, lambda b: b.target_mask.sum())
-    return summarise(walls, cpus, batch_size * seq_len, float(np.mean(predicted))) | {
-        "system": "ours", "preset": preset, "seq_len": seq_len, "batch_size": batch_size,
-        "streams": model.config.streams, "activation_checkpointing": model.config.activation_checkpointing}
+    return {"step": ours_train_step(model, optimizer, device, dtype),
+            "make": batch_maker(preset, seq_len, batch_size, model.config.vocab_size, seed, device),
+            "predicted_of": lambda b: b.target_mask.sum(),
+            "row": {"system": "ours", "preset": preset, "seq_len": seq_len, "batch_size": batch_size,
+                    "streams": model.config.streams,
+                    "activation_checkpointing": model.config.activation_checkpointing}}
+
+
+def measure(runner: dict, steps: int, warmup: int, device: str, first_input: int = 0) -> dict:
+    """One row: medians over `steps` timed training steps of a runner (a system made ready to
+    time: its step function, its input maker, how many tokens an input predicts, its row)."""
+    make = runner["make"]
+    walls, cpus, predicted = time_steps(runner["step"], lambda i: make(first_input + i), warmup + steps, warmup,
+                                        device, runner["predicted_of"])
+    row = runner["row"]
+    return summarise(walls, cpus, row["batch_size"] * row["seq_len"], float(np.mean(predicted))) | row
+
+
+def measure_ours(preset: str, seq_len: int, batch_size: int, steps: int, warmup: int, *, device: str = "cpu",
+                 **options) -> dict:
+    """One row: medians over `steps` timed training steps of BigLearner under `preset`."""
+    return measure(ours_runner(preset, seq_len, batch_size, device=device, **options), steps, warmup, device)
 
 
 def summarise(walls, cpus, tokens_per_step: int, predicted_per_step: float) -> dict:

@@ -14,7 +14,7 @@ peers = runpy.run_path(str(BENCH))
 def test_quick_peers_has_every_row_and_a_plot(tmp_path, capsys):
     out = tmp_path / "peers.json"
     systems = ["ours", "hf-xlnet", "hf-llama", "ours-1-clm"]  # every kind of worker, fewer processes
-    rows = peers["main"](["--quick", "--json", str(out), "--systems", *systems])
+    rows = peers["main"](["--quick", "--json", str(out), "--systems", *systems, "--interleaved"])
     assert json.loads(out.read_text()) == rows
     compared = [r for r in rows if r["table"] == "peers"]
     assert [(r["system"], r["seq_len"]) for r in compared] == [(s, 32) for s in systems]
@@ -30,6 +30,12 @@ def test_quick_peers_has_every_row_and_a_plot(tmp_path, capsys):
     assert objective[0]["vs_clm"] == 1.0 and objective[4]["vs_clm"] == 1.0
     # single-stream clm computes one row per predicted token, two streams 2 - 1/L
     assert objective[0]["rows_per_pred"] == 1.0 and objective[4]["rows_per_pred"] == pytest.approx(2 - 1 / 32)
+    # --interleaved: the same systems timed in one process, with the same predicted tokens per step
+    interleaved = {r["system"]: r for r in rows if r["table"] == "interleaved"}
+    assert sorted(interleaved) == sorted(systems)
+    for row in compared:
+        assert interleaved[row["system"]]["predicted_per_step"] == row["predicted_per_step"]
+        assert math.isfinite(interleaved[row["system"]]["cpu_s"]) and interleaved[row["system"]]["cpu_s"] > 0
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert "nan" not in printed.lower() and "hf-xlnet" in printed and "hf-llama" in printed
@@ -47,6 +53,20 @@ def test_yardstick_ratios_against_llama():
     assert got["step_vs_llama"] == pytest.approx(ours_step / llama_step)
     assert got["per_pred_vs_llama"] == pytest.approx(2 * ours_step / llama_step)
     assert got["mem_vs_llama"] == pytest.approx(0.25)
+
+
+def test_interleaved_ratios_against_llama_and_xlnet():
+    rng = np.random.default_rng()
+    cpu = dict(zip(("hf-llama", "ours-1-clm", "ours", "hf-xlnet"), rng.uniform(0.1, 5, 4)))
+    predicted = {"hf-llama": 63.0, "ours-1-clm": 64.0, "ours": 11.0, "hf-xlnet": 11.0}
+    rows = [{"system": s, "seq_len": 32, "cpu_s": cpu[s], "predicted_per_step": predicted[s], "load_1min": 1.0}
+            for s in cpu]
+    got = {r["system"]: r for r in peers["interleaved_rows"](rows)}
+    assert got["hf-llama"]["cpu_vs_llama"] == got["hf-llama"]["per_pred_vs_llama"] == 1
+    assert got["ours-1-clm"]["cpu_vs_llama"] == pytest.approx(cpu["ours-1-clm"] / cpu["hf-llama"])
+    assert got["ours-1-clm"]["per_pred_vs_llama"] == pytest.approx(cpu["ours-1-clm"] / cpu["hf-llama"] * 63 / 64)
+    assert got["ours"]["speed_vs_xlnet"] == pytest.approx(cpu["hf-xlnet"] / cpu["ours"])
+    assert "cpu_vs_llama" not in got["ours"] and "speed_vs_xlnet" not in got["ours-1-clm"]
 
 
 def test_scaling_exponents_match_a_power_law():
