@@ -120,11 +120,15 @@ def systems(args, schedules, remask_steps) -> list[dict]:
 def run_table(args, table: str, model, xl_model, systems_: list[dict], repeats: int, source=None,
               reference_entropy=None) -> list[dict]:
     """Rounds of one timed generation per (system, batch), so that every system sees the same
-    spread of machine load; the median over the rounds of wall time and the least CPU time.
-    Quality from every sequence a system generated, when `source` is given."""
+    spread of machine load, in a new random order each round, so that an ordering effect (caches
+    or allocator state left by the system before) cannot always fall on the same system (it was
+    always the sequential baseline, right after HF XLNet); the median over the rounds of wall
+    time and the least CPU time. Quality from every sequence
+    a system generated, when `source` is given."""
     wall, cpu, loads, samples = {}, {}, {}, {}
+    order = np.random.default_rng(args.seed)
     for repeat in tqdm(range(repeats), desc=f"{table} rounds", unit="round"):
-        for system in systems_:
+        for system in (systems_[i] for i in order.permutation(len(systems_))):
             for batch_size in args.batch_sizes:
                 key = (system["system"], batch_size)
                 start_wall, start_cpu = time.perf_counter(), time.process_time()
