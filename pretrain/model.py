@@ -227,7 +227,9 @@ class Block(nn.Module):
         decoded before it. content_out=False: the content rows only give keys/values (the last
         layer, unless they predict in single-stream mode) and only the query rows are returned.
         weights: this block's (wq, wkv, wo, w_gate_up, w_down) as [in, out] matrices
-        (BigLearner.decoding_weights). Inference only: no dropout.
+        (BigLearner.decoding_weights). Inference only: no dropout. Attention goes through
+        kernels.planned_attention (SDPA over the visible prefix) whatever model.attention_backend
+        says: a step has a few rows per sample, for which the Triton kernel's tiles are mostly empty.
         """
         c = self.config
         n_new = step.n_new
