@@ -96,8 +96,13 @@ def test_plans_are_shared_by_layers_and_follow_in_place_changes():
     cache's groups) gets a new plan, so the answer always matches the groups of the moment."""
     rng = np.random.default_rng()
     q, k, v = (torch.randn(2, 2, 15, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
-    groups = random_groups(rng, 2, 15, with_padding=False)
-    groups[:, -3:] = groups[:, -3:].clamp(max=int(groups[:, -4].min()))  # one repeated group: a mask is needed
+    # A source of 2-7 rows, then sorted target groups with repeats: rows see prefixes of different
+    # lengths that are not the causal staircase, so a mask is needed.
+    rows = []
+    for _ in range(2):
+        n_source = int(rng.integers(2, 8))
+        rows.append(np.concatenate([np.zeros(n_source), np.sort(rng.integers(1, 5, size=15 - n_source))]))
+    groups = torch.tensor(np.array(rows), dtype=torch.int32)
     saved = {}
 
     def keep(t):
