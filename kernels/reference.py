@@ -39,8 +39,8 @@ def visible_prefix(q_groups: torch.Tensor, k_groups: torch.Tensor, *, strict: bo
 
 class _Plan:
     """How reference_attention cuts one (q_groups, k_groups, strict) call: query chunks, the key
-    bound of each, and each chunk's additive float mask (None where every row sees all `bound`
-    keys). Every layer of a forward pass attends under the same groups, so the plan is built
+    bound of each, and each chunk's additive float mask (`mask`; None where every row sees all
+    `bound` keys). Every layer of a forward pass attends under the same groups, so the plan is built
     once and shared: one host sync per forward instead of one per layer, and one mask tensor
     that all layers save for backward instead of a fresh copy per layer (SDPA converts a bool
     mask to the query's dtype itself and saves that copy)."""
@@ -65,7 +65,9 @@ class _Plan:
                                               uniform.view(1), shift[:1, 0]]).tolist()
         # causal_skip: None, or how many leading rows see no key before the causal case begins
         self.causal_skip = 1 - offset if uniform and offset <= 1 else None
-        self.chunks = []  # (start, stop, bound, additive mask or None, row multiplier or None)
+        self.dtype = dtype
+        self.chunks = []  # (start, stop, bound, rows' visible key counts or None, row multiplier or None)
+        self._masks = {}  # chunk index -> additive mask, kept while autograd would save it anyway
         for start, bound in zip(starts, bounds):
             stop = min(n_queries, start + chunk)
             if self.causal_skip is not None or bound == 0:  # bound 0: no row sees a key (padding, strict rows of group 0)
@@ -75,13 +77,26 @@ class _Plan:
             sees_any = rows_visible > 0
             # A row that sees nothing would give NaN in softmax: let it see the chunk's keys, then zero it.
             rows_visible = torch.where(sees_any, rows_visible, bound)
-            mask = None  # every row sees all `bound` keys: no mask, SDPA's fastest path
-            if not bool((rows_visible == bound).all()):
-                hidden = torch.arange(bound, device=q_groups.device) >= rows_visible
-                mask = torch.zeros(hidden.shape, dtype=dtype, device=q_groups.device).masked_fill_(
-                    hidden, float("-inf"))[:, None]  # [B, 1, c, bound]
+            if bool((rows_visible == bound).all()):
+                rows_visible = None  # every row sees all `bound` keys: no mask, SDPA's fastest path
             keep = None if bool(sees_any.all()) else sees_any[:, None].to(dtype)
-            self.chunks.append((start, stop, bound, mask, keep))
+            self.chunks.append((start, stop, bound, rows_visible, keep))
+
+    def mask(self, index: int):
+        """Chunk `index`'s additive float mask [B, 1, c, bound], or None. With autograd on, every
+        chunk's mask is saved for backward anyway, so it is built once and shared by the layers;
+        without it, one chunk's mask at a time (memory O(chunk x Nk) however long the sequence)."""
+        _, _, bound, rows_visible, _ = self.chunks[index]
+        if rows_visible is None:
+            return None
+        if index in self._masks:
+            return self._masks[index]
+        hidden = torch.arange(bound, device=rows_visible.device) >= rows_visible
+        mask = torch.zeros(hidden.shape, dtype=self.dtype, device=hidden.device).masked_fill_(
+            hidden, float("-inf"))[:, None]
+        if torch.is_grad_enabled():
+            self._masks[index] = mask
+        return mask
 
 
 _plans: list[tuple[tuple, tuple, _Plan]] = []  # (key, group tensors kept alive, plan), newest last
@@ -143,11 +158,11 @@ def planned_attention(q, k, v, plan: _Plan, *, scale: float | None = None):
                                            scale=scale)
         return o if skip == 0 else torch.cat([q.new_zeros(batch, n_heads, skip, v.shape[-1]), o], dim=2)
     pieces = []
-    for start, stop, bound, mask, keep in plan.chunks:
+    for index, (start, stop, bound, _, keep) in enumerate(plan.chunks):
         if bound == 0:
             pieces.append(q.new_zeros(batch, n_heads, stop - start, v.shape[-1]))
             continue
         o = F.scaled_dot_product_attention(
-            q[:, :, start:stop], k[:, :, :bound], v[:, :, :bound], attn_mask=mask, scale=scale)
+            q[:, :, start:stop], k[:, :, :bound], v[:, :, :bound], attn_mask=plan.mask(index), scale=scale)
         pieces.append(o if keep is None else o * keep)
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)

@@ -122,6 +122,24 @@ def test_plans_are_shared_by_layers_and_follow_in_place_changes():
         torch.testing.assert_close(got, naive_attention(q.detach(), k.detach(), v.detach(), groups, groups, False))
 
 
+def test_without_autograd_masks_are_built_per_chunk_and_not_kept(monkeypatch):
+    """Inference keeps the reference's memory bound (one chunk's mask at a time); training keeps
+    every chunk's mask in the plan, which autograd saves for backward anyway."""
+    import kernels.reference as reference
+    rng = np.random.default_rng()
+    q, k, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64) for _ in range(3))
+    groups = random_groups(rng, 2, 37)
+    groups[0] = torch.arange(37) // 2  # groups of two rows: every chunk needs a mask
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 2 * 2 * 37 * 5)  # 5 query rows per chunk
+    with torch.no_grad():
+        got = reference_attention(q, k, v, groups, groups, strict=False)
+    assert reference._plans[-1][2]._masks == {}
+    torch.testing.assert_close(got, naive_attention(q, k, v, groups, groups, False))
+    reference_attention(q.requires_grad_(), k, v, groups, groups, strict=False)
+    plan = reference._plans[-1][2]
+    assert len(plan._masks) == sum(rows is not None for _, _, _, rows, _ in plan.chunks) > 0
+
+
 def test_rows_that_see_nothing_are_zero_and_finite_grads():
     q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     groups = torch.tensor([[0, 0, 1, 2, INVALID_GROUP]], dtype=torch.int32)
