@@ -6,6 +6,8 @@ O(chunk x Nk) however long the sequence is. The Triton kernel is checked against
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -99,24 +101,27 @@ class _Plan:
         return mask
 
 
-_plans: list[tuple[tuple, tuple, _Plan]] = []  # (key, group tensors kept alive, plan), newest last
-_PLANS_KEPT = 4  # a two-stream layer uses two plans (content rows, query rows); room for both and spares
+_plans: list[tuple[tuple, tuple, _Plan]] = []  # (key, weak references to the group tensors, plan), newest last
+_PLANS_KEPT = 4  # a forward pass uses up to three (content rows, query rows, the last layer's readout)
 
 
 def _plan(q_groups, k_groups, strict: bool, n_heads: int, dtype) -> _Plan:
     """The plan of this call, reused while the same group tensors come back unchanged. Keyed by
-    the tensors' identity and version counters; holding them keeps their ids from being reused
-    by other tensors, and an in-place write (the KV cache's groups) bumps the version. Tensors
-    made under torch.inference_mode have no version counter, so their plans are not kept."""
+    the tensors' identity and version counters (an in-place write, as the KV cache's groups get,
+    bumps the version). The cache holds the tensors weakly: a plan, and the masks it keeps, go
+    when the forward pass that made its groups is over, and an id reused by a later tensor never
+    matches a dead entry. Tensors made under torch.inference_mode have no version counter, so
+    their plans are not kept."""
     if q_groups.is_inference() or k_groups.is_inference():
         return _Plan(q_groups, k_groups, strict, n_heads, dtype)  # no version counter: never reused
+    _plans[:] = [entry for entry in _plans if all(ref() is not None for ref in entry[1])]
     key = (id(q_groups), q_groups._version, id(k_groups), k_groups._version, strict, n_heads, dtype,
            q_groups.device, tuple(q_groups.shape), tuple(k_groups.shape), _CHUNK_ELEMENTS)
-    for entry_key, _, plan in _plans:
-        if entry_key == key:
+    for entry_key, (q_ref, k_ref), plan in _plans:
+        if entry_key == key and q_ref() is q_groups and k_ref() is k_groups:
             return plan
     plan = _Plan(q_groups, k_groups, strict, n_heads, dtype)
-    _plans.append((key, (q_groups, k_groups), plan))
+    _plans.append((key, (weakref.ref(q_groups), weakref.ref(k_groups)), plan))
     del _plans[:-_PLANS_KEPT]
     return plan
 

@@ -140,6 +140,23 @@ def test_without_autograd_masks_are_built_per_chunk_and_not_kept(monkeypatch):
     assert len(plan._masks) == sum(rows is not None for _, _, _, rows, _ in plan.chunks) > 0
 
 
+def test_a_plan_and_its_masks_go_with_the_groups_that_made_it():
+    """Between training steps the cache must not keep the last step's masks alive (they would sit
+    next to the new step's at its peak): entries hold their group tensors weakly."""
+    import weakref
+
+    import kernels.reference as reference
+    q, k, v = (torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(3))
+    groups = (torch.arange(12) // 3).to(torch.int32).expand(2, -1).contiguous()  # a mask is needed
+    out = reference_attention(q, k, v, groups, groups, strict=False)
+    mask = weakref.ref(reference._plans[-1][2]._masks[0])
+    del out, groups  # the step is over: its graph and its groups are gone
+    fresh = (torch.arange(12) // 4).to(torch.int32).expand(2, -1).contiguous()
+    reference_attention(q, k, v, fresh, fresh, strict=False)
+    assert mask() is None
+    assert all(entry[1][0]() is fresh for entry in reference._plans)
+
+
 def test_rows_that_see_nothing_are_zero_and_finite_grads():
     q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     groups = torch.tensor([[0, 0, 1, 2, INVALID_GROUP]], dtype=torch.int32)
