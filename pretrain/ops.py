@@ -17,6 +17,10 @@ import torch.nn.functional as F
 def _rms_forward(x, weight, eps: float):
     wide = x.float() if x.element_size() < 4 else x  # bf16 sums of squares lose too much precision
     rstd = torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
+    # rstd is 0 only where the sum of squares overflowed (eps > 0 bounds it otherwise). The plain
+    # expression then returns zeros, and a run whose activations blew up would go on silently
+    # with a dead model; NaN there makes its loss non-finite, so the divergence guard stops it.
+    rstd = rstd.masked_fill(rstd == 0, float("nan"))
     return (wide * rstd).type_as(x) * weight, rstd
 
 

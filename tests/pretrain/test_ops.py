@@ -85,6 +85,20 @@ def test_bf16_autocast_and_no_grad_paths():
     assert torch.isfinite(gate_up.grad).all() and torch.isfinite(weight.grad).all()
 
 
+def test_rms_norm_of_an_overflowed_row_is_nan_not_zero():
+    """A row whose sum of squares overflows: the plain expression gives zeros (a dead model at a
+    finite loss); rms_norm gives NaN there, so the divergence guard sees a non-finite loss. Rows
+    that do not overflow are untouched."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    x = torch.randn(3, 16, generator=g)
+    x[1] *= 1e30
+    weight = 1 + torch.randn(16, generator=g)
+    assert torch.equal(plain_rms_norm(x, weight, 1e-5)[1], torch.zeros(16))
+    out = rms_norm(x, weight, 1e-5)
+    assert torch.isnan(out[1]).all()
+    assert torch.equal(out[[0, 2]], plain_rms_norm(x, weight, 1e-5)[[0, 2]])
+
+
 def plain_linear_cross_entropy(states, weight, labels, weights, norm):
     nll = F.cross_entropy(states @ weight.t(), labels, reduction="none", ignore_index=-100)
     return (nll * weights).sum() / norm, nll
