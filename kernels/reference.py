@@ -68,11 +68,12 @@ class _Plan:
         # causal_skip: None, or how many leading rows see no key before the causal case begins
         self.causal_skip = 1 - offset if uniform and offset <= 1 else None
         self.dtype = dtype
-        self.chunks = []  # (start, stop, bound, rows' visible key counts or None, row multiplier or None)
+        # (start, stop, bound, rows' visible key counts or None, row multiplier or None); none on the causal path
+        self.chunks = []
         self._masks = {}  # chunk index -> additive mask, kept while autograd would save it anyway
-        for start, bound in zip(starts, bounds):
+        for start, bound in zip(starts, bounds) if self.causal_skip is None else ():
             stop = min(n_queries, start + chunk)
-            if self.causal_skip is not None or bound == 0:  # bound 0: no row sees a key (padding, strict rows of group 0)
+            if bound == 0:  # no row sees a key (padding, strict rows of group 0)
                 self.chunks.append((start, stop, bound, None, None))
                 continue
             rows_visible = n_visible[:, start:stop, None]  # [B, c, 1]

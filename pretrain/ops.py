@@ -100,8 +100,7 @@ def _chunk_rows(states, vocab_size: int) -> int:
 
 
 def _ce_chunk(states, weight, labels, valid):
-    """fp32 logits of a chunk of rows, their per-row NLL and the probabilities' buffer (the
-    logits, shifted in place into softmax(logits) only when the caller asks)."""
+    """A chunk of rows' logits (at least fp32), their logsumexp and their NLL (0 on invalid rows)."""
     logits = F.linear(states, weight)
     logits = logits.float() if logits.element_size() < 4 else logits  # softmax in fp32 under bf16/fp16
     lse = torch.logsumexp(logits, dim=-1)
@@ -123,7 +122,7 @@ def _ce_grads(states, weight, logits, lse, labels, coefficients, grad_states, gr
 
 def _linear_ce_pass(states, weight, labels, weights, norm, ignore_index: int, grad_states, grad_weight):
     """The chunked pass: per-row NLL and the loss, adding the loss's gradient into grad_states /
-    grad_weight when they are given. Returns (loss, nll, labels with ignored rows at 0, valid)."""
+    grad_weight when they are given. Returns (loss, nll)."""
     valid = labels != ignore_index
     labels = labels.masked_fill(~valid, 0)  # any in-range index; these rows get weight 0
     wide = torch.promote_types(states.dtype, torch.float32)  # the NLL's dtype: at least fp32
@@ -137,7 +136,7 @@ def _linear_ce_pass(states, weight, labels, weights, norm, ignore_index: int, gr
         if grad_states is not None or grad_weight is not None:
             _ce_grads(states[rows], weight, logits, lse, labels[rows], coefficients[rows], grad_states,
                       grad_weight, rows)
-    return (nll * weights.to(wide)).sum() / norm.to(wide), nll, labels, valid
+    return (nll * weights.to(wide)).sum() / norm.to(wide), nll
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -147,28 +146,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_states = torch.zeros_like(states) if states.requires_grad else None
         wide = torch.promote_types(weight.dtype, torch.float32)  # accumulated over chunks: at least fp32
         grad_weight = torch.zeros(weight.shape, dtype=wide, device=weight.device) if weight.requires_grad else None
-        loss, nll, labels, valid = _linear_ce_pass(states, weight, labels, weights, norm, ignore_index,
-                                                   grad_states, grad_weight)
-        ctx.save_for_backward(states, weight, labels, valid, grad_states, grad_weight)
+        loss, nll = _linear_ce_pass(states, weight, labels, weights, norm, ignore_index, grad_states, grad_weight)
+        ctx.ignore_index = ignore_index
+        ctx.save_for_backward(states, weight, labels, grad_states, grad_weight)
         return loss, nll
 
     @staticmethod
     def backward(ctx, grad_loss, grad_nll):
-        states, weight, labels, valid, grad_states, grad_weight = ctx.saved_tensors
+        states, weight, labels, grad_states, grad_weight = ctx.saved_tensors
         out_states = out_weight = None
         if grad_loss is not None:
             out_states = None if grad_states is None else grad_states * grad_loss.to(grad_states.dtype)
             out_weight = None if grad_weight is None else grad_weight * grad_loss
-        if grad_nll is not None:  # a caller differentiating the per-row NLL: recompute the chunks' logits
+        if grad_nll is not None:
+            # A caller differentiating the per-row NLL: the same pass again (the logits are not
+            # kept), with grad_nll as the rows' weights and norm 1.
             add_states = None if grad_states is None else torch.zeros_like(states)
             add_weight = None if grad_weight is None else torch.zeros_like(grad_weight)
-            coefficients = grad_nll.to(valid.dtype) * valid
-            step = _chunk_rows(states, weight.shape[0])
-            for start in range(0, states.shape[0], step):
-                rows = slice(start, start + step)
-                logits, lse, _ = _ce_chunk(states[rows], weight, labels[rows], valid[rows])
-                _ce_grads(states[rows], weight, logits, lse, labels[rows], coefficients[rows], add_states,
-                          add_weight, rows)
+            _linear_ce_pass(states, weight, labels, grad_nll, grad_nll.new_ones(()), ctx.ignore_index,
+                            add_states, add_weight)
             out_states = add_states if out_states is None else out_states + add_states
             out_weight = add_weight if out_weight is None else out_weight + add_weight
         if out_weight is not None:
@@ -187,5 +183,5 @@ def linear_cross_entropy(states, weight, labels, weights, norm, ignore_index: in
 
     states [N, d], weight [vocab, d], labels [N] int64, weights [N], norm: a 0-dim tensor."""
     if not torch.is_grad_enabled() or not (states.requires_grad or weight.requires_grad):
-        return _linear_ce_pass(states, weight, labels, weights, norm, ignore_index, None, None)[:2]
+        return _linear_ce_pass(states, weight, labels, weights, norm, ignore_index, None, None)
     return _LinearCrossEntropy.apply(states, weight, labels, weights, norm, ignore_index)
