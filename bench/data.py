@@ -34,7 +34,6 @@ from data_pipeline import ShardConfig, SourceConfig, Tokenizer, build_demo, buil
 from data_pipeline.shards import load_manifest, read_shard, shard_file  # noqa: E402
 from pretrain.collate import collate  # noqa: E402
 from pretrain.data import BatchStream  # noqa: E402
-from pretrain.hf_import import import_transformers  # noqa: E402
 from pretrain.objectives import ObjectiveSampler  # noqa: E402
 
 ROWS = ("shard build, tokens/s per worker", "shard build, wall tokens/s (all workers, reading included)",
@@ -97,7 +96,6 @@ def collate_batches(windows, batches: list, pad_id: int):
 def hf_batches(tokenizer: Tokenizer, windows, batches: list):
     """Endless Hugging Face PLM collator (span targets of at most 5 tokens, 1/6 of the tokens:
     what our plm predicts) on the same windows, warmed up."""
-    import_transformers()
     from transformers import DataCollatorForPermutationLanguageModeling, XLNetTokenizer
     import torch
 

@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling bench script
 from throughput import SIZES, format_table  # noqa: E402
 
 from pretrain.infer import complete  # noqa: E402
-from pretrain.hf_import import import_transformers  # noqa: E402
 from pretrain.infer.decoding import SCHEDULES  # noqa: E402
 from pretrain.model import BigLearner, ModelConfig  # noqa: E402
 from pretrain.objectives import ObjectiveConfig, ObjectiveSampler  # noqa: E402
@@ -79,7 +78,6 @@ def trained_model(args, source: MarkovSource) -> BigLearner:
 
 
 def xlnet(dims: dict):
-    import_transformers()
     import transformers
     from transformers import XLNetConfig, XLNetLMHeadModel
 

@@ -44,7 +44,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling bench script
 from throughput import (FIRST_WORD_ID, SIZES, batch_maker, build_model, format_table, measure, measure_ours,  # noqa: E402
                         ours_runner, peak_rss_bytes, summarise, sync, train_step)
 
-from pretrain.hf_import import import_transformers  # noqa: E402
 
 XLNET_SYSTEMS = ("ours", "hf-xlnet")  # table 1: "ours" is the two-stream model under XLNet's plm
 # table 2: "ours-<streams>-<preset>"
@@ -59,7 +58,6 @@ SPECIAL_TOKENS = ("<pad>", "<unk>", "<mask>", "<cls>", "<sep>")  # ids 0..4, bel
 def xlnet_collator(vocab_size: int):
     """HF's own PLM collator over an offline word-level tokenizer (it reads mask/pad/special ids)."""
     from tokenizers import Tokenizer, models
-    import_transformers()
     from transformers import DataCollatorForPermutationLanguageModeling, PreTrainedTokenizerFast
 
     vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
@@ -71,7 +69,6 @@ def xlnet_collator(vocab_size: int):
 
 
 def xlnet_runner(seq_len: int, batch_size: int, *, size: str, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
-    import_transformers()
     from transformers import XLNetConfig, XLNetLMHeadModel
 
     dims = SIZES[size]
@@ -99,7 +96,6 @@ def xlnet_runner(seq_len: int, batch_size: int, *, size: str, device: str, dtype
 def llama_runner(seq_len: int, batch_size: int, *, size: str, device: str, dtype: torch.dtype, seed: int = 0) -> dict:
     """transformers.LlamaForCausalLM with our dims (SwiGLU FFN, RMSNorm, RoPE, tied embeddings),
     sdpa attention, causal LM on random windows: L - 1 predicted tokens per window."""
-    import_transformers()
     from transformers import LlamaConfig, LlamaForCausalLM
 
     dims = SIZES[size]

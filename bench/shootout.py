@@ -53,7 +53,6 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels import INVALID_GROUP  # noqa: E402
 from pretrain.collate import IGNORE_LABEL, TaskBatch, collate  # noqa: E402
-from pretrain.hf_import import import_transformers  # noqa: E402
 from pretrain.model import BigLearner, ModelConfig  # noqa: E402
 from pretrain.objectives import EVAL_TASKS, ObjectiveSampler, eval_split  # noqa: E402
 from pretrain.synthetic import HiddenMarkovSource, model_target_log_probs, train_step  # noqa: E402
@@ -113,7 +112,6 @@ class CausalYardstick(torch.nn.Module):
     def __init__(self, config: ModelConfig):
         from types import SimpleNamespace
 
-        import_transformers()
         from transformers import LlamaForCausalLM
 
         from pretrain.convert import hf_config

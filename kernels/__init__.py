@@ -1,6 +1,50 @@
-"""Group-causal two-stream attention (docs/design.md, "Visibility rule"). Imports nothing from the project."""
+"""Group-causal two-stream attention (docs/design.md, "Visibility rule"). Imports nothing from the project.
+
+Sharing the name `kernels`: Hugging Face's `kernels` distribution (a dependency of transformers
+since 5.25) has the same import name. Wherever this package is the `kernels` that Python imported
+(from the repository root, and always through `pretrain`, whose __init__ makes sure of it), it
+also serves that distribution's API, so transformers' `from kernels import LayerRepository` keeps
+working: the distribution's folder joins __path__ (its submodules, `_internals` and `_rust`, never
+clash with ours) and any name not defined here is read from its __init__, run on first use.
+"""
+import functools
+import importlib.metadata
+import importlib.util
+import sys
+from pathlib import Path
+
 from .dispatch import check_attention_inputs, group_attention, two_stream_attention
 from .reference import INVALID_GROUP, attention_plan, planned_attention, reference_attention, visibility
 
 __all__ = ["INVALID_GROUP", "visibility", "group_attention", "two_stream_attention",
            "reference_attention", "check_attention_inputs", "attention_plan", "planned_attention"]
+
+
+def _hub_kernels_dir() -> str | None:
+    """The folder of Hugging Face's `kernels` package when that distribution is installed (and its
+    files were not overwritten by a wheel of this project), else None."""
+    try:
+        init = Path(importlib.metadata.distribution("kernels").locate_file("kernels/__init__.py")).resolve()
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return str(init.parent) if init.is_file() and init != Path(__file__).resolve() else None
+
+
+_HUB_KERNELS_DIR = _hub_kernels_dir()
+if _HUB_KERNELS_DIR is not None:
+    __path__.append(_HUB_KERNELS_DIR)
+
+
+@functools.cache
+def _hub_kernels_api():
+    spec = importlib.util.spec_from_file_location(f"{__name__}._hub_api", Path(_HUB_KERNELS_DIR) / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)  # its absolute `from kernels._internals... import` resolve through __path__
+    return module
+
+
+def __getattr__(name: str):
+    if _HUB_KERNELS_DIR is None or name.startswith("__"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(_hub_kernels_api(), name)

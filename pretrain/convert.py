@@ -20,7 +20,6 @@ from safetensors.torch import load_file
 
 from .errors import UserError, add_debug_flag, cli_main
 from .export import copy_tokenizer, export_model, model_card, new_parameters, portable, staged_directory
-from .hf_import import import_transformers
 from .model import ROPE_SCALING_KEYS, BigLearner, ModelConfig
 
 HF_CONFIG = "config.json"
@@ -247,7 +246,6 @@ def _offset_is_nonzero(model: BigLearner) -> bool:
 
 
 def hf_config(model: BigLearner, tokenizer):
-    import_transformers()
     from transformers import LlamaConfig
 
     c = model.config
@@ -265,7 +263,6 @@ def _spm_tokenizer_object(tokenizer):
     """A `tokenizers` object that encodes like the sentencepiece model (normalizer spec, dummy
     prefix, byte fallback), via transformers' own converter, with Llama's BOS template."""
     from tokenizers import processors
-    import_transformers()
     from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
 
     proto = import_protobuf().ModelProto()
@@ -290,7 +287,6 @@ def write_hf_tokenizer(tokenizer, out_dir) -> None:
     PreTrainedTokenizerFast rather than LlamaTokenizerFast: the latter imposes Llama's own
     normalizer, which differs from a sentencepiece model trained with other settings. Our own
     files are copied alongside, so biglearn tools keep reading the directory as ours."""
-    import_transformers()
     from transformers import PreTrainedTokenizerFast
 
     pieces = {}
@@ -341,7 +337,6 @@ def find_tokenizer(path, meta: dict, vocab_size: int, tokenizer_path=None):
 
 def to_hf(path, out_dir, tokenizer_path=None, trust_checkpoint: bool = False) -> Path:
     """Write a LlamaForCausalLM directory (weights, config, generation config, tokenizer, card)."""
-    import_transformers()
     from transformers import GenerationConfig, LlamaForCausalLM
 
     from .checkpoint import export_metadata, load_for_inference

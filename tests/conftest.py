@@ -1,13 +1,4 @@
-import importlib.util
-
 import pytest
-
-if importlib.util.find_spec("transformers") is not None:
-    # Before any test imports a transformers model: hub kernels off where `kernels` is ours
-    # (pretrain/hf_import.py; the hub package and this project share the import name).
-    from pretrain.hf_import import import_transformers
-
-    import_transformers()
 
 
 @pytest.fixture(scope="session")
