@@ -63,6 +63,8 @@ def _cmd_complete(args, model, tokenizer):
     pad = tokenizer.pad_id
     ids, gaps = gapped_ids(tokenizer, args.text, gap_len=args.gap_len, gaps=args.gaps, continue_n=args.continue_n)
     check_length(model, len(ids))
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1; got {args.num_samples}")
     source = [p for p in range(len(ids)) if p not in set(gaps)]
     tokens = np.asarray([ids] * args.num_samples)
     result = complete(model, tokens, [source] * args.num_samples, [gaps] * args.num_samples,

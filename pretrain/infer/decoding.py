@@ -30,6 +30,7 @@ decided tokens join S, where every row sees every other, so each step is a full 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -322,29 +323,41 @@ def _remask(model, tokens, sources, targets, steps, block_size, *, random_order,
     return decided, decided_groups, log_probs
 
 
-def _check_options(strategy, targets, group_size, schedule, steps, block_size):
+def _is_count(value) -> bool:
+    """An integer >= 1 (numpy integers too; not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_options(strategy, targets, group_size, schedule, steps, block_size, temperature, top_k, top_p):
     """One-line errors that name the command-line flag of each bad option."""
+    if not temperature >= 0:  # NaN too
+        raise UserError(f"--temperature must be >= 0 (0 = greedy); got {temperature!r}")
+    if not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise UserError(f"--top-k must be an integer >= 0 (0 = every token); got {top_k!r}")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p must lie in (0, 1]; got {top_p!r}")
     if strategy not in STRATEGIES:
         raise UserError(f"--strategy must be one of {STRATEGIES}; got {strategy!r}")
     if strategy == "group_parallel":
-        if not isinstance(group_size, int) or group_size < 1:
+        if not _is_count(group_size):
             raise UserError(f"--group-size must be an integer >= 1; got {group_size!r}")
         if schedule not in SCHEDULES:
             raise UserError(f"--schedule must be one of {SCHEDULES}; got {schedule!r}")
-    if strategy not in REMASKING or steps is None:
+    if strategy not in REMASKING:
         return
-    if not isinstance(steps, int) or steps < 1:
-        raise UserError(f"--steps must be an integer >= 1; got {steps!r}")
-    for b, t in enumerate(targets):
-        if steps > len(t):
-            raise UserError(f"--steps {steps} exceeds the {len(t)} masked tokens of sample {b}")
+    if steps is not None:
+        if not _is_count(steps):
+            raise UserError(f"--steps must be an integer >= 1; got {steps!r}")
+        for b, t in enumerate(targets):
+            if steps > len(t):
+                raise UserError(f"--steps {steps} exceeds the {len(t)} masked tokens of sample {b}")
     if strategy == "block":
-        if not isinstance(block_size, int) or block_size < 1:
+        if not _is_count(block_size):
             raise UserError(f"--block-size must be an integer >= 1 for strategy 'block'; got {block_size!r}")
         for b, t in enumerate(targets):
             if len(t) % block_size:
                 raise UserError(f"--block-size {block_size} does not divide the {len(t)} tokens to fill of sample {b}")
-            if steps < len(t) // block_size:
+            if steps is not None and steps < len(t) // block_size:
                 raise UserError(f"--steps {steps} is fewer than the {len(t) // block_size} blocks of sample {b} "
                                  f"(--block-size {block_size}): each block needs a step")
 
@@ -382,7 +395,7 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
         split_spec(length, source_positions[b], target_positions[b])  # validates positions
     sources = [np.sort(np.asarray(s, dtype=np.int64).reshape(-1)) for s in source_positions]
     targets = [np.asarray(t, dtype=np.int64).reshape(-1) for t in target_positions]
-    _check_options(strategy, targets, group_size, schedule, steps, block_size)
+    _check_options(strategy, targets, group_size, schedule, steps, block_size, temperature, top_k, top_p)
     device = next(model.parameters()).device
     allowed = None if allowed_tokens is None else torch.as_tensor(allowed_tokens, dtype=torch.bool, device=device)
     if allowed is not None and not allowed.any():

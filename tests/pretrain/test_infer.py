@@ -303,6 +303,12 @@ def test_cli_sampler_flags_out_of_range_name_the_flag(text_model, capsys):
     assert "--block-size 3 does not divide the 4 tokens" in user_error(
         capsys, [*base, "--strategy", "block", "--block-size", "3", "--steps", "2"])
     assert "--group-size" in user_error(capsys, [*base, "--strategy", "group_parallel", "--group-size", "0"])
+    # Without --steps too, a block size is checked (it used to reach numpy's reshape error).
+    assert "--block-size 3 does not divide the 4 tokens" in user_error(capsys, [*base, "--strategy", "block",
+                                                                                  "--block-size", "3"])
+    assert "--temperature must be >= 0" in user_error(capsys, [*base, "--temperature", "-1"])
+    assert "--top-p must lie in (0, 1]" in user_error(capsys, [*base, "--temperature", "0", "--top-p", "0"])
+    assert "--num-samples must be >= 1" in user_error(capsys, [*base, "--num-samples", "0"])
 
 
 def test_cli_errors_name_the_problem(text_model, capsys):

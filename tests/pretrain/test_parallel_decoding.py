@@ -176,6 +176,13 @@ def test_block_decodes_blocks_left_to_right_with_later_blocks_absent():
     (dict(strategy="block", steps=4, block_size=3), "--block-size 3 does not divide the 8 tokens"),
     (dict(strategy="block", steps=1, block_size=4), "--steps 1 is fewer than the 2 blocks"),
     (dict(strategy="block", steps=4), "--block-size"),
+    (dict(strategy="block"), "--block-size"),  # without --steps, the block size is still checked
+    (dict(strategy="block", block_size=3), "--block-size 3 does not divide the 8 tokens"),
+    (dict(strategy="block", block_size=16), "--block-size 16 does not divide the 8 tokens"),
+    (dict(strategy="remask_random", steps=True), "--steps"),
+    (dict(temperature=-0.5), "--temperature"),
+    (dict(temperature=0, top_k=-1), "--top-k"),
+    (dict(temperature=0, top_p=0.0), "--top-p"),
     (dict(strategy="group_parallel", group_size=0), "--group-size"),
     (dict(strategy="group_parallel", schedule="best"), "--schedule"),
     (dict(strategy="diffuse"), "--strategy"),
