@@ -56,9 +56,13 @@ def sample_from_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_
         raise UserError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     if temperature == 0:
         return logits.argmax(-1)
+    # Shifted so that the top logit is 0 BEFORE dividing: a tiny temperature then sends the others
+    # to -inf and leaves the top one at 0, where (logits / T) - max overflowed to -inf - (-inf) = NaN.
+    # T is held above the smallest normal number of the dtype, where it would round to 0 (0 / 0).
     logits = _at_least_float32(logits)
+    logits = logits - logits.amax(-1, keepdim=True)
     if temperature != 1:
-        logits = logits / temperature
+        logits.div_(max(temperature, torch.finfo(logits.dtype).tiny))  # in place: the shift made a copy
     if top_k and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, -math.inf)
@@ -67,7 +71,7 @@ def sample_from_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_
         before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
         sorted_logits = sorted_logits.masked_fill(before >= top_p, -math.inf)  # keeps the top token
         logits = torch.full_like(logits, -math.inf).scatter(-1, index, sorted_logits)
-    return _inverse_cdf((logits - logits.amax(-1, keepdim=True)).exp(), generator)
+    return _inverse_cdf(logits.exp(), generator)
 
 
 def _inverse_cdf(weights, generator):
@@ -285,13 +289,16 @@ def _remask_plan(n_targets: int, steps: int | None, block_size: int | None) -> l
             for count in _split_evenly(block_size, block_steps)]
 
 
-def _remask(model, tokens, sources, targets, steps, block_size, *, random_order, sampling: Sampling, pad_id):
+def _remask(model, tokens, sources, targets, steps, block_size, *, order_rng, sampling: Sampling, pad_id):
     """Masked-diffusion decoding as LLaDA samples ("Large Language Diffusion Models", its reverse
     process with low-confidence or random remasking, and semi-autoregressive blocks): each step
     predicts every still-masked target of the current block from S and the tokens decided so far
     (all in S, seen bidirectionally; later blocks absent, as `block_mdm` trains), samples all of
     them, keeps the `count` with the highest model probability of the sampled token (or `count`
-    at random), and masks the others again. No cache: S changes every step."""
+    at random, from `order_rng`; None: by confidence), and masks the others again. The random
+    choice has its own stream, apart from the token draws, so that the tokens a seed gives do
+    not depend on how many uniforms the draws took (greedy takes none). No cache: S changes
+    every step."""
     plans = [_remask_plan(len(t), steps, block_size) for t in targets]
     blocks = [np.sort(t).reshape(-1, block_size or max(1, len(t))) for t in targets]
     known = [list(s) for s in sources]
@@ -309,8 +316,8 @@ def _remask(model, tokens, sources, targets, steps, block_size, *, random_order,
                 continue
             rows = model_log_probs[b, :len(candidates)]
             drawn = sampling.draw(rows)
-            if random_order:
-                confidence = torch.rand(len(candidates), generator=sampling.generator, dtype=torch.float64)
+            if order_rng is not None:
+                confidence = torch.from_numpy(order_rng.random(len(candidates)))
             else:
                 confidence = rows.gather(-1, drawn[:, None])[:, 0]
             for i in confidence.argsort(descending=True, stable=True)[:plans[b][step][1]].tolist():
@@ -419,7 +426,7 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
         if strategy in REMASKING:
             orders, groups, log_probs = _remask(
                 model, tokens, sources, targets, steps, block_size if strategy == "block" else None,
-                random_order=strategy == "remask_random", sampling=sampling, pad_id=pad_id)
+                order_rng=rng if strategy == "remask_random" else None, sampling=sampling, pad_id=pad_id)
         else:
             orders, groups, log_probs = _decode_groups(model, tokens, sources, targets, plans, group_size,
                                                        sampling, use_cache, pad_id)

@@ -183,6 +183,19 @@ def test_sampling_filters_against_their_definition():
     assert (sample_from_logits(logits, temperature=0) == logits.argmax(-1)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_temperature_near_zero_is_greedy(dtype):
+    """softmax(logits / T) tends to the argmax as T -> 0, down to temperatures below the dtype's
+    smallest number (each division used to overflow every logit to -inf: NaN draws)."""
+    rng = np.random.default_rng()
+    log_probs = torch.from_numpy(rng.normal(size=(500, 40)) * 3).to(dtype).log_softmax(-1)
+    generator = torch.Generator().manual_seed(int(rng.integers(1000)))
+    for temperature in (1e-20, 1e-45, 1e-300):
+        for filters in ({}, {"top_k": 5, "top_p": 0.5}):
+            draws = sample_from_logits(log_probs, temperature=temperature, generator=generator, **filters)
+            assert (draws == log_probs.argmax(-1)).all(), (temperature, filters)
+
+
 def test_classify_is_the_renormalised_label_slot_distribution():
     rng = np.random.default_rng()
     model = tiny_model()

@@ -192,3 +192,29 @@ def test_bad_sampler_options_name_the_flag(options, flag):
     tokens = np.zeros((1, 12), dtype=np.int64)
     with pytest.raises(ValueError, match=flag):
         complete(model, tokens, [np.arange(4)], [np.arange(4, 12)], **options)
+
+
+GREEDY_CASES = [dict(strategy=s) for s in ("left_to_right", "random", "confident", "remask_low_confidence")] + [
+    dict(strategy="remask_random", steps=4), dict(strategy="block", block_size=4, steps=4),
+    dict(strategy="group_parallel", group_size=3, schedule="confidence"),
+    dict(strategy="group_parallel", group_size=2, schedule="random")]
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_filters_that_keep_one_token_are_greedy_decoding_for_every_strategy(streams):
+    """top_k = 1, a tiny top_p or a tiny temperature leave one token per row: the same tokens and
+    orders as temperature 0 with the same seed (random orders, remask_random's included, come from
+    a stream of their own, whatever the draws consume). Numpy integers count as integers."""
+    rng = np.random.default_rng()
+    model = tiny_model(streams)
+    tokens, sources, targets = random_problem(rng, 3, 14, min_targets=8)
+    targets = [t[:8] for t in targets]
+    seed = int(rng.integers(1 << 20))
+    for case in GREEDY_CASES:
+        greedy = complete(model, tokens, sources, targets, temperature=0, seed=seed, **case)
+        numpy_case = {k: np.int64(v) if isinstance(v, int) else v for k, v in case.items()}
+        for filters in (dict(top_k=1), dict(top_p=1e-9), dict(temperature=1e-9), dict(temperature=0.7, top_k=1)):
+            other = complete(model, tokens, sources, targets, seed=seed, **numpy_case, **filters)
+            np.testing.assert_array_equal(other.tokens, greedy.tokens, err_msg=f"{case} {filters}")
+            for b in range(3):
+                np.testing.assert_array_equal(other.orders[b], greedy.orders[b], err_msg=f"{case} {filters}")
