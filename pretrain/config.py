@@ -227,6 +227,8 @@ def to_schema(tree: DictConfig | dict, cls=TrainConfig):
         if isinstance(err.__cause__, ValueError):  # raised by a schema's own __post_init__
             raise UserError(str(err.__cause__)) from None
         raise _config_error(err, cls) from None
+    except ValueError as err:  # a schema's own __post_init__ (ModelConfig's): omegaconf wraps only TypeError
+        raise UserError(str(err)) from None
     if not isinstance(config, TrainConfig):
         return config
     try:

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 import kernels
 
 from .collate import IGNORE_LABEL, QUERY_PREDICTOR, START_PREDICTOR, TaskBatch
+from .errors import UserError
 from .ops import linear_cross_entropy, rms_norm, swiglu_down
 
 
@@ -77,7 +78,7 @@ class ModelConfig:
             raise ValueError(f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1); got {self.dropout!r}")
-        if self.streams not in (1, 2):
+        if isinstance(self.streams, bool) or not isinstance(self.streams, int) or self.streams not in (1, 2):
             raise ValueError(f"model.streams must be 1 or 2; got {self.streams!r}")
         if not isinstance(self.bos_id, int) or not 0 <= self.bos_id < self.vocab_size:
             raise ValueError(f"model.bos_id must be a token id in [0, vocab_size={self.vocab_size}); got {self.bos_id!r}")
@@ -338,11 +339,13 @@ class BigLearner(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """Refuse weights saved in the other attention mode, also when this model is loaded as a
-        submodule (e.g. inside the DeepSpeed engine's wrapper): only single stream has offset_embed."""
+        submodule (e.g. inside the DeepSpeed engine's wrapper): only single stream has offset_embed.
+        A UserError, so that a resumed run or an inference command says it in one line."""
         saved = 1 if prefix + "offset_embed.weight" in state_dict else 2
         if saved != self.config.streams:
-            raise ValueError(f"checkpoint weights are for model.streams={saved} but the model has "
-                             f"model.streams={self.config.streams}; convert the checkpoint or set model.streams={saved}")
+            raise UserError(f"checkpoint weights are for model.streams={saved} but the model has "
+                            f"model.streams={self.config.streams}; set model.streams={saved}, or convert them: start a "
+                            f"run from their export with model.init (docs/hf.md)")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def check_batch(self, batch: TaskBatch) -> tuple[int, int]:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pretrain.config import CONFIG_DIR, available_options, load_config, resolve_run_dir
+from pretrain.errors import UserError
 from pretrain.model import ModelConfig
 from pretrain.objectives import PRESETS, ObjectiveConfig
 
@@ -65,6 +66,8 @@ def test_smoke_experiment_is_small_and_short():
     (["objective=bert"], "objective/bert"),                  # bad group option
     (["objective=mixture", "objective.mixture={mlm: 1, gpt: 1}"], "gpt"),
     (["model.n_heads=3"], "model.n_heads"),                  # ModelConfig's own validation
+    (["model.streams=3"], "model.streams must be 1 or 2; got 3"),
+    (["model.streams=0"], "model.streams must be 1 or 2; got 0"),
     (["trainer.lr=-1"], "trainer.lr"),
     (["deepspeed.zero_stage=4"], "deepspeed.zero_stage"),
     (["deepspeed.offload_param=true", "deepspeed.zero_stage=2"], "deepspeed.offload_param"),
@@ -72,7 +75,9 @@ def test_smoke_experiment_is_small_and_short():
     (["eval.tasks=[joint,nope]"], "eval.tasks"),
 ])
 def test_config_errors_name_the_key(overrides, named):
-    with pytest.raises(ValueError) as error:
+    """A UserError (the command lines print it as one line), also for the dataclasses' own
+    checks, which omegaconf lets through unwrapped."""
+    with pytest.raises(UserError) as error:
         load_config(overrides)
     assert named in str(error.value)
 

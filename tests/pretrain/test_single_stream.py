@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.collate import QUERY_PREDICTOR, START_PREDICTOR, collate
+from pretrain.errors import UserError
 from pretrain.infer import complete, label_log_probs, score, split_spec
 from pretrain.model import BigLearner, ModelConfig, apply_rope, rope_tables
 from pretrain.objectives import ObjectiveConfig, ObjectiveSampler, SplitSpec, TASKS
@@ -247,8 +248,9 @@ def test_single_stream_decoding_with_a_cache_equals_full_passes(strategy):
 
 
 def test_bad_input_names_the_field():
-    with pytest.raises(ValueError, match="model.streams"):
-        ModelConfig(streams=3)
+    for streams in (3, 0, True, 1.0, "1"):
+        with pytest.raises(ValueError, match="model.streams"):
+            ModelConfig(streams=streams)
     with pytest.raises(ValueError, match="model.bos_id"):
         ModelConfig(vocab_size=10, bos_id=10)
     rng = np.random.default_rng()
@@ -256,10 +258,11 @@ def test_bad_input_names_the_field():
     batch = collate(windows, specs, pad_id=0).to_torch()
     single, double = tiny_model(1), tiny_model(2)
     for model, other in ((single, double), (double, single)):
-        with pytest.raises(ValueError, match=f"model.streams={other.config.streams}"):
+        # UserError: a resumed run or an inference command reports it in one line
+        with pytest.raises(UserError, match=f"model.streams={other.config.streams}"):
             model.load_state_dict(other.state_dict())
         wrapper = torch.nn.ModuleDict({"model": model})  # as inside the DeepSpeed engine
-        with pytest.raises(ValueError, match=f"model.streams={other.config.streams}"):
+        with pytest.raises(UserError, match=f"model.streams={other.config.streams}"):
             wrapper.load_state_dict({f"model.{k}": v for k, v in other.state_dict().items()})
     batch.predictor = None
     double(batch)  # two streams never read it
@@ -273,3 +276,4 @@ def test_bad_input_names_the_field():
     with pytest.raises(ValueError, match="model.streams=1"):
         double.decode_step(cache, torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([[0]]),
                            target_positions=torch.tensor([[1]]))
+
