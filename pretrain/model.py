@@ -378,8 +378,9 @@ class BigLearner(nn.Module):
         if problems[2]:
             raise ValueError("batch.target_groups must be non-decreasing along each row")
         if problems[3]:
-            raise ValueError("batch.predictor must name, per target, START_PREDICTOR, QUERY_PREDICTOR or a row of "
-                             "the layout whose group is below the target's (a predictor may not see its target)")
+            raise ValueError("batch.predictor must name, per target, QUERY_PREDICTOR, or START_PREDICTOR or a row of "
+                             "the group just below the target's (one row per target): a layout single-stream rows "
+                             "cannot express")
         return max(width, 1), n_query
 
     @staticmethod
@@ -393,10 +394,20 @@ class BigLearner(nn.Module):
 
     @staticmethod
     def _bad_predictors(batch: TaskBatch) -> torch.Tensor:
-        p, width = batch.predictor, batch.groups.shape[1]
-        row = (p >= 0) & batch.target_mask
-        row_group = batch.groups.gather(1, p.clamp(0, width - 1))
-        return ((p < QUERY_PREDICTOR) | (p >= width) | (row & (row_group >= batch.target_groups))).any()
+        """Whether a target's predictor is not a query row, START or a row of the layout whose
+        group is the one just below the target's (0 for the first group: START and S), so that it
+        sees exactly what the target may see, or whether two targets share a predicting row (one
+        row carries one target's offset term)."""
+        p, width, target_groups = batch.predictor, batch.groups.shape[1], batch.target_groups
+        by_row = (p >= START_PREDICTOR) & batch.target_mask
+        row_group = torch.where(p == START_PREDICTOR, 0, batch.groups.gather(1, p.clamp(0, width - 1)))
+        # Groups are sorted: the group below target k's is that of the target before its group's first.
+        first = torch.searchsorted(target_groups.contiguous(), target_groups.contiguous())
+        below = torch.where(first > 0, target_groups.gather(1, (first - 1).clamp(min=0)), 0)
+        # Shared rows: equal neighbours once sorted; targets not read from a row get distinct negatives.
+        readers = torch.where(by_row, p, -3 - torch.arange(p.shape[1], device=p.device)).sort(1).values
+        shared = (readers[:, 1:] == readers[:, :-1]).any() if p.shape[1] > 1 else False
+        return ((p < QUERY_PREDICTOR) | (p >= width) | (by_row & (row_group != below))).any() | shared
 
     def rows_computed(self, batch: TaskBatch) -> torch.Tensor:
         """[B] rows computed per sample in each layer but the last (content rows that someone

@@ -277,3 +277,34 @@ def test_bad_input_names_the_field():
         double.decode_step(cache, torch.tensor([[1]]), torch.tensor([[0]]), torch.tensor([[0]]),
                            target_positions=torch.tensor([[1]]))
 
+
+def test_predictors_single_stream_rows_cannot_express_are_refused():
+    """A hand-made TaskBatch.predictor is checked against the definition: a query row, or START /
+    a row of the group just below the target's (so it sees exactly what the target may see), one
+    row per target. collate's predictors and all-query predictors pass; each kind of corruption
+    below (shared row, a row two groups down, an S row or START past the first group) raises."""
+    rng = np.random.default_rng()
+    model = tiny_model(1)
+    for _ in range(20):
+        spec = layout(rng, 16)
+        batch = collate(rng.integers(0, VOCAB, 16)[None], [spec], pad_id=0).to_torch()
+        model.check_batch(batch)
+        batch.predictor[:] = QUERY_PREDICTOR
+        model.check_batch(batch)
+        groups, ns = spec.target_groups, spec.n_source
+        below = {g: max([0] + [h for h in groups if h < g]) for g in groups}
+        row_group = lambda r: 0 if r == START_PREDICTOR or r < ns else groups[r - ns]  # noqa: E731
+        for k in range(spec.n_target):
+            allowed = [r for r in range(START_PREDICTOR, ns + spec.n_target) if row_group(r) == below[groups[k]]]
+            for r in range(START_PREDICTOR, ns + spec.n_target):
+                batch.predictor[:] = QUERY_PREDICTOR
+                batch.predictor[0, k] = r
+                if r in allowed:
+                    model.check_batch(batch)
+                    if spec.n_target > 1:  # the same row for a second target
+                        batch.predictor[0, (k + 1) % spec.n_target] = r
+                        with pytest.raises(ValueError, match="batch.predictor"):
+                            model.check_batch(batch)
+                else:
+                    with pytest.raises(ValueError, match="batch.predictor"):
+                        model.check_batch(batch)
