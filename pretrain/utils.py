@@ -19,7 +19,10 @@ def model_from_weights(model_config: dict, state: dict[str, torch.Tensor], where
     `where` names the file or directory in the error when the weights do not fit the config
     (the tied output head is the only key allowed to be absent)."""
     model = BigLearner(ModelConfig(**model_config))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except UserError as err:  # weights of the other stream mode than the config says
+        raise UserError(f"{where}: {err}") from None
     missing = [k for k in missing if not (k == "head.weight" and model.config.tie_embeddings)]
     if missing or unexpected:
         raise UserError(f"{where}: weights do not match the model config: missing {missing}, unexpected {unexpected}")

@@ -1,9 +1,12 @@
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from pretrain.collate import collate
-from pretrain.export import export_model, load_exported
+from pretrain.errors import UserError
+from pretrain.export import CONFIG, export_model, load_exported
 from pretrain.model import BigLearner, ModelConfig
 from pretrain.objectives import ObjectiveSampler
 
@@ -22,4 +25,17 @@ def test_export_round_trip_gives_identical_logits(tmp_path, tie):
 
 def test_loading_something_else_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="not an exported model"):
+        load_exported(tmp_path)
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_weights_of_the_other_stream_mode_fail_in_one_line_naming_the_file(tmp_path, streams):
+    """An export whose model_config.json says the other model.streams than its weights (saved
+    in one mode, loaded in the other without conversion)."""
+    model = BigLearner(ModelConfig(vocab_size=41, d_model=32, n_layers=1, n_heads=4, streams=streams))
+    export_model(model, tmp_path)
+    meta = json.loads((tmp_path / CONFIG).read_text())
+    meta["model"]["streams"] = 3 - streams
+    (tmp_path / CONFIG).write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=f"model.safetensors: checkpoint weights are for model.streams={streams} "):
         load_exported(tmp_path)
