@@ -549,9 +549,20 @@ class BigLearner(nn.Module):
             groups = groups.to(torch.int32)
             n_new = tokens.shape[1]
             write_index = cache.length[:, None] + torch.arange(n_new, device=tokens.device)
-            if int(write_index.max()) >= cache.capacity:
-                raise ValueError(f"KV cache is full: capacity {cache.capacity} rows, "
-                                 f"needed {int(write_index.max()) + 1}")
+            # The cache stays sorted by group (docs/design.md, "Sorted layout"): after each sample's
+            # last cached group, the new groups run non-decreasing (INVALID, the largest, trails).
+            last = cache.groups.gather(1, (cache.length[:, None] - 1).clamp(min=0))
+            last = torch.where(cache.length[:, None] > 0, last, torch.iinfo(torch.int32).min)
+            following = torch.cat([last, groups], 1)
+            unsorted = following[:, 1:] < following[:, :-1]
+            needed, n_unsorted = torch.stack([write_index.max() + 1, unsorted.sum()]).tolist()
+            if needed > cache.capacity:
+                raise ValueError(f"KV cache is full: capacity {cache.capacity} rows, needed {needed}")
+            if n_unsorted:
+                b = int(unsorted.any(1).nonzero()[0, 0])
+                raise ValueError(f"decode_step: groups of sample {b}'s new rows {groups[b].tolist()} fall below a "
+                                 f"group already cached or decrease (last cached: {int(last[b, 0])}); each call "
+                                 f"writes groups no lower than the cache's, in non-decreasing order")
             cache.groups.scatter_(1, write_index, groups)
             cache.length += (groups != kernels.INVALID_GROUP).sum(1)
             h = self.embed(tokens)

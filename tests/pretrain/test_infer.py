@@ -89,6 +89,25 @@ def test_decode_step_equals_full_forward_on_the_same_layout():
     assert int(cache.length[0]) == n_source + 6 and (cache.groups[0, n_source + 6:] == INVALID_GROUP).all()
 
 
+def test_decode_step_refuses_groups_that_would_unsort_the_cache():
+    """The cache must stay sorted by group: a write below a cached group, or decreasing within
+    the call, is refused in one line naming the sample; the cache is left as it was."""
+    rng = np.random.default_rng()
+    model = tiny_model()
+    cache = model.new_cache(2, 12)
+    as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+    tokens = as_t(rng.integers(0, VOCAB, (2, 3)))
+    model.decode_step(cache, tokens, as_t([[0, 1, 2], [0, 1, 2]]), as_t([[0, 0, 2], [0, 1, 1]]))
+    before = (cache.groups.clone(), cache.length.clone())
+    for bad, sample in (([[3, 3], [0, 2]], 1), ([[2, 1], [3, 3]], 0), ([[INVALID_GROUP, 3], [3, 3]], 0)):
+        with pytest.raises(ValueError, match=f"sample {sample}'s new rows") as error:
+            model.decode_step(cache, tokens[:, :2], as_t([[3, 4], [3, 4]]), as_t(bad))
+        assert "\n" not in str(error.value)
+        assert torch.equal(cache.groups, before[0]) and torch.equal(cache.length, before[1])
+    model.decode_step(cache, tokens[:, :2], as_t([[3, 4], [3, 4]]), as_t([[2, 5], [1, INVALID_GROUP]]))  # equal is fine
+    assert cache.length.tolist() == [5, 4]
+
+
 def test_decoding_follows_the_weights_after_they_change():
     """Decoding keeps [in, out] copies of the weights (BigLearner.decoding_weights): after an
     optimizer step (in place), load_state_dict and a dtype change, its log-probabilities are
