@@ -521,7 +521,8 @@ class BigLearner(nn.Module):
 
     @torch.no_grad()
     def decode_step(self, cache: KVCache, tokens=None, positions=None, groups=None,
-                    query_positions=None, query_groups=None, segments=None, target_positions=None):
+                    query_positions=None, query_groups=None, segments=None, target_positions=None,
+                    check_groups: bool = True):
         """Append content rows to `cache`, then predict from them or from query rows.
 
         tokens, positions, groups [B, m]: new content rows (groups INVALID for a sample's unused
@@ -533,6 +534,8 @@ class BigLearner(nn.Module):
         query_groups [B, nq] are rows to predict (INVALID for unused ones) and their logits
         [B, nq, vocab] are returned, or None without query rows. Equals `forward` on the batch
         that holds the cached rows as S and earlier target groups, with m + nq rows of work.
+        check_groups=False skips the check that the new groups keep the cache sorted (~4% of a
+        step of a small model), for callers whose rows are sorted by construction (complete).
         """
         c = self.config
         readout = target_positions is not None
@@ -551,11 +554,14 @@ class BigLearner(nn.Module):
             write_index = cache.length[:, None] + torch.arange(n_new, device=tokens.device)
             # The cache stays sorted by group (docs/design.md, "Sorted layout"): after each sample's
             # last cached group, the new groups run non-decreasing (INVALID, the largest, trails).
-            last = cache.groups.gather(1, (cache.length[:, None] - 1).clamp(min=0))
-            last = torch.where(cache.length[:, None] > 0, last, torch.iinfo(torch.int32).min)
-            following = torch.cat([last, groups], 1)
-            unsorted = following[:, 1:] < following[:, :-1]
-            needed, n_unsorted = torch.stack([write_index.max() + 1, unsorted.sum()]).tolist()
+            if check_groups:
+                last = cache.groups.gather(1, (cache.length[:, None] - 1).clamp(min=0))
+                last = torch.where(cache.length[:, None] > 0, last, torch.iinfo(torch.int32).min)
+                following = torch.cat([last, groups], 1)
+                unsorted = following[:, 1:] < following[:, :-1]
+                needed, n_unsorted = torch.stack([write_index.max() + 1, unsorted.sum()]).tolist()
+            else:
+                needed, n_unsorted = int(write_index.max()) + 1, 0
             if needed > cache.capacity:
                 raise ValueError(f"KV cache is full: capacity {cache.capacity} rows, needed {needed}")
             if n_unsorted:

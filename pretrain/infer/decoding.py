@@ -185,12 +185,14 @@ class _Cache:
         query = self._tensor([[] if row else c for c, row in zip(candidates, by_row)], -1)
         query_groups = torch.where(query >= 0, step, INVALID_GROUP)
         if not any(by_row):
-            return self.model.decode_step(self.cache, tokens, positions, groups, query.clamp(min=0), query_groups)
+            return self.model.decode_step(self.cache, tokens, positions, groups, query.clamp(min=0), query_groups,
+                                          check_groups=False)
         # The START row is row 0 of the first call; later the single row of the previous group.
         readers = self._tensor([[c[0]] + [NO_TARGET] * (len(r[0]) - 1) if row else [] for c, r, row
                                 in zip(candidates, self.rows, by_row)], NO_TARGET)
         readers = torch.nn.functional.pad(readers, (0, tokens.shape[1] - readers.shape[1]), value=NO_TARGET)
-        from_rows = self.model.decode_step(self.cache, tokens, positions, groups, target_positions=readers)[:, :1]
+        from_rows = self.model.decode_step(self.cache, tokens, positions, groups, target_positions=readers,
+                                           check_groups=False)[:, :1]
         if not (query >= 0).any():
             return from_rows
         from_queries = self.model.decode_step(self.cache, query_positions=query.clamp(min=0), query_groups=query_groups)
