@@ -85,6 +85,23 @@ class _Plan:
             keep = None if bool(sees_any.all()) else sees_any[:, None].to(dtype)
             self.chunks.append((start, stop, bound, rows_visible, keep))
 
+    def rows_from(self, first: int) -> _Plan | None:
+        """This plan for its rows first: onward against the same keys, cut from it without a host
+        sync (the last layer of a decoding step attends with its query rows only). Each chunk
+        keeps its key bound, a bound for the remaining rows too. None on the causal path."""
+        if self.causal_skip is not None:
+            return None
+        plan = object.__new__(_Plan)
+        plan.causal_skip, plan.dtype, plan._masks, plan.chunks = None, self.dtype, {}, []
+        for start, stop, bound, rows_visible, keep in self.chunks:
+            if stop <= first:
+                continue
+            cut = max(start, first) - start  # rows of this chunk before `first`
+            plan.chunks.append((start + cut - first, stop - first, bound,
+                                None if rows_visible is None else rows_visible[:, cut:],
+                                None if keep is None else keep[:, :, cut:]))
+        return plan
+
     def mask(self, index: int):
         """Chunk `index`'s additive float mask [B, 1, c, bound], or None. With autograd on, every
         chunk's mask is saved for backward anyway, so it is built once and shared by the layers;

@@ -169,6 +169,7 @@ class _Cache:
         capacity = (max(len(s) + len(t) for s, t in zip(sources, targets)) + max(group_size, *map(len, sources))
                     + self.single)
         self.cache = model.new_cache(len(tokens), capacity)
+        self.weights = model.decoding_weights()  # complete() never changes them between steps
         self.device = next(model.parameters()).device
         start = ([model.config.bos_id], [START_POSITION]) if self.single else ([], [])
         self.rows = [(np.r_[start[0], tokens[b, s]], np.r_[start[1], s], np.zeros(len(s) + self.single))
@@ -186,16 +187,17 @@ class _Cache:
         query_groups = torch.where(query >= 0, step, INVALID_GROUP)
         if not any(by_row):
             return self.model.decode_step(self.cache, tokens, positions, groups, query.clamp(min=0), query_groups,
-                                          check_groups=False)
+                                          check_groups=False, weights=self.weights)
         # The START row is row 0 of the first call; later the single row of the previous group.
         readers = self._tensor([[c[0]] + [NO_TARGET] * (len(r[0]) - 1) if row else [] for c, r, row
                                 in zip(candidates, self.rows, by_row)], NO_TARGET)
         readers = torch.nn.functional.pad(readers, (0, tokens.shape[1] - readers.shape[1]), value=NO_TARGET)
         from_rows = self.model.decode_step(self.cache, tokens, positions, groups, target_positions=readers,
-                                           check_groups=False)[:, :1]
+                                           check_groups=False, weights=self.weights)[:, :1]
         if not (query >= 0).any():
             return from_rows
-        from_queries = self.model.decode_step(self.cache, query_positions=query.clamp(min=0), query_groups=query_groups)
+        from_queries = self.model.decode_step(self.cache, query_positions=query.clamp(min=0), query_groups=query_groups,
+                                              weights=self.weights)
         return torch.where(torch.tensor(by_row, device=self.device)[:, None, None], from_rows, from_queries)
 
     def write(self, rows, step):

@@ -193,3 +193,26 @@ def test_bad_input_is_rejected(bad, message):
     backend = args.pop("backend", "torch")
     with pytest.raises(ValueError, match=message):
         group_attention(**args, strict=False, backend=backend)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 5])
+def test_a_plan_cut_to_its_last_rows_equals_the_full_attention_of_those_rows(monkeypatch, chunk_rows):
+    """plan.rows_from(first) (a decoding step's last layer) gives the rows first: exactly what the
+    whole plan gives them, with chunking, padding, and rows that see nothing; the causal path
+    has no cut (None)."""
+    import kernels.reference as reference
+    from kernels import attention_plan, planned_attention
+    if chunk_rows:
+        monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 3 * 2 * 29 * chunk_rows)
+    rng = np.random.default_rng()
+    q, k, v = (torch.randn(3, 2, 29, 8, dtype=torch.float64) for _ in range(3))
+    k_groups = random_groups(rng, 3, 29)
+    q_groups = random_groups(rng, 3, 29)
+    for strict in (False, True):
+        dense = naive_attention(q, k, v, q_groups, k_groups, strict)
+        plan = attention_plan(q_groups, k_groups, strict=strict, n_heads=2, dtype=q.dtype)
+        for first in (0, 1, int(rng.integers(2, 28)), 28):
+            cut = plan.rows_from(first)
+            torch.testing.assert_close(planned_attention(q[:, :, first:], k, v, cut), dense[:, :, first:])
+    causal = torch.arange(29, dtype=torch.int32).expand(3, -1)
+    assert attention_plan(causal, causal, strict=False, n_heads=2, dtype=q.dtype).rows_from(4) is None
