@@ -61,17 +61,32 @@ class _Plan:
         # c <= 1 (c = 0: the query stream of a causal order, which sees the keys strictly before it):
         # rows below 1 - c see nothing, and the rest are the causal case against the keys shifted by
         # 1 - c. Read with the bounds, in the same host sync.
-        shift = n_visible - torch.arange(n_queries, device=q_groups.device)  # c per row
+        rows = torch.arange(n_queries, device=q_groups.device)
+        shift = n_visible - rows  # c per row
         uniform = (shift == shift[:1, :1]).all()
-        *bounds, uniform, offset = torch.cat([padded.view(batch, len(starts), chunk).amax(dim=(0, 2)),
-                                              uniform.view(1), shift[:1, 0]]).tolist()
+        # Content rows of S followed by singleton target groups (big learning, prefix LM, in the
+        # sorted layout): in each sample, the first P rows see exactly the first P keys (S sees
+        # itself), each later valid row i sees keys 0..i, and the V - P rows after them are padding
+        # (dropped tokens) that see nothing. Per sample that is SDPA's causal case over V rows with
+        # the first P redone over their P keys: no mask, and half the keys of a full pass.
+        prefix = n_visible[:, :1]  # P per sample
+        valid = (n_visible > 0).sum(1, keepdim=True)  # V per sample
+        prefix_causal = (torch.where(rows < prefix, n_visible == prefix,
+                                     torch.where(rows < valid, n_visible == rows + 1, n_visible == 0)).all()
+                         & (valid > prefix).any() & (not strict))
+        read = torch.cat([padded.view(batch, len(starts), chunk).amax(dim=(0, 2)), uniform.view(1), shift[:1, 0],
+                          prefix_causal.view(1), prefix[:, 0], valid[:, 0]]).tolist()
+        bounds, (uniform, offset, prefix_causal) = read[:len(starts)], read[len(starts):len(starts) + 3]
+        prefix_and_valid = list(zip(read[-2 * batch:-batch], read[-batch:]))
         # causal_skip: None, or how many leading rows see no key before the causal case begins
         self.causal_skip = 1 - offset if uniform and offset <= 1 else None
+        # prefix_causal: None, or (P, V) per sample for the causal case with redone prefixes (above)
+        self.prefix_causal = prefix_and_valid if prefix_causal and self.causal_skip is None else None
         self.dtype = dtype
-        # (start, stop, bound, rows' visible key counts or None, row multiplier or None); none on the causal path
+        # (start, stop, bound, rows' visible key counts or None, row multiplier or None); none on the causal paths
         self.chunks = []
         self._masks = {}  # chunk index -> additive mask, kept while autograd would save it anyway
-        for start, bound in zip(starts, bounds) if self.causal_skip is None else ():
+        for start, bound in zip(starts, bounds) if self.causal_skip is None and self.prefix_causal is None else ():
             stop = min(n_queries, start + chunk)
             if bound == 0:  # no row sees a key (padding, strict rows of group 0)
                 self.chunks.append((start, stop, bound, None, None))
@@ -89,10 +104,10 @@ class _Plan:
         """This plan for its rows first: onward against the same keys, cut from it without a host
         sync (the last layer of a decoding step attends with its query rows only). Each chunk
         keeps its key bound, a bound for the remaining rows too. None on the causal path."""
-        if self.causal_skip is not None:
+        if self.causal_skip is not None or self.prefix_causal is not None:
             return None
         plan = object.__new__(_Plan)
-        plan.causal_skip, plan.dtype, plan._masks, plan.chunks = None, self.dtype, {}, []
+        plan.causal_skip, plan.prefix_causal, plan.dtype, plan._masks, plan.chunks = None, None, self.dtype, {}, []
         for start, stop, bound, rows_visible, keep in self.chunks:
             if stop <= first:
                 continue
@@ -180,6 +195,20 @@ def planned_attention(q, k, v, plan: _Plan, *, scale: float | None = None):
         o = F.scaled_dot_product_attention(q[:, :, skip:], k[:, :, :width], v[:, :, :width], is_causal=True,
                                            scale=scale)
         return o if skip == 0 else torch.cat([q.new_zeros(batch, n_heads, skip, v.shape[-1]), o], dim=2)
+    if plan.prefix_causal is not None:
+        samples = []
+        # split, not indexing: one gradient concatenation per tensor in backward instead of a
+        # zero-filled full-size copy per sample; 4-d pieces, which SDPA's fused CPU kernel needs
+        for q_b, k_b, v_b, (prefix, valid) in zip(q.split(1), k.split(1), v.split(1), plan.prefix_causal):
+            parts = [] if prefix == 0 else [F.scaled_dot_product_attention(
+                q_b[:, :, :prefix], k_b[:, :, :prefix], v_b[:, :, :prefix], scale=scale)]
+            if valid > prefix:
+                parts.append(F.scaled_dot_product_attention(q_b[:, :, :valid], k_b[:, :, :valid], v_b[:, :, :valid],
+                                                            is_causal=True, scale=scale)[:, :, prefix:])
+            if valid < n_queries:  # padding rows see nothing: zeros
+                parts.append(q_b.new_zeros(1, n_heads, n_queries - valid, v.shape[-1]))
+            samples.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+        return torch.cat(samples)
     pieces = []
     for index, (start, stop, bound, _, keep) in enumerate(plan.chunks):
         if bound == 0:

@@ -216,3 +216,46 @@ def test_a_plan_cut_to_its_last_rows_equals_the_full_attention_of_those_rows(mon
             torch.testing.assert_close(planned_attention(q[:, :, first:], k, v, cut), dense[:, :, first:])
     causal = torch.arange(29, dtype=torch.int32).expand(3, -1)
     assert attention_plan(causal, causal, strict=False, n_heads=2, dtype=q.dtype).rows_from(4) is None
+
+
+def dense_attention(q, k, v, q_groups, k_groups, strict):
+    """Softmax over a dense boolean mask, zeros for rows that see nothing (differentiable)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    seen = visibility(q_groups, k_groups, strict=strict)[:, None]
+    scores = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(~seen, float("-inf"))
+    weights = torch.softmax(scores, -1).nan_to_num(0.0)
+    return weights @ v
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2])
+def test_a_source_prefix_then_singleton_targets_takes_the_causal_path_exactly(n_kv_heads):
+    """Content rows [S (group 0), one target per group, padding] (big learning and prefix LM, whose
+    dropped tokens are padding) are the causal case per sample with the S rows redone over S:
+    values and gradients equal the dense rule, padding rows are zero, and the plan records each
+    sample's (S, valid rows), so this checks that path and not the masked one."""
+    import kernels.reference as reference
+    rng = np.random.default_rng()
+    batch, n = 4, 23
+    layouts = []
+    for b in range(batch):
+        n_source = int(rng.integers(1, n + 1)) if b else int(rng.integers(1, n // 2))  # sample 0 has targets
+        n_target = int(rng.integers(0, n - n_source + 1)) if b > 1 else n - n_source  # samples 2, 3 padded
+        layouts.append((n_source, n_source + n_target))
+    groups = torch.tensor(np.array([np.r_[np.zeros(s), np.arange(1, v - s + 1), np.full(n - v, INVALID_GROUP)]
+                                    for s, v in layouts]), dtype=torch.int32)
+    q = torch.randn(batch, 4, n, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(batch, n_kv_heads, n, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    plan = reference.attention_plan(groups, groups, strict=False, n_heads=4, dtype=q.dtype)
+    assert plan.prefix_causal == layouts and plan.chunks == []
+    out = reference.planned_attention(q, k, v, plan)
+    expected = dense_attention(q, k, v, groups, groups, strict=False)
+    torch.testing.assert_close(out, expected)
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, (q, k, v), grad)
+    torch.testing.assert_close(ours, torch.autograd.grad(expected, (q, k, v), grad))
+    # The strict rule (query rows) and layouts with a multi-token target group keep the masked path.
+    assert reference.attention_plan(groups, groups, strict=True, n_heads=4, dtype=q.dtype).prefix_causal is None
+    grouped = groups.clone()
+    grouped[0, -2:] = grouped[0, -1]  # sample 0's last two targets predicted together
+    assert reference.attention_plan(grouped, grouped, strict=False, n_heads=4, dtype=q.dtype).prefix_causal is None
