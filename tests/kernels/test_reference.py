@@ -229,12 +229,13 @@ def dense_attention(q, k, v, q_groups, k_groups, strict):
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2])
-def test_a_source_prefix_then_singleton_targets_takes_the_causal_path_exactly(n_kv_heads):
+def test_a_source_prefix_then_singleton_targets_takes_the_causal_path_exactly(monkeypatch, n_kv_heads):
     """Content rows [S (group 0), one target per group, padding] (big learning and prefix LM, whose
     dropped tokens are padding) are the causal case per sample with the S rows redone over S:
     values and gradients equal the dense rule, padding rows are zero, and the plan records each
     sample's (S, valid rows), so this checks that path and not the masked one."""
     import kernels.reference as reference
+    monkeypatch.setattr(reference, "_PREFIX_CAUSAL_MIN_ROWS", 1)  # the path's own threshold is for speed only
     rng = np.random.default_rng()
     batch, n = 4, 23
     layouts = []
