@@ -581,7 +581,8 @@ class BigLearner(nn.Module):
             cache.length += (groups != kernels.INVALID_GROUP).sum(1)
             h = self.embed(tokens)
             if self.segment_embed is not None and segments is not None:
-                h = h + self.segment_embed(segments)
+                # the START row has no segment in forward (it is no token of the window)
+                h = h + self.segment_embed(segments) * (positions != START_POSITION)[..., None]
             if readout:
                 h = h + self._offset_term(positions, target_positions) * (target_positions != NO_TARGET)[..., None]
             rows.append(h)

@@ -178,16 +178,21 @@ def layout(rng, length):
     return SplitSpec(order, n_source, n_target, groups.astype(np.int32), 0)
 
 
+@pytest.mark.parametrize("with_segments", [False, True])
 @pytest.mark.parametrize("streams", [1, 2])
-def test_decode_step_equals_forward_group_by_group(streams):
+def test_decode_step_equals_forward_group_by_group(streams, with_segments):
     """Each step writes the previous group's rows (START and S first) and predicts the next
-    group: from the new content row when it is a single-stream predictor, else query rows."""
+    group: from the new content row when it is a single-stream predictor, else query rows.
+    With segment ids, the rows carry theirs; the START row's (whatever is passed) is ignored."""
     rng = np.random.default_rng()
-    model = tiny_model(streams, random_offsets=streams == 1)
+    model = tiny_model(streams, random_offsets=streams == 1, n_segment_types=3 if with_segments else 0)
+    if with_segments:
+        torch.nn.init.normal_(model.segment_embed.weight, std=0.5)
     length = 16
     window = rng.integers(0, VOCAB, length)
+    segment_ids = rng.integers(0, 3, length) if with_segments else None
     spec = layout(rng, length)
-    batch = collate(window[None], [spec], pad_id=0).to_torch()
+    batch = collate(window[None], [spec], pad_id=0, segments=None if segment_ids is None else segment_ids[None]).to_torch()
     full = model(batch)[0]
     ns, groups = spec.n_source, spec.target_groups
     targets = spec.order[ns:ns + spec.n_target]
@@ -199,18 +204,21 @@ def test_decode_step_equals_forward_group_by_group(streams):
     for g in np.unique(groups):
         ks = np.flatnonzero(groups == g)
         positions, tokens = np.array(rows, dtype=np.int64), window[np.array(rows, dtype=np.int64)]
+        segments = None if segment_ids is None else segment_ids[positions]
         if start:
             positions, tokens, row_groups = np.r_[-1, positions], np.r_[model.config.bos_id, tokens], [0] + row_groups
+            segments = None if segments is None else np.r_[rng.integers(0, 3), segments]
+        segments = None if segments is None else as_t(segments)
         by_row = streams == 1 and batch.predictor[0, ks[0]] != QUERY_PREDICTOR
         if by_row:
             reader = 0 if start else len(positions) - 1  # START predicts the first group
             target_positions = np.full(len(positions), -1)
             target_positions[reader] = targets[ks[0]]
-            logits = model.decode_step(cache, as_t(tokens), as_t(positions), as_t(row_groups),
+            logits = model.decode_step(cache, as_t(tokens), as_t(positions), as_t(row_groups), segments=segments,
                                        target_positions=as_t(target_positions))[0, reader:reader + 1]
         else:
             if len(positions):
-                model.decode_step(cache, as_t(tokens), as_t(positions), as_t(row_groups))
+                model.decode_step(cache, as_t(tokens), as_t(positions), as_t(row_groups), segments=segments)
             logits = model.decode_step(cache, query_positions=as_t(targets[ks]), query_groups=as_t([g] * len(ks)))[0]
         torch.testing.assert_close(logits, full[ks], rtol=1e-9, atol=1e-9)
         rows, row_groups, start = list(targets[ks]), [g] * len(ks), False
