@@ -31,6 +31,7 @@ import kernels
 
 from .collate import IGNORE_LABEL, QUERY_PREDICTOR, START_PREDICTOR, TaskBatch
 from .errors import UserError
+from .kv_cache import DecodeStep, KVCache
 from .ops import linear_cross_entropy, rms_norm, swiglu_down
 
 
@@ -255,56 +256,6 @@ def _rows_times(x, weight):
     """x [B, N, ...] (flattened after N) @ weight [in, out] as ONE GEMM over all B * N rows: a
     strided x made torch.matmul run a batched GEMM per sample."""
     return (x.reshape(-1, weight.shape[0]) @ weight).view(x.shape[0], x.shape[1], -1)
-
-
-@dataclass
-class DecodeStep:
-    """What every layer of one decoding step shares, built once per step by decode_step."""
-    n_new: int                       # new content rows (the first rows of the step)
-    write_index: torch.Tensor | None  # [B, Hkv, n_new, head_dim]: their cache columns
-    row_groups: torch.Tensor         # [B, rows] int32: the content-rule group of each row
-    key_groups: torch.Tensor         # [B, capacity] int32: the cache's groups
-    cos: torch.Tensor                # [B, 1, rows, head_dim] = cat(cos, cos) of rope_tables
-    sin: torch.Tensor                # [B, 1, rows, head_dim] = cat(-sin, sin)
-    plans: dict = field(default_factory=dict)  # first row -> kernels.attention_plan of rows first:
-
-    def rope(self, x, start: int, stop: int | None):
-        """apply_rope for the step's rows start:stop, as x * cos + roll(x, head_dim / 2) * sin with
-        the tables widened once per step: bitwise the same numbers (a - b is a + (-b)), half the
-        operations per call."""
-        return x * self.cos[:, :, start:stop] + x.roll(x.shape[-1] // 2, -1) * self.sin[:, :, start:stop]
-
-    def attention(self, q, k, v, first: int):
-        """Attention of the step's rows first: (q) over the cache (k, v), under a plan of which
-        keys each row sees that is built once per step, not once per layer: deriving it cost
-        ~4x the attention itself for a few rows on CPU."""
-        if first not in self.plans:
-            # The last layer's query rows: cut from the earlier layers' plan when there is one (a
-            # plan costs ~0.15 ms to build, 6% of a small model's step).
-            whole = self.plans.get(0)
-            self.plans[first] = whole.rows_from(first) if whole is not None and first else None
-            if self.plans[first] is None:
-                self.plans[first] = kernels.attention_plan(self.row_groups[:, first:], self.key_groups, strict=False,
-                                                           n_heads=q.shape[1], dtype=q.dtype)
-        return kernels.planned_attention(q, k, v, self.plans[first])
-
-
-@dataclass
-class KVCache:
-    """Content-stream keys/values of every layer for incremental decoding.
-
-    Sample b's rows fill columns [0, length[b]) in decoding order; columns past that hold group
-    INVALID, so each row of `groups` stays non-decreasing (docs/design.md, "Sorted layout").
-    """
-    keys: list[torch.Tensor]    # n_layers x [B, Hkv, capacity, head_dim], RoPE applied
-    values: list[torch.Tensor]  # n_layers x [B, Hkv, capacity, head_dim]
-    groups: torch.Tensor        # [B, capacity] int32
-    length: torch.Tensor        # [B] int64 filled columns
-    inv_freq: torch.Tensor      # rope_inv_freq of the model, computed once rather than every step
-
-    @property
-    def capacity(self) -> int:
-        return int(self.groups.shape[1])
 
 
 START_POSITION = -1  # RoPE position of the START row: one left of the window (windows start at 0)
@@ -559,26 +510,7 @@ class BigLearner(nn.Module):
         if tokens is not None and tokens.shape[1] > 0:
             groups = groups.to(torch.int32)
             n_new = tokens.shape[1]
-            write_index = cache.length[:, None] + torch.arange(n_new, device=tokens.device)
-            # The cache stays sorted by group (docs/design.md, "Sorted layout"): after each sample's
-            # last cached group, the new groups run non-decreasing (INVALID, the largest, trails).
-            if check_groups:
-                last = cache.groups.gather(1, (cache.length[:, None] - 1).clamp(min=0))
-                last = torch.where(cache.length[:, None] > 0, last, torch.iinfo(torch.int32).min)
-                following = torch.cat([last, groups], 1)
-                unsorted = following[:, 1:] < following[:, :-1]
-                needed, n_unsorted = torch.stack([write_index.max() + 1, unsorted.sum()]).tolist()
-            else:
-                needed, n_unsorted = int(write_index.max()) + 1, 0
-            if needed > cache.capacity:
-                raise ValueError(f"KV cache is full: capacity {cache.capacity} rows, needed {needed}")
-            if n_unsorted:
-                b = int(unsorted.any(1).nonzero()[0, 0])
-                raise ValueError(f"decode_step: groups of sample {b}'s new rows {groups[b].tolist()} fall below a "
-                                 f"group already cached or decrease (last cached: {int(last[b, 0])}); each call "
-                                 f"writes groups no lower than the cache's, in non-decreasing order")
-            cache.groups.scatter_(1, write_index, groups)
-            cache.length += (groups != kernels.INVALID_GROUP).sum(1)
+            write_index = cache.append(groups, check_sorted=check_groups)
             h = self.embed(tokens)
             if self.segment_embed is not None and segments is not None:
                 # the START row has no segment in forward (it is no token of the window)
