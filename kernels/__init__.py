@@ -4,8 +4,8 @@ Sharing the name `kernels`: Hugging Face's `kernels` distribution (a dependency 
 since 5.25) has the same import name. Wherever this package is the `kernels` that Python imported
 (from the repository root, and always through `pretrain`, whose __init__ makes sure of it), it
 also serves that distribution's API, so transformers' `from kernels import LayerRepository` keeps
-working: the distribution's folder joins __path__ (its submodules, `_internals` and `_rust`, never
-clash with ours) and any name not defined here is read from its __init__, run on first use.
+working: any name not defined here is read from its __init__, run on first use, and its folder
+then joins __path__ (its submodules, `_internals` and `_rust`, never clash with ours).
 """
 import functools
 import importlib.metadata
@@ -30,21 +30,24 @@ def _hub_kernels_dir() -> str | None:
     return str(init.parent) if init.is_file() and init != Path(__file__).resolve() else None
 
 
-_HUB_KERNELS_DIR = _hub_kernels_dir()
-if _HUB_KERNELS_DIR is not None:
-    __path__.append(_HUB_KERNELS_DIR)
-
-
 @functools.cache
 def _hub_kernels_api():
-    spec = importlib.util.spec_from_file_location(f"{__name__}._hub_api", Path(_HUB_KERNELS_DIR) / "__init__.py")
+    """Their package's __init__, run once on first use (never at import: finding the distribution
+    reads the metadata on sys.path), with their folder joined to __path__ first, so that its
+    absolute `from kernels._internals... import` resolve to their files. None when not installed."""
+    folder = _hub_kernels_dir()
+    if folder is None:
+        return None
+    __path__.append(folder)
+    spec = importlib.util.spec_from_file_location(f"{__name__}._hub_api", Path(folder) / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
-    spec.loader.exec_module(module)  # its absolute `from kernels._internals... import` resolve through __path__
+    spec.loader.exec_module(module)
     return module
 
 
 def __getattr__(name: str):
-    if _HUB_KERNELS_DIR is None or name.startswith("__"):
+    hub = None if name.startswith("__") else _hub_kernels_api()
+    if hub is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(_hub_kernels_api(), name)
+    return getattr(hub, name)

@@ -73,14 +73,19 @@ class _Plan:
         # itself), each later valid row i sees keys 0..i, and the V - P rows after them are padding
         # (dropped tokens) that see nothing. Per sample that is SDPA's causal case over V rows with
         # the first P redone over their P keys: no mask, and half the keys of a full pass.
-        prefix = n_visible[:, :1]  # P per sample
-        valid = (n_visible > 0).sum(1, keepdim=True)  # V per sample
-        prefix_causal = (torch.where(rows < prefix, n_visible == prefix,
-                                     torch.where(rows < valid, n_visible == rows + 1, n_visible == 0)).all()
-                         & (valid > prefix).any() & (not strict) & (n_queries >= _PREFIX_CAUSAL_MIN_ROWS))
-        read = torch.cat([padded.view(batch, len(starts), chunk).amax(dim=(0, 2)), uniform.view(1), shift[:1, 0],
-                          prefix_causal.view(1), prefix[:, 0], valid[:, 0]]).tolist()
-        bounds, (uniform, offset, prefix_causal) = read[:len(starts)], read[len(starts):len(starts) + 3]
+        # Checked only where it can pay (long content rows), so short calls (a decoding step's
+        # few rows) spend no operations on it.
+        read = [padded.view(batch, len(starts), chunk).amax(dim=(0, 2)), uniform.view(1), shift[:1, 0]]
+        if not strict and n_queries >= _PREFIX_CAUSAL_MIN_ROWS:
+            prefix = n_visible[:, :1]  # P per sample
+            valid = (n_visible > 0).sum(1, keepdim=True)  # V per sample
+            prefix_causal = (torch.where(rows < prefix, n_visible == prefix,
+                                         torch.where(rows < valid, n_visible == rows + 1, n_visible == 0)).all()
+                             & (valid > prefix).any())
+            read += [prefix_causal.view(1), prefix[:, 0], valid[:, 0]]
+        read = torch.cat(read).tolist()
+        bounds, (uniform, offset) = read[:len(starts)], read[len(starts):len(starts) + 2]
+        prefix_causal = len(read) > len(starts) + 2 and read[len(starts) + 2]
         prefix_and_valid = list(zip(read[-2 * batch:-batch], read[-batch:]))
         # causal_skip: None, or how many leading rows see no key before the causal case begins
         self.causal_skip = 1 - offset if uniform and offset <= 1 else None
