@@ -50,7 +50,7 @@ $(STAMP_BENCH): $(STAMP)
 	@touch $(STAMP_BENCH)
 
 demo: install
-	$(PY) -m pretrain.demo
+	$(PY) -m pretrain.experiments.demo
 
 test: $(STAMP_DEV)
 	$(PY) -m pytest -q

@@ -28,8 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernels import INVALID_GROUP, group_attention, two_stream_attention, visibility  # noqa: E402
+from biglearn_kernels import INVALID_GROUP, group_attention, two_stream_attention, visibility
 
 LAYOUTS = ("causal", "mlm", "plm", "biglearn")
 SINGLE_STREAM_LAYOUTS = ("causal", "mlm", "biglearn")  # plm has biglearn's single-stream shape
@@ -81,7 +80,7 @@ def make_layout(layout: str, batch: int, n: int, rng: np.random.Generator, strea
 def key_tiles(q_groups: torch.Tensor, k_groups: torch.Tensor, *, strict: bool, tile=TILE) -> int:
     """Key tiles a query-tiled kernel computes: per tile of tile[0] rows, ceil(longest visible
     prefix / tile[1]) (keys are sorted by group, so each row sees a prefix)."""
-    from kernels.reference import visible_prefix
+    from biglearn_kernels.reference import visible_prefix
 
     if q_groups.shape[1] == 0:
         return 0

@@ -28,13 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_pipeline import ShardConfig, SourceConfig, Tokenizer, build_demo, build_shards  # noqa: E402
-from data_pipeline.shards import load_manifest, read_shard, shard_file  # noqa: E402
-from pretrain.collate import collate  # noqa: E402
-from pretrain.data import BatchStream  # noqa: E402
-from pretrain.objectives import ObjectiveSampler  # noqa: E402
+from data_pipeline import ShardConfig, SourceConfig, Tokenizer, build_demo, build_shards
+from data_pipeline.shards import load_manifest, read_shard, shard_file
+from pretrain.layout import collate
+from pretrain.data import BatchStream
+from pretrain.objectives import ObjectiveSampler
 
 ROWS = ("shard build, tokens/s per worker", "shard build, wall tokens/s (all workers, reading included)",
         "reader biglearn, batches/s per worker", "reader plm, batches/s per worker",

@@ -1,7 +1,7 @@
 """Decoding speed with exact sample quality: sequential, group-parallel and remasking samplers,
 and Hugging Face XLNet `generate`, all at the same tiny dims on CPU.
 
-A tiny BigLearner (pretrain.synthetic's dims: d=64, 2 layers, 4 heads, FFN 128) is trained on a
+A tiny BigLearner (pretrain.experiments.synthetic's dims: d=64, 2 layers, 4 heads, FFN 128) is trained on a
 random Markov chain with a per-sample mixture of clm (sequential decoding), group_ar (groups of
 1, 2, 4, 8: group-parallel decoding) and mdm (remasking), or loaded from --model-cache. Each
 sampler then generates --length tokens from nothing (S empty), at batch 1 and 8, --repeats times:
@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -37,15 +36,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling bench script
+from throughput import SIZES, format_table
 
-from throughput import SIZES, format_table  # noqa: E402
-
-from pretrain.infer import complete  # noqa: E402
-from pretrain.infer.decoding import SCHEDULES  # noqa: E402
-from pretrain.model import BigLearner, ModelConfig  # noqa: E402
-from pretrain.objectives import ObjectiveConfig, ObjectiveSampler  # noqa: E402
-from pretrain.synthetic import MarkovSource, fit, position_entropy, sample_quality  # noqa: E402
+from pretrain.infer import complete
+from pretrain.infer.decoding import SCHEDULES
+from pretrain.model import BigLearner, ModelConfig
+from pretrain.objectives import ObjectiveConfig, ObjectiveSampler
+from pretrain.experiments.synthetic import MarkovSource, fit, position_entropy, sample_quality
 
 DIMS = dict(d_model=64, n_layers=2, n_heads=4, ffn_hidden=128)  # the trained model (quality and speed)
 TINY = dict(SIZES["tiny"])  # the shape of every CPU benchmark: speed only, random init

@@ -26,15 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain.collate import collate  # noqa: E402
-from pretrain.engine import LocalEngine  # noqa: E402
-from pretrain.export import export_model, load_exported  # noqa: E402
-from pretrain.infer import STRATEGIES, classify, complete  # noqa: E402
-from pretrain.model import BigLearner, ModelConfig  # noqa: E402
-from pretrain.objectives import ObjectiveConfig, ObjectiveSampler, SegmentRule  # noqa: E402
-from pretrain.trainer import Trainer, TrainerSettings  # noqa: E402
+from pretrain.checkpoint.export import export_model, load_exported
+from pretrain.infer import STRATEGIES, classify, complete
+from pretrain.layout import collate
+from pretrain.model import BigLearner, ModelConfig
+from pretrain.objectives import ObjectiveConfig, ObjectiveSampler, SegmentRule
+from pretrain.train.engine import LocalEngine
+from pretrain.train.trainer import Trainer, TrainerConfig
 
 N_PIXEL_VALUES = 17        # digits intensities 0..16 are token ids 0..16
 LABEL_BASE = N_PIXEL_VALUES  # label c is token 17 + c
@@ -129,7 +127,7 @@ def train(args, train_samples: np.ndarray, monitor=None) -> BigLearner:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     task = DigitsTask()
     trainer = Trainer(LocalEngine(task.module(model), optimizer, schedule), DigitsStream(args, train_samples), task,
-                      TrainerSettings(max_steps=args.steps))
+                      TrainerConfig(max_steps=args.steps))
     from tqdm import tqdm
     bar = tqdm(range(args.steps), desc="big-learning digits", unit="step", mininterval=5, file=sys.stderr)
     model.train()

@@ -1,6 +1,6 @@
 """Does a big learner learn the exact conditionals? Model NLL vs exact conditional entropy.
 
-Trains a tiny BigLearner on a random first-order Markov chain (pretrain.synthetic) and prints,
+Trains a tiny BigLearner on a random first-order Markov chain (pretrain.experiments.synthetic) and prints,
 for each evaluation task, the model's NLL per target token next to the exact value
 E[-log q(x_t | x_S, x_{T_<g})] computed by the forward algorithm on the same samples and splits.
 
@@ -18,7 +18,7 @@ import torch
 
 from pretrain.model import ModelConfig
 from pretrain.objectives import EVAL_TASKS, ObjectiveConfig, ObjectiveSampler, eval_split
-from pretrain.synthetic import MarkovSource, fit, model_target_log_probs
+from pretrain.experiments.synthetic import MarkovSource, fit, model_target_log_probs
 
 
 def compare(model, source: MarkovSource, length: int, n_samples: int, seed: int) -> list[dict]:
@@ -35,7 +35,7 @@ def compare(model, source: MarkovSource, length: int, n_samples: int, seed: int)
 
 
 def model_config(source: MarkovSource, streams: int) -> ModelConfig:
-    """pretrain.synthetic.fit's small model in either mode. The chain's states use every token id,
+    """pretrain.experiments.synthetic.fit's small model in either mode. The chain's states use every token id,
     so the START row gets one more id of its own, as a tokenizer keeps BOS apart from text."""
     return ModelConfig(vocab_size=source.vocab_size + 1, bos_id=source.vocab_size, d_model=64, n_layers=2,
                        n_heads=4, ffn_hidden=128, attention_backend="torch", streams=streams)

@@ -39,9 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling bench script
-
-from throughput import (FIRST_WORD_ID, SIZES, batch_maker, build_model, format_table, measure, measure_ours,  # noqa: E402
+from throughput import (FIRST_WORD_ID, SIZES, batch_maker, build_model, format_table, measure, measure_ours,
                         ours_runner, peak_rss_bytes, summarise, sync, train_step)
 
 

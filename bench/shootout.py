@@ -1,10 +1,10 @@
 """Which objective should a lab pretrain with? An equal-compute shootout.
 
 One tiny model per objective, all with the same dims and the same harness (the one training
-step pretrain.synthetic.train_step; AdamW, linear warmup, then a constant learning rate), each
+step, pretrain.train.engine.LocalEngine.train_batch; AdamW, linear warmup, then a constant learning rate), each
 trained on two sources of data:
 
-    hmm    a sticky hidden Markov model (pretrain.synthetic.HiddenMarkovSource): every
+    hmm    a sticky hidden Markov model (pretrain.experiments.synthetic.HiddenMarkovSource): every
            conditional is exact, so a model's NLL is reported as a ratio to the exact NLL
     text   the built-in corpus built by the data pipeline (Python standard-library docstrings),
            or --manifest: NLL per token on the validation split
@@ -51,11 +51,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import INVALID_GROUP  # noqa: E402
-from pretrain.collate import IGNORE_LABEL, TaskBatch, collate  # noqa: E402
+from biglearn_kernels import INVALID_GROUP  # noqa: E402
+from pretrain.layout import IGNORE_LABEL, TaskBatch, collate  # noqa: E402
 from pretrain.model import BigLearner, ModelConfig  # noqa: E402
 from pretrain.objectives import EVAL_TASKS, ObjectiveSampler, eval_split  # noqa: E402
-from pretrain.synthetic import HiddenMarkovSource, model_target_log_probs, train_step  # noqa: E402
+from pretrain.experiments.synthetic import HiddenMarkovSource, model_target_log_probs  # noqa: E402
+from pretrain.train.engine import LocalEngine  # noqa: E402
+from pretrain.train.task import LossModel  # noqa: E402
 
 BUDGETS = ("time", "tokens")
 CAUSAL_TASKS = ("left_to_right", "suffix")  # what a causal LM can score: a prefix, then the rest in order
@@ -89,14 +91,14 @@ def contestants(mixture: str, mixture_streams: int = 2) -> list[Contestant]:
 
 
 def _config_dir() -> Path:
-    from pretrain.config import CONFIG_DIR
+    from pretrain.train.config import CONFIG_DIR
     return CONFIG_DIR
 
 
 @functools.lru_cache(maxsize=None)
 def objective_sampler(name: str) -> ObjectiveSampler:
     """The sampler of configs/objective/<name>.yaml (stateless: draws come from the caller's rng)."""
-    from pretrain.config import load_config
+    from pretrain.train.config import load_config
     return ObjectiveSampler(load_config([f"objective={name}"]).objective)
 
 
@@ -114,11 +116,11 @@ class CausalYardstick(torch.nn.Module):
 
         from transformers import LlamaForCausalLM
 
-        from pretrain.convert import hf_config
+        from pretrain.hf.convert import hf_config
 
         super().__init__()
         self.vocab_size = config.vocab_size
-        # The same dims as pretrain.convert's export of a BigLearner, plus one token for BOS.
+        # The same dims as pretrain.hf.convert's export of a BigLearner, plus one token for BOS.
         llama_config = hf_config(BigLearner(config), SimpleNamespace(bos_id=None, eos_id=None, pad_id=None))
         llama_config.vocab_size, llama_config.bos_token_id = config.vocab_size + 1, config.vocab_size
         llama_config.initializer_range, llama_config.use_cache = config.init_std, False
@@ -182,7 +184,7 @@ def hmm_dataset(args) -> Dataset:
 def text_dataset(args) -> Dataset:
     from data_pipeline import build_demo, load_manifest
     from pretrain.data import BatchStream
-    from pretrain.evaluate import validation_windows
+    from pretrain.train.evaluate import validation_windows
 
     manifest = args.manifest or build_demo(Path(args.out) / "data", vocab_size=args.text_vocab,
                                            seq_len=args.length, stdlib_limit=args.stdlib_limit, progress=True)
@@ -227,6 +229,7 @@ def train(contestant: Contestant, data: Dataset, args, token_budget: int | None,
     model = build_model(contestant, data.vocab_size, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
+    engine = LocalEngine(LossModel(model), optimizer, schedule)
     batches = data.train_batches(objective_sampler(contestant.objective), args.seed)
     run, clock, tokens, steps, next_point = Run(), 0.0, 0, 0, 0.0
     curve_tasks = [OWN_TASK[contestant.name]] if contestant.name in OWN_TASK else sorted(set(OWN_TASK.values()))
@@ -243,7 +246,7 @@ def train(contestant: Contestant, data: Dataset, args, token_budget: int | None,
             break
         start = time.process_time()
         batch = next(batches)
-        loss = train_step(model, optimizer, schedule, batch.to_torch())
+        loss = engine.train_batch(batch.to_torch())
         spent = time.process_time() - start
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"{contestant.name} on {data.name}: loss {loss.item()} at step {steps}")

@@ -19,18 +19,15 @@ import argparse
 import json
 import os
 import resource
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere
-
-from pretrain.collate import collate  # noqa: E402
-from pretrain.model import BigLearner, ModelConfig  # noqa: E402
-from pretrain.objectives import ObjectiveConfig, ObjectiveSampler, PLMConfig  # noqa: E402
+from pretrain.layout import collate
+from pretrain.model import BigLearner, ModelConfig
+from pretrain.objectives import ObjectiveConfig, ObjectiveSampler, PLMConfig
 
 # The tiny config shared by every CPU benchmark, and the XLNet-base shape for GPU runs.
 SIZES = {

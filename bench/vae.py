@@ -1,7 +1,7 @@
 """BigLearn-VAE versus a jointly trained VAE with the same transformer and parameter count.
 
 "Big Learning Variational Auto-Encoders" in shape, on scikit-learn's 8x8 digits cut into 2x2
-patches (16 continuous tokens of dimension 4), configured by configs/experiment/vae_digits.yaml:
+patches (16 continuous tokens of dimension 4), configured by configs/vae_digits.yaml:
 
 - both models trained with the same optimiser, batch and number of steps;
 - test JointELBO (S empty, T = all; the paper's Fig. 2), nats per image;
@@ -12,7 +12,7 @@ Prints tables; `--json PATH` writes joint_elbo / probe_accuracy / params (and mo
 
     python bench/vae.py --out runs/vae --json runs/vae/metrics.json
     python bench/vae.py --quick                   # a smoke run in seconds
-    python bench/vae.py vae.train.steps=500       # any key of pretrain/vae/config.py
+    python bench/vae.py train.steps=500           # any key of pretrain/experiments/vae/config.py
 """
 from __future__ import annotations
 
@@ -26,19 +26,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pretrain.config import load_config  # noqa: E402
-from pretrain.errors import UserError, add_debug_flag, cli_main  # noqa: E402
-from pretrain.vae import objective, patches  # noqa: E402
-from pretrain.vae import train as vae_train  # noqa: E402
-from pretrain.vae.model import MODELS  # noqa: E402
+from data_pipeline.errors import UserError, add_debug_flag, cli_main
+from pretrain.experiments.vae import objective, patches
+from pretrain.experiments.vae import train as vae_train
+from pretrain.experiments.vae.config import VAEExperiment
+from pretrain.train.composition import load
 
 KINDS = ("vae", "biglearn_vae")
 NAMES = {"vae": "VAE (jointly trained, eq. 1)", "biglearn_vae": "BigLearn-VAE (universal, eq. 7)"}
-QUICK = ["vae.model.d_model=32", "vae.model.n_heads=2", "vae.model.n_layers=2", "vae.model.encoder_layers=1",
-         "vae.model.z_dim=8", "vae.train.steps=30", "vae.train.batch_size=16", "vae.train.warmup_steps=5",
-         "vae.eval.probe_draws=1", "vae.eval.elbo_samples=1"]
+QUICK = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.encoder_layers=1", "model.z_dim=8",
+         "train.steps=30", "train.batch_size=16", "train.warmup_steps=5", "eval.probe_draws=1", "eval.elbo_samples=1"]
 FIGURE_RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1)
 MISSING_COLOUR = "#9ecae1"  # patches outside S
 
@@ -127,7 +124,7 @@ def main(argv=None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="config overrides, e.g. vae.train.steps=500 (schema: pretrain/vae/config.py)")
+                        help="config overrides, e.g. train.steps=500 (schema: pretrain/experiments/vae/config.py)")
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps, data subsets (a smoke test)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the metrics here as JSON")
     parser.add_argument("--out", type=Path, default=Path("runs/vae"), help="PNG grids go here")
@@ -137,7 +134,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:  # the config and the data are the user's input: their errors are one line
-        experiment = load_config(["experiment=vae_digits", *(QUICK if args.quick else []), *args.overrides]).vae
+        experiment = load([*(QUICK if args.quick else []), *args.overrides], cls=VAEExperiment, config_name="vae_digits")
         train_x, train_y, test_x, test_y, shape = load_data(experiment, args.quick)
     except ValueError as err:
         raise UserError(err) from None

@@ -7,7 +7,7 @@ import argparse
 import json
 import sys
 
-from pretrain.errors import add_debug_flag, cli_main
+from .errors import add_debug_flag, cli_main
 
 from . import build_demo
 from .inspection import format_report, inspect_dataset

@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from pretrain.errors import add_debug_flag, cli_main
+from data_pipeline.errors import add_debug_flag, cli_main
 
 # Literal parts of a host name (letters, digits, '.', '_', '-'); anything else is an error,
 # which also keeps the names safe to splice into shell commands.

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import socket
@@ -42,7 +41,7 @@ from tqdm import tqdm
 # one manifest loader of the project (format, fields, shard paths inside the dataset directory).
 from data_pipeline.files import file_sha256
 from data_pipeline.shards import MANIFEST, load_manifest, shard_file
-from pretrain.errors import add_debug_flag, cli_main
+from data_pipeline.errors import add_debug_flag, cli_main
 
 MAX_LISTED = 10  # failures listed per check and node before "... and N more"
 

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .collate import SplitSpec, make_split
+from data_pipeline.errors import UserError
+
+from .layout import SplitSpec, make_split
 
 # Task ids index this tuple (TaskBatch.task_id, per-task loss statistics).
 TASKS = ("biglearn", "mlm", "clm", "plm", "prefix_lm", "span", "semi_ar", "mdm", "block_mdm", "group_ar")
@@ -120,63 +122,66 @@ class ObjectiveConfig:
     mixture: dict[str, float] = field(default_factory=dict)  # preset name -> weight, per sample
     segments: list[SegmentRule] = field(default_factory=list)  # one rule per segment, if any
 
+    def __post_init__(self):
+        _validate(self)
+
 
 # --------------------------------------------------------------------------- validation
 
 def _check_beta(name: str, value: float) -> None:
     if not (np.isfinite(value) and value > 0):
-        raise ValueError(f"objective.{name} must be a positive number; got {value!r}")
+        raise UserError(f"objective.{name} must be a positive number; got {value!r}")
 
 
 def _check_ratio(name: str, value: float, *, allow_zero: bool = False, allow_one: bool = True) -> None:
     low_ok = value >= 0 if allow_zero else value > 0
     high_ok = value <= 1 if allow_one else value < 1
     if not (np.isfinite(value) and low_ok and high_ok):
-        raise ValueError(f"objective.{name} must be a ratio in {'[' if allow_zero else '('}0, 1{']' if allow_one else ')'}; got {value!r}")
+        raise UserError(f"objective.{name} must be a ratio in {'[' if allow_zero else '('}0, 1{']' if allow_one else ')'}; got {value!r}")
 
 
-def validate(config: ObjectiveConfig) -> None:
-    """Raise ValueError naming the first bad field."""
+def _validate(config: ObjectiveConfig) -> None:
+    """UserError naming the first bad field (ObjectiveConfig checks itself when made)."""
     if config.name not in PRESETS:
-        raise ValueError(f"objective.name must be one of {PRESETS}; got {config.name!r}")
+        raise UserError(f"objective.name must be one of {PRESETS}; got {config.name!r}")
     for key in ("source_alpha", "source_beta", "target_alpha", "target_beta"):
         _check_beta(f"biglearn.{key}", getattr(config.biglearn, key))
     _check_ratio("mlm.ratio", config.mlm.ratio)
     if int(config.plm.k) != config.plm.k or config.plm.k < 1:
-        raise ValueError(f"objective.plm.k must be an integer >= 1; got {config.plm.k!r}")
+        raise UserError(f"objective.plm.k must be an integer >= 1; got {config.plm.k!r}")
     if config.plm.max_span < 1:
-        raise ValueError(f"objective.plm.max_span must be >= 1; got {config.plm.max_span!r}")
+        raise UserError(f"objective.plm.max_span must be >= 1; got {config.plm.max_span!r}")
     _check_ratio("prefix_lm.min_prefix_ratio", config.prefix_lm.min_prefix_ratio, allow_zero=True)
     _check_ratio("prefix_lm.max_prefix_ratio", config.prefix_lm.max_prefix_ratio, allow_zero=True)
     if config.prefix_lm.min_prefix_ratio > config.prefix_lm.max_prefix_ratio:
-        raise ValueError("objective.prefix_lm.min_prefix_ratio must not exceed max_prefix_ratio")
+        raise UserError("objective.prefix_lm.min_prefix_ratio must not exceed max_prefix_ratio")
     _check_ratio("span.ratio", config.span.ratio)
     if not config.span.mean_span >= 1:
-        raise ValueError(f"objective.span.mean_span must be >= 1; got {config.span.mean_span!r}")
+        raise UserError(f"objective.span.mean_span must be >= 1; got {config.span.mean_span!r}")
     if int(config.semi_ar.chunks) != config.semi_ar.chunks or config.semi_ar.chunks < 1:
-        raise ValueError(f"objective.semi_ar.chunks must be an integer >= 1; got {config.semi_ar.chunks!r}")
+        raise UserError(f"objective.semi_ar.chunks must be an integer >= 1; got {config.semi_ar.chunks!r}")
     if not (np.isfinite(config.mdm.eps) and 0 < config.mdm.eps < 1):
-        raise ValueError(f"objective.mdm.eps must lie in (0, 1); got {config.mdm.eps!r}")
+        raise UserError(f"objective.mdm.eps must lie in (0, 1); got {config.mdm.eps!r}")
     if int(config.block_mdm.block_size) != config.block_mdm.block_size or config.block_mdm.block_size < 1:
-        raise ValueError(f"objective.block_mdm.block_size must be an integer >= 1; got {config.block_mdm.block_size!r}")
+        raise UserError(f"objective.block_mdm.block_size must be an integer >= 1; got {config.block_mdm.block_size!r}")
     sizes = list(config.group_ar.sizes)
     if not sizes or any(int(k) != k or k < 1 for k in sizes):
-        raise ValueError(f"objective.group_ar.sizes must be a non-empty list of integers >= 1; got {sizes!r}")
+        raise UserError(f"objective.group_ar.sizes must be a non-empty list of integers >= 1; got {sizes!r}")
     if config.name == "mixture":
         if not config.mixture:
-            raise ValueError("objective.mixture must name at least one preset with a weight")
+            raise UserError("objective.mixture must name at least one preset with a weight")
         for preset, weight in config.mixture.items():
             if preset not in TASKS:
-                raise ValueError(f"objective.mixture: unknown preset {preset!r}; choose from {TASKS}")
+                raise UserError(f"objective.mixture: unknown preset {preset!r}; choose from {TASKS}")
             if not (np.isfinite(weight) and weight >= 0):
-                raise ValueError(f"objective.mixture.{preset} must be a weight >= 0; got {weight!r}")
+                raise UserError(f"objective.mixture.{preset} must be a weight >= 0; got {weight!r}")
         if sum(config.mixture.values()) <= 0:
-            raise ValueError("objective.mixture weights must not all be zero")
+            raise UserError("objective.mixture weights must not all be zero")
     for i, rule in enumerate(config.segments):
         for key in ("p_source", "p_target", "p_drop"):
             _check_ratio(f"segments[{i}].{key}", getattr(rule, key), allow_zero=True)
         if rule.p_source + rule.p_target + rule.p_drop > 1 + 1e-9:
-            raise ValueError(f"objective.segments[{i}]: p_source + p_target + p_drop must be <= 1")
+            raise UserError(f"objective.segments[{i}]: p_source + p_target + p_drop must be <= 1")
 
 
 # --------------------------------------------------------------------------- presets
@@ -326,7 +331,6 @@ class ObjectiveSampler:
     def __init__(self, config: ObjectiveConfig | str = "biglearn"):
         if isinstance(config, str):
             config = ObjectiveConfig(name=config)
-        validate(config)
         self.config = config
         if config.name == "mixture":
             names = [k for k, w in config.mixture.items() if w > 0]
@@ -385,11 +389,11 @@ class ObjectiveSampler:
             targets = np.concatenate([targets, forced_target])
             source = np.sort(np.concatenate([source] + forced_source))
             return make_split(length, source, targets, groups, weights, norm, task_id=TASKS.index(name))
-        raise ValueError("objective.segments: rules left no target in 100 draws; raise some p_target or lower p_drop")
+        raise UserError("objective.segments: rules left no target in 100 draws; raise some p_target or lower p_drop")
 
 
 # --------------------------------------------------------------------------- evaluation tasks
-# Fixed task families for evaluation matrices (pretrain.evaluate, bench/groundtruth.py).
+# Fixed task families for evaluation matrices (pretrain.train.evaluate, bench/groundtruth.py).
 EVAL_TASKS = ("joint", "left_to_right", "mlm", "infill", "biglearn", "prefix", "suffix")
 
 

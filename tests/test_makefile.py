@@ -99,7 +99,7 @@ def test_broken_nvidia_smi_counts_as_no_gpu(tmp_path, bin_dir):
 def test_demo_installs_no_test_or_benchmark_extras(tmp_path, bin_dir):
     fake_bin(bin_dir, "python3.11")
     demo = make(tmp_path, "demo").stdout
-    assert "pretrain.demo" in demo
+    assert "pretrain.experiments.demo" in demo
     assert ".[dev]" not in demo and ".[bench]" not in demo
     assert ".[dev]" in make(tmp_path, "test").stdout
     assert ".[bench]" in make(tmp_path, "bench").stdout

@@ -34,9 +34,15 @@ def test_pip_install_then_biglearn_train_from_another_directory(tmp_path):
     assert install.returncode == 0, install.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = subprocess.run([python, "-c", "import pretrain.config as c; print(c.__file__); print(c.CONFIG_DIR)"],
+    where = subprocess.run([python, "-c", "import pretrain.train.config as c, biglearn_kernels as k; print(c.__file__); "
+                            "print(c.CONFIG_DIR); print(k.__file__)"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert all(Path(p).is_relative_to(env_dir) for p in where), where
+    # beside transformers: `kernels` stays Hugging Face's, the wheel wrote nothing over it
+    hub = subprocess.run([python, "-c", "import kernels; print(kernels.__file__, hasattr(kernels, 'group_attention'))"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True)
+    if hub.returncode == 0:
+        assert not Path(hub.stdout.split()[0]).is_relative_to(env_dir) and hub.stdout.split()[1] == "False", hub.stdout
     assert (Path(where[1]) / "experiment" / "smoke.yaml").is_file()
     biglearn = env_dir / "bin" / "biglearn"
     assert subprocess.run([biglearn, "train", "--help"], cwd=elsewhere, env=env, capture_output=True, text=True,

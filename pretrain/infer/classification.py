@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..collate import collate
+from data_pipeline.errors import UserError
+
+from ..layout import collate
 from .scoring import check_length, eval_forward, split_spec
 
 

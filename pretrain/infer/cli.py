@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import UserError, add_debug_flag, cli_main
+from data_pipeline.errors import UserError, add_debug_flag, cli_main
+
+from ..checkpoint.loading import bundled_tokenizer, load_model
 from .classification import LabelLayout, classify, read_examples
 from .decoding import CACHED, SCHEDULES, STRATEGIES, complete
-from .loading import bundled_tokenizer, load_model
 from .scoring import check_length, score, score_orders
 from .text import gapped_ids
 

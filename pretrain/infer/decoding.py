@@ -36,8 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..collate import INVALID_GROUP, QUERY_PREDICTOR, collate, make_split
-from ..errors import UserError
+from data_pipeline.errors import UserError
+
+from ..layout import INVALID_GROUP, QUERY_PREDICTOR, collate, make_split
 from ..model import NO_TARGET, START_POSITION
 from .scoring import check_length, eval_forward, split_spec
 

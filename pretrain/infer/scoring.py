@@ -11,8 +11,9 @@ import math
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..collate import SplitSpec, collate, make_split
+from data_pipeline.errors import UserError
+
+from ..layout import SplitSpec, collate, make_split
 from ..objectives import TASKS
 
 

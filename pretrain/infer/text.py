@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import UserError
+from data_pipeline.errors import UserError
+
 from .decoding import complete
 from .scoring import check_length, score
 
@@ -99,7 +100,7 @@ class TextModel:
 
         from data_pipeline.tokenizer import Tokenizer
 
-        from .loading import bundled_tokenizer, load_model
+        from ..checkpoint.loading import bundled_tokenizer, load_model
 
         tokenizer_path = tokenizer if tokenizer is not None else bundled_tokenizer(Path(model_path))
         if tokenizer_path is None:

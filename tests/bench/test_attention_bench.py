@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import INVALID_GROUP, visibility
+from biglearn_kernels import INVALID_GROUP, visibility
 
 SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "attention.py"
 

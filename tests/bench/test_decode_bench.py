@@ -1,16 +1,11 @@
 """bench/decode.py: the --quick run has every sampler row, finite speeds and exact quality figures."""
 import json
 import math
-import runpy
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "decode.py"
-decode = runpy.run_path(str(BENCH))
 
 
-def test_quick_decode_bench_has_every_row(tmp_path, capsys):
+def test_quick_decode_bench_has_every_row(tmp_path, capsys, bench_script):
     out = tmp_path / "decode.json"
-    rows = decode["main"](["--quick", "--no-tiny", "--batch-sizes", "1", "2", "--json", str(out)])
+    rows = bench_script("decode")["main"](["--quick", "--no-tiny", "--batch-sizes", "1", "2", "--json", str(out)])
     assert json.loads(out.read_text()) == rows
     systems = {r["system"] for r in rows}
     assert {"sequential", "group_parallel k=4 random", "group_parallel k=2 confidence", "remask K=6",

@@ -1,17 +1,17 @@
 """bench/peers.py: the --quick run has every row, finite; helpers checked against closed forms."""
 import json
 import math
-import runpy
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "peers.py"
-peers = runpy.run_path(str(BENCH))
+
+@pytest.fixture
+def peers(bench_script):
+    return bench_script("peers")
 
 
-def test_quick_peers_has_every_row_and_a_plot(tmp_path, capsys):
+def test_quick_peers_has_every_row_and_a_plot(tmp_path, capsys, peers):
     out = tmp_path / "peers.json"
     systems = ["ours", "hf-xlnet", "hf-llama", "ours-1-clm"]  # every kind of worker, fewer processes
     rows = peers["main"](["--quick", "--json", str(out), "--systems", *systems, "--interleaved"])
@@ -41,7 +41,7 @@ def test_quick_peers_has_every_row_and_a_plot(tmp_path, capsys):
     assert "nan" not in printed.lower() and "hf-xlnet" in printed and "hf-llama" in printed
 
 
-def test_yardstick_ratios_against_llama():
+def test_yardstick_ratios_against_llama(peers):
     rng = np.random.default_rng()
     llama_step, ours_step, pred = rng.uniform(0.1, 1), rng.uniform(0.1, 1), rng.uniform(10, 100)
     rows = [{"system": "hf-llama", "seq_len": 64, "step_s": llama_step, "predicted_per_step": 2 * pred,
@@ -55,7 +55,7 @@ def test_yardstick_ratios_against_llama():
     assert got["mem_vs_llama"] == pytest.approx(0.25)
 
 
-def test_interleaved_ratios_against_llama_and_xlnet():
+def test_interleaved_ratios_against_llama_and_xlnet(peers):
     rng = np.random.default_rng()
     cpu = dict(zip(("hf-llama", "ours-1-clm", "ours", "hf-xlnet"), rng.uniform(0.1, 5, 4)))
     predicted = {"hf-llama": 63.0, "ours-1-clm": 64.0, "ours": 11.0, "hf-xlnet": 11.0}
@@ -69,7 +69,7 @@ def test_interleaved_ratios_against_llama_and_xlnet():
     assert "cpu_vs_llama" not in got["ours"] and "speed_vs_xlnet" not in got["ours-1-clm"]
 
 
-def test_scaling_exponents_match_a_power_law():
+def test_scaling_exponents_match_a_power_law(peers):
     """step time ~ L^1.5 and memory ~ L^1 give those exponents and per-token ratios 2^0.5."""
     rng = np.random.default_rng()
     a_time, a_mem = rng.uniform(1, 2), rng.uniform(0.5, 1.5)
@@ -85,7 +85,7 @@ def test_scaling_exponents_match_a_power_law():
         assert r["mem_vs_prev"] == pytest.approx(2**a_mem)
 
 
-def test_both_systems_predict_the_same_share_of_tokens():
+def test_both_systems_predict_the_same_share_of_tokens(peers, bench_script):
     """Our plm preset (span=True) and HF's PLM collator draw the same q(S, T): ~1/6 predicted, in
     spans of mean length 3 (U[1, 5]); compared over fresh random draws."""
     import torch
@@ -93,7 +93,7 @@ def test_both_systems_predict_the_same_share_of_tokens():
     length, batch = 600, 48
     hf = peers["xlnet_collator"](8000)([torch.randint(5, 8000, (length,)) for _ in range(batch)])
     hf_targets = (hf["labels"] != -100).numpy()
-    throughput = runpy.run_path(str(BENCH.parent / "throughput.py"))
+    throughput = bench_script("throughput")
     ours = throughput["batch_maker"]("plm", length, batch, 8000, int(np.random.default_rng().integers(1 << 30)))(0)
     our_targets = np.zeros((batch, length), dtype=bool)
     for b in range(batch):

@@ -57,7 +57,7 @@ def test_causal_yardstick_scores_what_llama_computes(shootout):
                                                          attention_backend="torch")).eval()
     rng = np.random.default_rng()
     x = rng.integers(0, vocab, size=(3, length))
-    from pretrain.synthetic import model_target_log_probs
+    from pretrain.experiments.synthetic import model_target_log_probs
     left = model_target_log_probs(yardstick, x, [eval_split("left_to_right", length, rng) for _ in x])
     with torch.no_grad():
         ids = torch.cat([torch.full((3, 1), vocab), torch.from_numpy(x)], dim=1)
@@ -84,7 +84,7 @@ def test_bad_flags_name_the_flag(shootout, tmp_path, capsys):
 def test_each_objective_wins_on_its_own_task():
     """clm and mlm trained briefly on the HMM with the shared step: each is closer to exact on
     its own task than the other."""
-    from pretrain.synthetic import HiddenMarkovSource, fit, model_target_log_probs
+    from pretrain.experiments.synthetic import HiddenMarkovSource, fit, model_target_log_probs
     source = HiddenMarkovSource.random(seed=1)
     models = {name: fit(source, ObjectiveSampler(name), length=32, steps=300, batch_size=32, seed=0)
               for name in ("clm", "mlm")}

@@ -1,4 +1,4 @@
-"""Backend choice, its one-time log, and the flash-attn special cases (kernels/dispatch.py)."""
+"""Backend choice, its one-time log, and the flash-attn special cases (kernels/biglearn_kernels/dispatch.py)."""
 import logging
 import os
 import subprocess
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import INVALID_GROUP, group_attention, reference_attention, two_stream_attention
-from kernels import visibility
-from kernels.dispatch import flash_attn_case
+from biglearn_kernels import INVALID_GROUP, group_attention, reference_attention, two_stream_attention
+from biglearn_kernels import visibility
+from biglearn_kernels.dispatch import flash_attn_case
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -28,8 +28,8 @@ def test_auto_on_cpu_is_the_reference_and_logs_once(caplog):
     rng = np.random.default_rng()
     groups = random_sorted_groups(rng, 2, 9)
     q, k, v = torch.randn(2, 2, 9, 8), torch.randn(2, 1, 9, 8), torch.randn(2, 1, 9, 8)
-    with caplog.at_level(logging.INFO, logger="kernels.dispatch"):
-        from kernels import dispatch
+    with caplog.at_level(logging.INFO, logger="biglearn_kernels.dispatch"):
+        from biglearn_kernels import dispatch
         dispatch._logged.clear()
         for _ in range(3):
             o = group_attention(q, k, v, groups, groups, strict=False)
@@ -82,7 +82,7 @@ def test_flash_attn_case_needs_the_same_groups_for_rows_and_keys():
 
 def test_triton_without_cuda_or_interpreter_is_a_clear_error():
     """A fresh process without TRITON_INTERPRET: backend='triton' on CPU tensors must raise."""
-    code = ("import torch, kernels\n"
+    code = ("import torch, biglearn_kernels as kernels\n"
             "g = torch.zeros(1, 4, dtype=torch.int32); q = torch.randn(1, 1, 4, 16)\n"
             "try:\n"
             "    kernels.group_attention(q, q, q, g, g, strict=False, backend='triton')\n"

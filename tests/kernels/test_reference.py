@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import INVALID_GROUP, group_attention, reference_attention, visibility
+from biglearn_kernels import INVALID_GROUP, group_attention, reference_attention, visibility
 
 
 def random_groups(rng, batch, n, with_padding=True):
@@ -81,7 +81,7 @@ def test_causal_rows_match_naive_loop(n_keys, strict):
 
 def test_reference_query_chunks_agree(monkeypatch):
     """Chunked evaluation (bounded memory) gives the same numbers as one chunk."""
-    import kernels.reference as reference
+    import biglearn_kernels.reference as reference
     rng = np.random.default_rng()
     q, k, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64) for _ in range(3))
     groups = random_groups(rng, 2, 37)
@@ -125,7 +125,7 @@ def test_plans_are_shared_by_layers_and_follow_in_place_changes():
 def test_without_autograd_masks_are_built_per_chunk_and_not_kept(monkeypatch):
     """Inference keeps the reference's memory bound (one chunk's mask at a time); training keeps
     every chunk's mask in the plan, which autograd saves for backward anyway."""
-    import kernels.reference as reference
+    import biglearn_kernels.reference as reference
     rng = np.random.default_rng()
     q, k, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64) for _ in range(3))
     groups = random_groups(rng, 2, 37)
@@ -145,7 +145,7 @@ def test_a_plan_and_its_masks_go_with_the_groups_that_made_it():
     next to the new step's at its peak): entries hold their group tensors weakly."""
     import weakref
 
-    import kernels.reference as reference
+    import biglearn_kernels.reference as reference
     q, k, v = (torch.randn(2, 2, 12, 8, requires_grad=True) for _ in range(3))
     groups = (torch.arange(12) // 3).to(torch.int32).expand(2, -1).contiguous()  # a mask is needed
     out = reference_attention(q, k, v, groups, groups, strict=False)
@@ -200,8 +200,8 @@ def test_a_plan_cut_to_its_last_rows_equals_the_full_attention_of_those_rows(mon
     """plan.rows_from(first) (a decoding step's last layer) gives the rows first: exactly what the
     whole plan gives them, with chunking, padding, and rows that see nothing; the causal path
     has no cut (None)."""
-    import kernels.reference as reference
-    from kernels import attention_plan, planned_attention
+    import biglearn_kernels.reference as reference
+    from biglearn_kernels import attention_plan, planned_attention
     if chunk_rows:
         monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 3 * 2 * 29 * chunk_rows)
     rng = np.random.default_rng()
@@ -234,7 +234,7 @@ def test_a_source_prefix_then_singleton_targets_takes_the_causal_path_exactly(mo
     dropped tokens are padding) are the causal case per sample with the S rows redone over S:
     values and gradients equal the dense rule, padding rows are zero, and the plan records each
     sample's (S, valid rows), so this checks that path and not the masked one."""
-    import kernels.reference as reference
+    import biglearn_kernels.reference as reference
     monkeypatch.setattr(reference, "_PREFIX_CAUSAL_MIN_ROWS", 1)  # the path's own threshold is for speed only
     rng = np.random.default_rng()
     batch, n = 4, 23

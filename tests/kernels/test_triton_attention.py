@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import INVALID_GROUP, group_attention, reference_attention, two_stream_attention
-from kernels import triton_attention
+from biglearn_kernels import INVALID_GROUP, group_attention, reference_attention, two_stream_attention
+from biglearn_kernels import triton_attention
 
 REPO = Path(__file__).resolve().parents[2]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -216,7 +216,7 @@ def test_unsupported_head_dim_falls_back_with_a_log(caplog):
     groups = torch.tensor([[0, 0, 1, 2, 3, 3]], dtype=torch.int32, device=DEVICE)
     q, k, v = rand(1, 2, 6, 24), rand(1, 2, 6, 24), rand(1, 2, 6, 24)
     assert "head_dim=24" in triton_attention.unsupported_reason(q, k, v)
-    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="biglearn_kernels.dispatch"):
         o = group_attention(q, k, v, groups, groups, strict=False, backend="triton")
     assert "head_dim=24" in caplog.text
     assert torch.equal(o, reference_attention(q, k, v, groups, groups, strict=False))
@@ -248,7 +248,7 @@ import sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from kernels import triton_attention as ta
+from biglearn_kernels import triton_attention as ta
 assert not ta.INTERPRET
 for kernel in (ta._fwd_kernel, ta._bwd_dq_kernel, ta._bwd_dkdv_kernel):
     fn, config = kernel.fn, kernel.configs[0]

@@ -79,7 +79,6 @@ def test_cpu_mode_preflight_failure_reaches_exit_status(dataset):
 @pytest.mark.slow
 def test_cpu_mode_trains_smoke(tmp_path):
     """Real trainer, 2 CPU processes, experiment=smoke: must train its few steps and exit 0."""
-    pytest.importorskip("pretrain.train", reason="pretrain/train.py (issue 5) is not importable yet")
     run_dir = tmp_path / "run"
     proc = _local("cpu", "-n", "2", f"run_dir={run_dir}", dry_run=False, timeout=900)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]

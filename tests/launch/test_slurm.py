@@ -253,7 +253,6 @@ def test_usr1_checkpoints_and_requeues(tmp_path):
 def test_preemption_with_real_trainer(tmp_path):
     """The real trainer, 2 CPU ranks: USR1 -> checkpoint -> exit 0 -> requeue; the requeued job
     (same id, same run_dir) resumes from that checkpoint."""
-    pytest.importorskip("pretrain.train", reason="pretrain/train.py (issue 5) is not importable yet")
     run = tmp_path / "run"
     fake, env = _fake_slurm(tmp_path, REPO, SLURM_JOB_ID="778", GPUS_PER_NODE="2", RUN_DIR=str(run))
     args = ["experiment=smoke", "deepspeed=cpu", "trainer.max_steps=100000", "trainer.save_every=0"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pretrain.checkpoint import complete_checkpoints
+from pretrain.checkpoint.sharded import complete_checkpoints
 
 pytestmark = [pytest.mark.slow, pytest.mark.dist]
 
@@ -70,7 +70,7 @@ def demo_dir(tmp_path_factory):
     """The smoke experiment's demo data, built before the launch (rank 0 would otherwise build it
     while the other ranks wait at a barrier bounded by the short dist timeout)."""
     import data_pipeline
-    from pretrain.config import load_config
+    from pretrain.train.config import load_config
     root = tmp_path_factory.mktemp("two_nodes_data")
     d = load_config(SMOKE).data
     data_pipeline.build_demo(root / f"vocab{d.demo_vocab_size}_len{d.demo_seq_len}_files{d.demo_max_files}",

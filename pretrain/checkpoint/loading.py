@@ -1,0 +1,95 @@
+"""Loading a trained model for inference and export, with the tokenizer check.
+
+An exported directory (or a run directory holding export/) is read as it is; a DeepSpeed
+checkpoint only when the caller passes trust_checkpoint=True, weights-only (its .pt files are
+pickles). Every path ends in the one weights loader, pretrain.model.model_from_weights. A
+tokenizer whose sha256 differs from the one the model was trained with is refused: token ids
+would not match.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from data_pipeline.errors import UserError
+
+from ..model import BigLearner, model_from_weights
+from .card import manifest_summary
+from .export import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS, export_model, load_exported
+from .rundir import EXPORT, last_eval
+from .sharded import COMPLETE, META, CheckpointError, consolidated_state_dict, find_checkpoint
+
+
+def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tuple[BigLearner, dict]:
+    """(BigLearner in eval mode, metadata) from an exported dir, or a run dir holding export/;
+    with trust_checkpoint=True also from a DeepSpeed checkpoint tag, a checkpoints/ dir or a
+    run dir without export (the newest complete checkpoint)."""
+    path = Path(path)
+    for exported in (path, path / EXPORT):
+        if (exported / EXPORT_WEIGHTS).is_file() and (exported / EXPORT_CONFIG).is_file():
+            return load_exported(exported, device)
+    tag_dir = find_checkpoint(path)
+    if tag_dir is None:
+        raise CheckpointError(f"{path}: no exported model ({EXPORT_WEIGHTS}) and no complete checkpoint "
+                              f"(a step_* dir with {COMPLETE}) found")
+    if not trust_checkpoint:
+        raise CheckpointError(
+            f"{path} holds no exported {EXPORT_WEIGHTS}, only the DeepSpeed checkpoint {tag_dir}, whose .pt files are "
+            "pickles; pass --trust-checkpoint to read it (weights-only), or export it first with "
+            f"`biglearn export {tag_dir} OUT_DIR --trust-checkpoint`")
+    meta = json.loads((tag_dir / META).read_text())
+    model = model_from_weights(meta["config"]["model"], consolidated_state_dict(tag_dir), tag_dir, device)
+    return model, {**meta, "checkpoint": str(tag_dir)}
+
+
+def load_model(path, device="cpu", tokenizer_sha256: str | None = None, trust_checkpoint: bool = False):
+    """load_for_inference, refusing a model whose recorded tokenizer differs from `tokenizer_sha256`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model path {path} does not exist")
+    model, meta = load_for_inference(path, device=device, trust_checkpoint=trust_checkpoint)
+    recorded = meta.get("tokenizer_sha256")
+    if tokenizer_sha256 is not None:
+        if recorded is None:
+            print(f"warning: {path} records no tokenizer_sha256; cannot check it matches the tokenizer", file=sys.stderr)
+        elif recorded != tokenizer_sha256:
+            raise UserError(f"{path} was trained with tokenizer sha256 {recorded}, but the given tokenizer has "
+                            f"sha256 {tokenizer_sha256}: token ids would not match")
+    return model, meta
+
+
+def bundled_tokenizer(export_dir: Path) -> Path | None:
+    """An export's own tokenizer directory (exports carry it, docs/hf.md), else None."""
+    from data_pipeline.tokenizer import HF_FILE, INFO_FILE, MODEL_FILE
+    return export_dir if any((export_dir / n).is_file() for n in (INFO_FILE, HF_FILE, MODEL_FILE)) else None
+
+
+def run_tokenizer(meta: dict):
+    """The tokenizer a run trained with (the one its dataset carries), or None when it is not here."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    manifest = meta.get("manifest")
+    try:
+        tokenizer = Tokenizer.load(Path(manifest).parent) if manifest else None
+    except ValueError:
+        return None
+    return tokenizer if tokenizer is not None and tokenizer.sha256 == meta.get("tokenizer_sha256") else None
+
+
+def export_metadata(meta: dict) -> dict:
+    """What an export records of a checkpoint: its metadata, a summary of its data and the
+    validation matrix of its step (export_model makes the paths portable)."""
+    extra = {k: v for k, v in meta.items() if k not in ("model", "run_dir", "checkpoint")}
+    if meta.get("manifest"):
+        extra["data"] = manifest_summary(meta["manifest"])
+    extra["eval"] = last_eval(meta.get("run_dir"), meta.get("progress", {}).get("step"))
+    return extra
+
+
+def export_checkpoint(path, out_dir, trust_checkpoint: bool = False) -> Path:
+    """Consolidated fp32 export (pretrain.checkpoint.export format) of the newest complete checkpoint
+    at `path`, with the run's tokenizer, a summary of its data and its last validation matrix."""
+    tag_dir = find_checkpoint(path)
+    model, meta = load_for_inference(tag_dir or path, trust_checkpoint=trust_checkpoint)
+    return export_model(model, out_dir, export_metadata(meta), run_tokenizer(meta))
