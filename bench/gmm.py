@@ -144,10 +144,10 @@ def project(mu, chol, a):
     return (mu * a).sum(-1), u1 ** 2 + u2 ** 2
 
 
-def gmm_conditional_logpdf(y2, y1, mu, chol, a, b):
-    """log p(y2 | y1) of the GMM in rotated coordinates y1 = a^T x, y2 = b^T x (a, b orthonormal):
-    a GMM with weights ~ N(y1; a^T mu_k, s11), means b^T mu_k + s12 / s11 (y1 - a^T mu_k) and
-    variances s22 - s12^2 / s11 = det(Sigma_k) / s11, where s_ij are the entries of R Sigma_k R^T."""
+def conditional_params(y1, mu, chol, a, b):
+    """p(y2 | y1) of the GMM in rotated coordinates y1 = a^T x, y2 = b^T x (a, b orthonormal) is a GMM
+    with log-weights ~ log N(y1; a^T mu_k, s11), means b^T mu_k + s12 / s11 (y1 - a^T mu_k) and
+    variances s22 - s12^2 / s11 = det(Sigma_k) / s11 (s_ij: entries of R Sigma_k R^T). Each [..., N, K]."""
     l11, l21, l22 = chol
     a_, b_ = a[..., None, :], b[..., None, :]
     u = torch.stack((l11 * a_[..., 0] + l21 * a_[..., 1], l22 * a_[..., 1]), -1)  # L^T a
@@ -155,11 +155,14 @@ def gmm_conditional_logpdf(y2, y1, mu, chol, a, b):
     s11, s12 = (u * u).sum(-1), (u * w).sum(-1)
     m1, m2 = (mu * a_).sum(-1), (mu * b_).sum(-1)
     log_w = log_normal1(y1, m1, s11)
-    log_w = log_w - logsumexp(log_w, -1, keepdim=True)
     cond_mean = m2[..., None, :] + (s12 / s11)[..., None, :] * (y1[..., :, None] - m1[..., None, :])
-    cond_var = ((l11 * l22) ** 2 / s11)[..., None, :]
-    log_c = -0.5 * (LOG2PI + cond_var.log() + (y2[..., :, None] - cond_mean) ** 2 / cond_var)
-    return logsumexp(log_w + log_c, -1)
+    return log_w - logsumexp(log_w, -1, keepdim=True), cond_mean, ((l11 * l22) ** 2 / s11)[..., None, :]
+
+
+def gmm_conditional_logpdf(y2, y1, mu, chol, a, b):
+    """log p(y2 | y1) of the GMM in rotated coordinates (see conditional_params)."""
+    log_w, cond_mean, cond_var = conditional_params(y1, mu, chol, a, b)
+    return logsumexp(log_w - 0.5 * (LOG2PI + cond_var.log() + (y2[..., :, None] - cond_mean) ** 2 / cond_var), -1)
 
 
 def sample_gmm(mu, chol, n, generator):
@@ -215,8 +218,10 @@ def snapshot_steps(total: int):
     return sorted({round(f * total) for f in SNAPSHOT_FRACTIONS})
 
 
-def task_loss(kinds, x, a, b, mu, chol, dtype):
-    """Per-seed Monte-Carlo loss of the drawn task on the reparameterised samples x [S, B, 2]."""
+def task_loss(kinds, x, a, b, mu, chol, dtype, data=None):
+    """Per-seed Monte-Carlo loss of the drawn task on the reparameterised samples x [S, B, 2]. With
+    data = (y1 [S, n] from q, eps [S, n, K]) the conditional task takes y1 ~ q instead of y1 ~ p:
+    E_{p(y2|y1)} f = sum_k w_k(y1) E_{N(m_k(y1), v_k)} f, one reparameterised y2 per component k."""
     tmu, tchol = target_means(dtype), target_chol(dtype)
     loss = torch.zeros(x.shape[0], dtype=dtype)
     if (kinds == JOINT).any():
@@ -226,8 +231,15 @@ def task_loss(kinds, x, a, b, mu, chol, dtype):
         lm = gmm_logpdf1(y1, *project(mu, chol, a)) - gmm_logpdf1(y1, *project(tmu, tchol, a))
         loss = torch.where(kinds == MARGINAL, lm.mean(-1), loss)
     if (kinds == CONDITIONAL).any():
+        weights = None
+        if data is not None:
+            y1, eps = data
+            log_w, cond_mean, cond_var = conditional_params(y1, mu, chol, a, b)
+            y2, weights = (cond_mean + cond_var.sqrt() * eps).flatten(1), log_w.exp()
+            y1 = y1.repeat_interleave(K, -1)
         lc = gmm_conditional_logpdf(y2, y1, mu, chol, a, b) - gmm_conditional_logpdf(y2, y1, tmu, tchol, a, b)
-        loss = torch.where(kinds == CONDITIONAL, lc.mean(-1), loss)
+        lc = lc.mean(-1) if weights is None else (weights * lc.view(weights.shape)).sum(-1).mean(-1)
+        loss = torch.where(kinds == CONDITIONAL, lc, loss)
     return loss
 
 
@@ -246,12 +258,17 @@ def train_gradient(arm, seeds, args, bar):
         n = min(args.steps_per_task, args.steps - step)
         idx = torch.stack([torch.randint(K, (n, args.batch), generator=g) for g in gens], 1)
         eps = torch.stack([torch.randn(n, args.batch, 2, generator=g) for g in gens], 1).to(dtype)
+        if arm == "biglearn_conditional" and args.cond_source == "data":  # batch // K values of y1 ~ q
+            xq = torch.stack([sample_gmm(target_means(), target_chol(), n * max(1, args.batch // K), g) for g in gens])
+            y1q = (xq.view(len(seeds), n, -1, 2).transpose(0, 1).to(dtype) * a[:, None]).sum(-1)
+            eps_q = torch.stack([torch.randn(n, y1q.shape[-1], K, generator=g) for g in gens], 1).to(dtype)
         for j in range(n):
             if step in wanted:
                 snaps[step] = (mu.detach().double().clone(), chol_from_raw(raw.detach().double()))
             chol = chol_from_raw(raw)
             x = reparameterise(mu, chol, idx[j], eps[j])
-            loss = task_loss(kinds, x, a, b, mu, chol, dtype)
+            data = (y1q[j], eps_q[j]) if arm == "biglearn_conditional" and args.cond_source == "data" else None
+            loss = task_loss(kinds, x, a, b, mu, chol, dtype, data)
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()
             opt.step()
@@ -465,6 +482,9 @@ def parse_args(argv=None):
     p.add_argument("--joint-share", type=float, default=0.1, help=f"probability of a joint task after that {d}")
     p.add_argument("--cond-share", type=float, default=0.5,
                    help=f"biglearn_conditional: probability that a non-joint task is conditional {d}")
+    p.add_argument("--cond-source", choices=("model", "data"), default="model",
+                   help="biglearn_conditional: y1 ~ p (= joint minus marginal KL) or y1 ~ q (the paper's eq. 6) "
+                        f"{d}")
     p.add_argument("--em-steps", type=int, default=2000, help=f"EM iterations of the EM arms {d}")
     p.add_argument("--em-steps-per-task", type=int, default=5, help=f"EM iterations on one drawn task {d}")
     p.add_argument("--em-data", type=int, default=5000, help=f"target samples EM trains on, per seed {d}")

@@ -139,6 +139,28 @@ def test_conditional_density_matches_brute_force_integration(gmm):
     assert torch.allclose(lhs, gmm.gmm_logpdf(x, mu, chol))
 
 
+def test_data_sourced_conditional_loss_matches_quadrature(gmm):
+    """--cond-source data: with y1 fixed, the branch-weighted estimate of KL[p(y2|y1) || q(y2|y1)]
+    (analytic weights, one reparameterised y2 per component) matches 1-D quadrature."""
+    g = torch.Generator().manual_seed(8)
+    mu = gmm.target_means() + 0.5 * torch.randn(25, 2, generator=g, dtype=torch.float64)
+    raw = torch.log(torch.tensor([0.4, 1.0, 0.3], dtype=torch.float64)).repeat(25, 1)
+    raw[:, 1] = 0.1 * torch.randn(25, generator=g, dtype=torch.float64)
+    chol = gmm.chol_from_raw(raw)
+    a = torch.tensor([[math.cos(0.6), math.sin(0.6)]], dtype=torch.float64)
+    b = torch.stack((-a[:, 1], a[:, 0]), -1)
+    y1 = torch.full((1, 2000), 0.9, dtype=torch.float64)
+    kinds, x = torch.tensor([gmm.CONDITIONAL]), torch.zeros(1, 4, 2, dtype=torch.float64)
+    draws = torch.stack([gmm.task_loss(kinds, x, a, b, mu[None], tuple(c[None] for c in chol), torch.float64,
+                                       (y1, torch.randn(1, 2000, 25, generator=g, dtype=torch.float64)))[0]
+                         for _ in range(10)])
+    grid = torch.linspace(-12, 12, 20001, dtype=torch.float64)
+    cond = lambda m, c: gmm.gmm_conditional_logpdf(grid, torch.full_like(grid, 0.9), m, c, a[0], b[0])  # noqa: E731
+    log_p, log_q = cond(mu, chol), cond(gmm.target_means(), gmm.target_chol())
+    exact = float(torch.trapezoid(log_p.exp() * (log_p - log_q), grid))
+    assert abs(float(draws.mean()) - exact) < 4 * float(draws.std()) / math.sqrt(10) + 1e-3, (draws, exact)
+
+
 def test_modes_covered_on_hand_built_cases(gmm):
     means = gmm.target_means()
     assert gmm.COVER_RADIUS == pytest.approx(3 * math.sqrt(0.05))
