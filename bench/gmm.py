@@ -17,13 +17,12 @@ index carries no parameter and the estimator is unbiased), x = mu_k + L_k eps, e
                           run on, a task is the joint matching with probability --joint-share
     biglearn_conditional  as biglearn, but a non-joint task is, with probability --cond-share, the
                           conditional matching E_{y1 ~ p} KL[p(y2 | y1) || q(y2 | y1)] of the rotated
-                          coordinates (y2 = b^T x, b = a rotated by 90 degrees). The conditionals are
-                          evaluated with their closed form (gmm_conditional_logpdf: weights
-                          ~ N(y1; a^T mu_k, s11), means b^T mu_k + s12/s11 (y1 - a^T mu_k), variances
-                          det(Sigma_k)/s11) at y = A x, x ~ p. By the chain rule this expected KL equals
-                          KL[p(y) || q(y)] - KL[p(y1) || q(y1)] (joint minus marginal; tested), and
-                          unlike E_{y1 ~ q} it needs no sampling from p(y2 | y1), whose mixture weights
-                          depend on the parameters (no plain reparameterisation)
+                          coordinates (y2 = b^T x, b = a rotated by 90 degrees), in closed form
+                          (conditional_params) at y = A x, x ~ p. By the chain rule this expected KL is
+                          KL[p(y) || q(y)] - KL[p(y1) || q(y1)] (joint minus marginal; tested), and it
+                          needs no sampling from p(y2 | y1), whose weights depend on the parameters.
+                          --cond-source data: y1 ~ q (the paper's eq. 6), p(y2 | y1) sampled branch by
+                          branch (analytic weights, one reparameterised y2 per component)
 EM arms (weights stay uniform; --em-data samples of q per seed; Sigma floored at 1e-6 I):
     joint_em              maximum-likelihood EM on those samples (E-step responsibilities, M-step
                           means and covariances)
@@ -33,8 +32,8 @@ EM arms (weights stay uniform; --em-data samples of q per seed; Sigma floored at
                           the projected data y1 = a^T x for the projected mixture (1-D M-step: new m_k,
                           v_k) and maps it back by keeping each component's conditional p(y2 | y1, k)
                           (slope s12/s11, residual variance): among Gaussians with the new y1-marginal
-                          that is the one closest to the old component in KL, and stays positive
-                          definite. Joint tasks are plain EM iterations.
+                          that is the one closest to the old component in KL[new || old], and it stays
+                          positive definite. Joint tasks are plain EM iterations.
 
 Metrics per arm and seed (held-out, fresh samples; standard errors in the JSON):
     modes_covered   number of target means mu*_j with some model mean mu_k at Euclidean distance
