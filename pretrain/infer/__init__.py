@@ -11,7 +11,8 @@ Fine-tuning imports this package, never the reverse.
 from .classification import (Example, ExampleFields, LabelLayout, classification_metrics, classify,
                              evaluate_classifier, read_examples)
 from .cli import main, parse_positions
-from .decoding import STRATEGIES, Completion, complete, sample_from_logits
+from .decoding import STRATEGIES, Completion, complete
+from .sampling import sample_from_logits
 from .scoring import label_log_probs, score, score_orders, split_spec
 from .text import Filled, TextModel, gapped_ids, insert_gaps, parse_gaps
 

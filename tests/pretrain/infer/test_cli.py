@@ -92,7 +92,9 @@ def test_cli_complete_fills_only_the_gaps(text_model, capsys):
 
 @pytest.mark.parametrize("options", [["--strategy", "group_parallel", "--group-size", "2", "--schedule", "random"],
                                      ["--strategy", "remask_random", "--steps", "3"],
-                                     ["--strategy", "block", "--block-size", "2", "--steps", "2"]])
+                                     ["--strategy", "block", "--block-size", "2", "--steps", "2"],
+                                     ["--strategy", "speculative", "--draft", "2", "--schedule", "random"],
+                                     ["--strategy", "speculative", "--adaptive-draft", "--top-p", "0.9"]])
 def test_cli_parallel_and_masked_diffusion_strategies_fill_only_the_gaps(text_model, capsys, options):
     directory, tokenizer = text_model
     base = ["--model", str(directory / "model"), "--tokenizer", str(directory / "tok"), "--device", "cpu"]
@@ -119,6 +121,13 @@ def test_cli_sampler_flags_out_of_range_name_the_flag(text_model, capsys):
     assert "--temperature must be >= 0" in user_error(capsys, [*base, "--temperature", "-1"])
     assert "--top-p must lie in (0, 1]" in user_error(capsys, [*base, "--temperature", "0", "--top-p", "0"])
     assert "--num-samples must be >= 1" in user_error(capsys, [*base, "--num-samples", "0"])
+    speculative = [*base, "--strategy", "speculative"]
+    assert "--draft must be an integer >= 1" in user_error(capsys, [*speculative, "--draft", "0"])
+    assert "decodes a fixed order: --schedule must be one of" in user_error(
+        capsys, [*speculative, "--schedule", "confidence"])
+    assert "--steps and --block-size belong to the remasking" in user_error(capsys, [*speculative, "--steps", "2"])
+    assert "--no-cache" in user_error(capsys, [*speculative, "--no-cache"])
+    assert "apply to --strategy speculative" in user_error(capsys, [*base, "--draft", "2"])
 
 
 def test_cli_errors_name_the_problem(text_model, capsys):
