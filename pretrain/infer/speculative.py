@@ -117,6 +117,8 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
     def tensor(x):
         return None if x is None else torch.as_tensor(x, device=device)
 
+    every_index = tensor(every)
+
     committed = np.zeros(batch_size, dtype=np.int64)  # targets cached, as groups 1..a
     written = np.zeros(batch_size, dtype=np.int64)  # rows the pass writes: the pending token and the drafts
     active = np.ones(batch_size, dtype=bool)
@@ -166,11 +168,12 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         if rejected.any():
             next_probs = np.maximum(next_probs - rejected[:, None] * q[every, np.minimum(n_accepted, q.shape[1] - 1)], 0)
         at = np.where(active, committed + first_outcome + n_accepted, committed)
-        cache.truncate(tensor(base + at), check=False)  # rejected drafts' rows leave the cache
+        if (at < committed + written).any():  # rejected drafts' rows leave the cache
+            cache.truncate(tensor(base + at), check=False)
         committed, decided, active = at, active & (at < n), active & (at < n - 1)
         weights = tensor(next_probs)[:, None]
         if active.any():  # next drafts: outcome j's query rows past its predictor, filtered as p is
-            draft_states = grid[tensor(every), tensor(n_accepted), 1 - single:]
+            draft_states = grid[every_index, tensor(n_accepted), 1 - single:]
             draft_probs = sampling.probs(sampling.log_probs(draft_states @ head))
             q = draft_probs.cpu().numpy()
             weights = torch.cat([weights, draft_probs], 1)
