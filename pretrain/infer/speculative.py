@@ -166,7 +166,10 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         next_probs = p[every, n_accepted]
         rejected = n_accepted < n_drafts
         if rejected.any():
-            next_probs = np.maximum(next_probs - rejected[:, None] * q[every, np.minimum(n_accepted, q.shape[1] - 1)], 0)
+            residual = np.maximum(next_probs - rejected[:, None] * q[every, np.minimum(n_accepted, q.shape[1] - 1)], 0)
+            # A rejection means q(z) > p(z), so the residual has mass, unless p and q differ only by
+            # rounding (a rejection of probability ~1e-7): then p itself.
+            next_probs = np.where(residual.sum(-1, keepdims=True) > 0, residual, next_probs)
         at = np.where(active, committed + first_outcome + n_accepted, committed)
         if (at < committed + written).any():  # rejected drafts' rows leave the cache
             cache.truncate(tensor(base + at), check=False)
