@@ -375,24 +375,26 @@ class BigLearner(nn.Module):
     @torch.no_grad()
     def decode_step(self, cache: KVCache, tokens=None, positions=None, groups=None,
                     query_positions=None, query_groups=None, segments=None, target_positions=None,
-                    check_groups: bool = True, weights=None):
+                    check_groups: bool = True, weights=None, head: bool = True):
         """Append content rows to `cache`, then predict from them or from query rows.
 
         tokens, positions, groups [B, m]: new content rows (groups INVALID for a sample's unused
         trailing rows; valid groups must not be below any group already cached). In
         single-stream mode the START row is written like any other: token bos_id at
-        START_POSITION in group 0. target_positions [B, m] (streams=1 only): the position each
-        new row predicts, or NO_TARGET; then the rows' logits [B, m, vocab] are returned (one row
-        per step for a fixed order, as a GPT with a cache). Otherwise query_positions,
-        query_groups [B, nq] are rows to predict (INVALID for unused ones) and their logits
-        [B, nq, vocab] are returned, or None without query rows. Equals `forward` on the batch
+        START_POSITION in group 0. query_positions, query_groups [B, nq]: query rows to predict
+        (INVALID for unused ones); their logits [B, nq, vocab] are returned, or None without
+        query rows. target_positions [B, m] (streams=1 only): the position each new row
+        predicts, or NO_TARGET; then the new rows' logits come first, [B, m + nq, vocab] (one row
+        per step for a fixed order, as a GPT with a cache; speculative decoding reads drafted
+        tokens' rows and drafts from query rows in one step). Equals `forward` on the batch
         that holds the cached rows as S and earlier target groups, with m + nq rows of work:
         the same blocks run (Block.forward over a DecodeStep).
         check_groups=False skips the check that the new groups keep the cache sorted (~4% of a
         step of a small model), for callers whose rows are sorted by construction (complete).
         weights: decoding_weights()'s result, fetched once by a caller that decodes many steps
         while the weights cannot change (complete; checking them costs ~0.1 ms a step); None:
-        fetched here.
+        fetched here. head=False returns the rows' final (normalised) states instead of logits,
+        for a caller that projects only some of them onto the vocabulary.
         """
         c = self.config
         readout = target_positions is not None
@@ -400,9 +402,8 @@ class BigLearner(nn.Module):
         if readout and c.streams != 1:
             raise ValueError(f"decode_step(target_positions=...) needs model.streams=1; this model has "
                              f"model.streams={c.streams}")
-        if readout and (has_queries or tokens is None):
-            raise ValueError("decode_step: target_positions predicts from new content rows; pass tokens and no "
-                             "query_positions")
+        if readout and tokens is None:
+            raise ValueError("decode_step: target_positions predicts from new content rows; pass tokens")
         rows, row_positions, row_groups = [], [], []
         n_new, write_index = 0, None
         if tokens is not None and tokens.shape[1] > 0:
@@ -422,12 +423,14 @@ class BigLearner(nn.Module):
         if not rows:
             return None
         x = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
-        weights, head = self.decoding_weights() if weights is None else weights
+        weights, head_weight = self.decoding_weights() if weights is None else weights
         step = DecodeStep(n_new, write_index, torch.cat(row_groups, 1), cache,
                           RotaryRows(torch.cat(row_positions, 1), cache.inv_freq, x.dtype), weights)
         for i, block in enumerate(self.blocks):
             x = block(x, step, i, readout or i < len(self.blocks) - 1)
-        return _rows_times(self.norm(x), head) if x.shape[1] else None
+        if not x.shape[1]:
+            return None
+        return _rows_times(self.norm(x), head_weight) if head else self.norm(x)
 
     def forward(self, batch: TaskBatch) -> torch.Tensor:
         """Logits [B, Nt, vocab] for every target row (padding rows included)."""
