@@ -102,9 +102,9 @@ class _Cache:
     Each call writes the rows decided at the previous step (first: S, and in single-stream mode
     the START row) and predicts the candidates of this step. With a fixed order, predictor rows
     follow the model's rule (docs/model.md): with model.streams=1 a candidate that forms a
-    singleton group after a singleton group (or as the first group) is read from the content
-    row just written (the START row first), as a GPT with a cache; every other candidate gets a
-    query row. An adaptive order (`query_only`) learns which candidate it decides only after
+    singleton group after a singleton group (or as the first group when S is empty) is read from
+    the content row just written (the START row first), as a GPT with a cache; every other
+    candidate gets a query row. An adaptive order (`query_only`) learns which candidate it decides only after
     the rows were written, so its rows predict nothing and every candidate gets a query row."""
 
     def __init__(self, model, tokens, sources, targets, group_size, query_only: bool):
@@ -127,7 +127,9 @@ class _Cache:
 
     def logits(self, candidates, step):
         """Logits [B, C, V] of each sample's candidates, all in group `step`."""
-        by_row = [self.by_rows and len(c) == 1 and (step == 1 or len(r[0]) == 1) for c, r in zip(candidates, self.rows)]
+        # A single candidate is read from the one row just written: START alone (step 1, S empty) or
+        # the previous singleton group's target; after a non-empty S it gets a query row.
+        by_row = [self.by_rows and len(c) == 1 and len(r[0]) == 1 for c, r in zip(candidates, self.rows)]
         tokens, positions, groups = (self._tensor([r[i] for r in self.rows], fill) for i, fill in ((0, 0), (1, 0), (2, -1)))
         groups = torch.where(groups >= 0, groups, INVALID_GROUP)
         query = self._tensor([[] if row else c for c, row in zip(candidates, by_row)], -1)

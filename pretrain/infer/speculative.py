@@ -125,6 +125,7 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
     q = None  # [B, drafts, V]: the law each draft the pass writes was drawn from
     log_probs = np.zeros(batch_size)
     passes, drafted, accepted = (np.zeros(batch_size, dtype=np.int64) for _ in range(3))
+    start_predicts = np.array([single and len(s) == 0 for s in sources])  # START predicts order index 0
     content = _source_rows(model, tokens, sources, plan)
     first_outcome = 0  # the first pass writes S (and START): its one outcome is j = 0
     while True:
@@ -134,7 +135,11 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         next_length = lengths.after(n_drafts, n_outcomes)  # [B, J]; -1: an outcome that cannot happen
         next_length[outcomes > written[:, None]] = -1
         # Query rows [B, J, R] of group a+j+1: outcome j's predictor (r = 0, two streams) and drafts (r >= 1).
-        offsets = np.arange(int(single), next_length.max() + 1)
+        # Single stream: the content rows predict, except order index 0 after a non-empty S (a
+        # query row, as in training: pretrain.layout.single_stream_predictors), so the first pass
+        # has the r = 0 column too.
+        lead = int(single and first_outcome > 0 or single and start_predicts.all())
+        offsets = np.arange(lead, next_length.max() + 1)
         group = committed[:, None] + outcomes + 1
         index = group[:, :, None] - 1 + offsets  # order index a+j+r
         query_positions = plan[every[:, None], index.reshape(batch_size, -1)]
@@ -146,7 +151,13 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         passes += active
         grid = states[:, states.shape[1] - query_positions.shape[1]:].unflatten(1, (n_outcomes, len(offsets)))
         # Predictor of outcome j (order index a + j): the content row of z_j (START first) or a query row.
-        target_log_probs = sampling.log_probs((states[:, :n_outcomes] if single else grid[:, :, 0]) @ head)  # [B, J, V]
+        if not single:
+            predictor_states = grid[:, :, 0]
+        elif lead:
+            predictor_states = states[:, :n_outcomes]
+        else:  # the first pass of a single-stream batch with a non-empty S: START or the r = 0 query row
+            predictor_states = torch.where(tensor(start_predicts)[:, None, None], states[:, :1], grid[:, :, 0])
+        target_log_probs = sampling.log_probs(predictor_states @ head)  # [B, J, V]
         # The judging is numpy on the few numbers it reads (on CPU .numpy() is a view, no copy).
         log_p = target_log_probs.cpu().numpy()
         p = sampling.probs(target_log_probs).cpu().numpy()
@@ -176,7 +187,7 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         committed, decided, active = at, active & (at < n), active & (at < n - 1)
         weights = tensor(next_probs)[:, None]
         if active.any():  # next drafts: outcome j's query rows past its predictor, filtered as p is
-            draft_states = grid[every_index, tensor(n_accepted), 1 - single:]
+            draft_states = grid[every_index, tensor(n_accepted), 1 - lead:]
             draft_probs = sampling.probs(sampling.log_probs(draft_states @ head))
             q = draft_probs.cpu().numpy()
             weights = torch.cat([weights, draft_probs], 1)
@@ -201,7 +212,7 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
 
 def _source_rows(model, tokens, sources, plan):
     """The first pass's content rows: S in group 0, and in single-stream mode START first (the
-    BOS token at START_POSITION, group 0), which predicts order index 0. (tokens, positions,
+    BOS token at START_POSITION, group 0), which predicts order index 0 when S is empty. (tokens, positions,
     groups, readers or None), numpy [B, width]."""
     single = model.config.streams == 1
     start = ([model.config.bos_id], [START_POSITION]) if single else ([], [])
@@ -211,7 +222,7 @@ def _source_rows(model, tokens, sources, plan):
     readers = None
     if single:
         readers = np.full(groups.shape, NO_TARGET)
-        readers[:, 0] = plan[:, 0]
+        readers[:, 0] = np.where([len(s) == 0 for s in sources], plan[:, 0], NO_TARGET)  # after S: a query row
     return (_padded([np.r_[start[0], tokens[b, s]] for b, s in enumerate(sources)], width, 0),
             _padded(positions, width, 0), groups, readers)
 
