@@ -52,7 +52,7 @@ def main(argv=None):
     parser.add_argument("--samples", type=int, default=512, help="evaluation samples per task")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--streams", type=int, nargs="+", choices=(1, 2), default=[2],
+    parser.add_argument("--streams", type=int, nargs="+", choices=(1, 2), default=[1],
                         help="model.streams of the model(s) to train; with 1 2 both train on the same data and "
                              "steps and a last table compares them")
     parser.add_argument("--quick", action="store_true", help="tiny run to check the script works")

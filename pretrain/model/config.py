@@ -35,7 +35,9 @@ class ModelConfig:
     init_std: float = 0.02
     attention_backend: str = "auto"
     activation_checkpointing: bool = False
-    streams: int = 2  # 2: two-stream attention; 1: single stream, query rows only where needed
+    # 1: single stream, query rows only where needed (causal-LM cost; as good as two streams since
+    # issue 26, docs/benchmarks.md); 2: two-stream attention (XLNet), a query row per target
+    streams: int = 1
     bos_id: int = 2  # streams=1: token of the START row (the tokenizer's BOS id)
     # Path of an export (ours, or a checkpoint imported by `pretrain.convert from-hf`) to start
     # training from: its architecture and weights, this config's stream mode (docs/hf.md).

@@ -22,12 +22,12 @@ def test_quick_groundtruth_trains_both_modes():
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="goal missed (docs/benchmarks.md): single stream is 4.3% worse on mlm and "
-                   "5.3% on infill at seed 0; its query rows train only on the mixture's MLM share")
-def test_single_stream_learns_as_well_as_two_streams():
+@pytest.mark.parametrize("seed", [0, 1])
+def test_single_stream_learns_as_well_as_two_streams(seed):
     """Same Markov chain, data, steps and model size: on every evaluation task the single-stream
-    model's NLL is at most 3% above the two-stream model's (bench defaults: 800 steps x 64)."""
-    rows = runpy.run_path(str(BENCH))["main"](["--streams", "1", "2", "--json", "/dev/null"])
+    model's NLL is at most 1.5% above the two-stream model's (bench defaults: 800 steps x 64;
+    measured 0.98-1.01 over 14 chains, docs/benchmarks.md)."""
+    rows = runpy.run_path(str(BENCH))["main"](["--streams", "1", "2", "--seed", str(seed), "--json", "/dev/null"])
     one = {r["task"]: r["model_nll"] for r in rows if r["streams"] == 1}
     two = {r["task"]: r["model_nll"] for r in rows if r["streams"] == 2}
-    assert all(one[task] <= 1.03 * two[task] for task in EVAL_TASKS), (one, two)
+    assert all(one[task] <= 1.015 * two[task] for task in EVAL_TASKS), (one, two)

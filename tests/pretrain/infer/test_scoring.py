@@ -53,9 +53,10 @@ def test_score_equals_per_step_full_forward_passes_and_order_average(tiny_model)
 
 def test_decode_step_equals_full_forward_on_the_same_layout(tiny_model):
     """Cache rows appended in groups, then query rows: the logits equal those of one full
-    forward pass over the batch holding the same rows as S and earlier target groups."""
+    forward pass over the batch holding the same rows as S and earlier target groups (two
+    streams; the single stream's START row and content predictors: test_transformer_single_stream)."""
     rng = np.random.default_rng()
-    model = tiny_model()
+    model = tiny_model(streams=2)
     length, n_source = 16, 5
     tokens = rng.integers(0, VOCAB, length)
     perm = rng.permutation(length)
@@ -168,8 +169,10 @@ def test_decoding_follows_the_weights_after_they_change(tiny_model):
 
 @pytest.mark.parametrize("strategy", ["left_to_right", "random", "confident"])
 def test_cached_greedy_decoding_matches_uncached_and_score(strategy, tiny_model):
+    """Two streams, where every order's predictor is a query row, so even the confident order's
+    log-probabilities are score's (single stream: test_transformer_single_stream)."""
     rng = np.random.default_rng()
-    model = tiny_model()
+    model = tiny_model(streams=2)
     tokens, sources, targets = random_problem(rng, 4, 12)
     seed = int(rng.integers(1 << 20))
     cached = complete(model, tokens, sources, targets, strategy=strategy, temperature=0, seed=seed)

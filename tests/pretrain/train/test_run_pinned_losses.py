@@ -7,7 +7,10 @@ History: first recorded before the code was restructured (main at d86f6d1, the e
 hand) and unchanged by the restructuring. Re-recorded when the learning-rate schedule became
 pretrain.train.engine.WarmupCosine (lr > 0 from step 1, where DeepSpeed's WarmupCosineLR ran the first
 two steps at lr 0): given DeepSpeed's old learning rates, the new code reproduced the old values
-to a relative 3.4e-7, so the schedule is the only change.
+to a relative 3.4e-7, so the schedule is the only change. When model.streams=1 became the
+default (issue 26), the run names model.streams=2: two streams did not change, and the pinned
+values still hold (the single stream changed on purpose, and its dense-reference tests follow
+the new definition: tests/pretrain/model/test_transformer_single_stream.py).
 """
 import json
 import os
@@ -31,7 +34,7 @@ from pretrain.objectives import ObjectiveSampler
 from pretrain.experiments.synthetic import MarkovSource, SourceStream
 from pretrain.train.task import PretrainTask
 from pretrain.train.trainer import Trainer
-config = load_config(["deepspeed=cpu", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.vocab_size=16",
+config = load_config(["deepspeed=cpu", "model.streams=2", "model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.vocab_size=16",
                       "model.attention_backend=torch", "data.batch_size=4", "trainer.max_steps=20",
                       "trainer.warmup_steps=2", "trainer.lr=3e-3", "trainer.seed=0", "trainer.progress=false"])
 _, world, _ = init_distributed(True)
