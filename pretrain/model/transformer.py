@@ -143,7 +143,7 @@ START_POSITION = -1  # RoPE position of the START row: one left of the window (w
 # streams=1: every predictor row's QUERIES are rotated at pos(target) - PREDICTOR_SHIFT, where a
 # causal LM's predictor of that target sits; a content row's keys stay at its own position. Two
 # streams learned the query pathway better than a single stream whose rows attended from
-# wherever they stood (docs/model.md, "Single stream": measured on 14 chains).
+# wherever they stood (docs/model.md, "Single stream": measured on 13 chains).
 PREDICTOR_SHIFT = 1
 NO_TARGET = -1  # decode_step target_positions entry of a content row that predicts nothing
 
