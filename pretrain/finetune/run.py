@@ -33,11 +33,12 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, add_debug_flag, cli_main
+from data_pipeline.files import removed_on_failure
 
 from ..checkpoint import sharded as ckpt
 from ..checkpoint.export import export_model
 from ..checkpoint.loading import load_model
-from ..checkpoint.rundir import read_metrics
+from ..checkpoint.rundir import METRICS, read_metrics
 from ..infer import LabelLayout, evaluate_classifier, read_examples, split_spec
 from ..layout import TaskBatch, collate
 from ..model import BigLearner, ModelConfig
@@ -195,13 +196,14 @@ def run(cfg: FinetuneConfig, tokenizer) -> dict:
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     on_cpu = use_cpu(cfg.deepspeed)
-    with process_group(on_cpu, cfg.deepspeed.dist_timeout_s) as (rank, world_size, _):
+    ds = cfg.deepspeed
+    with process_group(on_cpu, ds.dist_timeout_s, ds.extension_wait_s) as (rank, world_size, _), \
+            removed_on_failure(Path(cfg.out).resolve(), unless=(METRICS, ckpt.CHECKPOINTS), owner=rank == 0):
         return _run(cfg, tokenizer, on_cpu, rank, world_size)
 
 
 def _run(cfg: FinetuneConfig, tokenizer, on_cpu: bool, rank: int, world_size: int) -> dict:
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     layout, train_samples, dev_samples, dev_labels = _examples(cfg, tokenizer)
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
@@ -261,6 +263,20 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_paths(cfg: FinetuneConfig) -> None:
+    """The files a run reads exist, before anything starts: one line naming the key otherwise."""
+    if not cfg.tokenizer:
+        raise UserError("tokenizer must name a tokenizer (directory, tokenizer.json or .model)")
+    for key, value in (("data.train", cfg.data.train), ("data.dev", cfg.data.dev)):
+        if not value:
+            raise UserError(f"{key} must name a .tsv or .jsonl file of examples (docs/capabilities.md, fine-tuning)")
+        if not Path(value).is_file():
+            raise UserError(f"{key}: {value} {'is not a file' if Path(value).exists() else 'does not exist'}")
+    for key, value in (("tokenizer", cfg.tokenizer), ("init", cfg.init)):
+        if value and not Path(value).exists():
+            raise UserError(f"{key}: {value} does not exist")
+
+
 def _main(argv: list[str], prog: str) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -279,8 +295,7 @@ def _main(argv: list[str], prog: str) -> int:
     add_debug_flag(parser)
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.overrides)
-    if not cfg.tokenizer:
-        raise UserError("tokenizer must name a tokenizer (directory, tokenizer.json or .model)")
+    check_paths(cfg)
     runs = sweep_configs(cfg)
     if args.cfg:
         from omegaconf import OmegaConf

@@ -20,12 +20,13 @@ from pathlib import Path
 import torch
 
 from data_pipeline.errors import UserError, add_debug_flag, cli_main, one_line
+from data_pipeline.files import removed_on_failure
 
 from ..checkpoint import sharded as ckpt
 from ..checkpoint.card import format_matrix
 from ..checkpoint.export import load_init
 from ..checkpoint.loading import export_checkpoint
-from ..checkpoint.rundir import EXPORT
+from ..checkpoint.rundir import EXPORT, METRICS
 from ..data import DataConfig, data_counters, open_train_stream
 from ..model import BigLearner
 from ..objectives import ObjectiveSampler
@@ -74,10 +75,12 @@ def train(config: TrainConfig) -> dict:
     if config.trainer.deterministic:  # deterministic cuBLAS needs a fixed workspace, set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     on_cpu = use_cpu(config.deepspeed)
-    with process_group(on_cpu, config.deepspeed.dist_timeout_s) as (rank, world_size, _):
+    ds = config.deepspeed
+    with process_group(on_cpu, ds.dist_timeout_s, ds.extension_wait_s) as (rank, world_size, _):
         run_dir = resolve_run_dir(config).resolve()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with run_logging(run_dir, rank):
+        # A start that fails before the first record or checkpoint leaves no run directory behind.
+        with removed_on_failure(run_dir, unless=(METRICS, ckpt.CHECKPOINTS), owner=rank == 0), \
+                run_logging(run_dir, rank):
             manifest = prepare_data(config.data, rank)
             config, note = resolve(config)
             log.info("%s", note)

@@ -202,6 +202,18 @@ def test_sweep_list_runs_each_entry_and_writes_the_summary(tmp_path, tokenizer_d
     assert bad.returncode == 2 and "error:" in bad.stderr and "trainer.lr" in bad.stderr, bad.stderr[-2000:]
 
 
+def test_a_missing_file_exits_2_in_one_line_and_leaves_no_out_directory(tmp_path, tokenizer_dir):
+    write_task(tmp_path / "dev.tsv", 16, np.random.default_rng(), "tsv")
+    out = tmp_path / "new" / "out"
+    command = [sys.executable, "-m", "pretrain.finetune", f"data.train={tmp_path / 'missing.tsv'}",
+               f"data.dev={tmp_path / 'dev.tsv'}", f"tokenizer={tokenizer_dir}", f"out={out}"]
+    done = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (f"python -m pretrain.finetune: error: data.train: "
+                                                    f"{tmp_path / 'missing.tsv'} does not exist")
+    assert not (tmp_path / "new").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.dist
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tokenizer_dir):

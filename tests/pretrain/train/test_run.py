@@ -205,3 +205,16 @@ def test_an_epoch_limit_ends_the_run_after_that_many_passes(tmp_path, manifest):
     records = train_records(tmp_path / "run")
     assert max(records) == math.ceil(epochs * per_epoch / 2)
     assert records[max(records)]["lr"] == pytest.approx(3e-3 * 0.1, rel=1e-6)  # cosine ended at min_lr_ratio
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path, manifest):
+    """Bad data at the start: exit 2 with one line, and neither the run directory nor the parent
+    it had to create is left behind (with its train.log); an existing directory is kept."""
+    run_dir = tmp_path / "new" / "run"
+    done = run(run_dir, tmp_path / "no_such_manifest.json")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("python -m pretrain.train: error:")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    assert run(tmp_path / "kept", tmp_path / "no_such_manifest.json").returncode == 2
+    assert (tmp_path / "kept").is_dir()
