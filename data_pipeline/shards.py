@@ -561,7 +561,7 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
         "seq_len": config.seq_len, "mode": config.mode, "token_dtype": dtype.str, "segments": segments or None,
         "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size,
         "tokenizer": {"kind": tokenizer.kind, "path": tokenizer.defining_file, "files": sorted(tokenizer.files),
-                      "sha256": tokenizer.sha256,
+                      "sha256": tokenizer.sha256, "file_sha256": tokenizer.file_sha256,
                       "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "unk_id": tokenizer.unk_id,
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "sentinel_ids": tokenizer.sentinel_ids},
         "splits": {split: {"shards": sum(s["split"] == split for s in shards),

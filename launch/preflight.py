@@ -11,7 +11,8 @@ Every rank runs this module. It checks, and prints one report on rank 0:
               ('bytes'), on every node (a stat each: cheap, always on);
               with --verify also each shard's sha256 (split across all ranks);
 - tokenizer:  sha256 of tokenizer.model (--tokenizer, else the copy named by the manifest's
-              tokenizer.path) equals the manifest's tokenizer.sha256.
+              tokenizer.path) equals the manifest's tokenizer.file_sha256 (tokenizer.sha256 in
+              manifests written before tokenizer identities).
 
 Exit status 0 when every check passes on every rank, 1 otherwise (on all ranks).
 
@@ -160,7 +161,8 @@ def check_tokenizer(tokenizer: Path | None, manifest_file: Path, manifest: dict)
     """tokenizer: a directory holding tokenizer.model, the file itself, or None for the copy the
     shard builder keeps next to the manifest (field tokenizer.path, relative to it)."""
     recorded = manifest.get("tokenizer")
-    expected = recorded.get("sha256") if isinstance(recorded, dict) else None
+    # file_sha256: the file's hash (sha256 is the tokenizer's identity); manifests before identities hold only sha256
+    expected = (recorded.get("file_sha256") or recorded.get("sha256")) if isinstance(recorded, dict) else None
     if tokenizer is None:
         rel = recorded.get("path") if isinstance(recorded, dict) else None
         if not isinstance(rel, str):

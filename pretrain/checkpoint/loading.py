@@ -43,19 +43,20 @@ def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tu
     return model, {**meta, "checkpoint": str(tag_dir)}
 
 
-def load_model(path, device="cpu", tokenizer_sha256: str | None = None, trust_checkpoint: bool = False):
-    """load_for_inference, refusing a model whose recorded tokenizer differs from `tokenizer_sha256`."""
+def load_model(path, device="cpu", tokenizer=None, trust_checkpoint: bool = False):
+    """load_for_inference, refusing a model whose recorded tokenizer is not `tokenizer` (a
+    data_pipeline Tokenizer, compared by what it maps: Tokenizer.matches)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"model path {path} does not exist")
     model, meta = load_for_inference(path, device=device, trust_checkpoint=trust_checkpoint)
     recorded = meta.get("tokenizer_sha256")
-    if tokenizer_sha256 is not None:
+    if tokenizer is not None:
         if recorded is None:
             print(f"warning: {path} records no tokenizer_sha256; cannot check it matches the tokenizer", file=sys.stderr)
-        elif recorded != tokenizer_sha256:
+        elif not tokenizer.matches(recorded):
             raise UserError(f"{path} was trained with tokenizer sha256 {recorded}, but the given tokenizer has "
-                            f"sha256 {tokenizer_sha256}: token ids would not match")
+                            f"sha256 {tokenizer.sha256}: token ids would not match")
     return model, meta
 
 
@@ -74,7 +75,7 @@ def run_tokenizer(meta: dict):
         tokenizer = Tokenizer.load(Path(manifest).parent) if manifest else None
     except ValueError:
         return None
-    return tokenizer if tokenizer is not None and tokenizer.sha256 == meta.get("tokenizer_sha256") else None
+    return tokenizer if tokenizer is not None and tokenizer.matches(meta.get("tokenizer_sha256")) else None
 
 
 def export_metadata(meta: dict) -> dict:

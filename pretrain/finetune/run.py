@@ -170,7 +170,7 @@ class FinetuneTask:
 
 def _build_model(cfg: FinetuneConfig, tokenizer) -> BigLearner:
     if cfg.init:
-        model, _ = load_model(cfg.init, "cpu", tokenizer_sha256=tokenizer.sha256)
+        model, _ = load_model(cfg.init, "cpu", tokenizer=tokenizer)
         if model.config.vocab_size < tokenizer.vocab_size:
             raise UserError(f"{cfg.init}: vocab_size {model.config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
         return model.train()

@@ -329,7 +329,7 @@ def find_tokenizer(path, meta: dict, vocab_size: int, tokenizer_path=None):
             raise UserError(f"{path}: no tokenizer next to the model and the run's dataset tokenizer is not "
                              "found; pass --tokenizer")
     recorded = meta.get("tokenizer_sha256")
-    if recorded is not None and recorded != tokenizer.sha256:
+    if recorded is not None and not tokenizer.matches(recorded):
         raise UserError(f"{tokenizer.files[tokenizer.defining_file]}: sha256 {tokenizer.sha256} differs from the "
                          f"model's tokenizer_sha256 {recorded}")
     if tokenizer.vocab_size > vocab_size:

@@ -149,8 +149,7 @@ def _main(argv: list[str], prog: str = "python -m pretrain.infer") -> None:
     tokenizer = _load_tokenizer(args.tokenizer)
     if tokenizer is None and (args.command != "score" or args.text is not None):
         parser.error(f"{args.command} needs --tokenizer")
-    model, meta = load_model(args.model, args.device, tokenizer.sha256 if tokenizer else None,
-                             trust_checkpoint=args.trust_checkpoint)
+    model, meta = load_model(args.model, args.device, tokenizer, trust_checkpoint=args.trust_checkpoint)
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                          f"({model.config.vocab_size})")

@@ -106,7 +106,7 @@ class TextModel:
         if tokenizer_path is None:
             raise UserError(f"{model_path} carries no tokenizer: pass tokenizer=PATH")
         loaded = Tokenizer.load(tokenizer_path)
-        model, _ = load_model(model_path, device, loaded.sha256, trust_checkpoint=trust_checkpoint)
+        model, _ = load_model(model_path, device, loaded, trust_checkpoint=trust_checkpoint)
         return cls(model, loaded)
 
     def _complete(self, ids, positions, n: int, **sampling) -> list[Filled]:

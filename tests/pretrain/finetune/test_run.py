@@ -111,7 +111,7 @@ def test_finetuning_learns_a_simple_rule_and_exports_a_classifier(tmp_path, toke
     cfg = make_config(tmp_path, rng, n_train=256, strategy="biglearn", beta=0.3, epochs=6, save_model=True)
     result = run(cfg, tokenizer)
     assert result["dev_accuracy"] >= 0.8, result
-    model, meta = load_model(Path(cfg.out) / "model", tokenizer_sha256=tokenizer.sha256)
+    model, meta = load_model(Path(cfg.out) / "model", tokenizer=tokenizer)
     layout = LabelLayout(**meta["label_layout"])
     examples = read_examples(cfg.data.dev, layout)
     probs, _ = classify(model, [layout.encode(tokenizer, e.text, e.text_pair) for e in examples], 0,

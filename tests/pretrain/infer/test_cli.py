@@ -28,8 +28,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="label_token_ids"):
         classify(model, [rng.integers(0, VOCAB, 5)], 0, [VOCAB + 1, 2])
     export_model(model.float(), tmp_path / "m", {"tokenizer_sha256": "aaaa"})
+    other = type("OtherTokenizer", (), {"sha256": "bbbb", "matches": lambda self, recorded: recorded == "bbbb"})()
     with pytest.raises(ValueError, match="tokenizer sha256 aaaa"):
-        load_model(tmp_path / "m", tokenizer_sha256="bbbb")
+        load_model(tmp_path / "m", tokenizer=other)
     with pytest.raises(ValueError, match="does not exist"):
         load_model(tmp_path / "nowhere")
 
