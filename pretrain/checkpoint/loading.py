@@ -1,10 +1,11 @@
 """Loading a trained model for inference and export, with the tokenizer check.
 
-An exported directory (or a run directory holding export/) is read as it is; a DeepSpeed
-checkpoint only when the caller passes trust_checkpoint=True, weights-only (its .pt files are
-pickles). Every path ends in the one weights loader, pretrain.model.model_from_weights. A
-tokenizer whose sha256 differs from the one the model was trained with is refused: token ids
-would not match.
+An exported directory (or a run directory holding export/, or a fine-tuning run's model/) is
+read as it is; a DeepSpeed checkpoint only when the caller passes trust_checkpoint=True,
+weights-only (its .pt files are pickles). Every path ends in the one weights loader,
+pretrain.model.model_from_weights. A tokenizer whose sha256 differs from the one the model was
+trained with is refused: token ids would not match. `load_with_tokenizer` is what inference
+entry points call: the model and the tokenizer it carries (or the one given).
 """
 from __future__ import annotations
 
@@ -17,18 +18,27 @@ from data_pipeline.errors import UserError
 from ..model import BigLearner, model_from_weights
 from .card import manifest_summary
 from .export import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS, export_model, load_exported
-from .rundir import EXPORT, last_eval
+from .rundir import EXPORT, FINETUNED, last_eval
 from .sharded import COMPLETE, META, CheckpointError, consolidated_state_dict, find_checkpoint
 
 
-def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tuple[BigLearner, dict]:
-    """(BigLearner in eval mode, metadata) from an exported dir, or a run dir holding export/;
-    with trust_checkpoint=True also from a DeepSpeed checkpoint tag, a checkpoints/ dir or a
-    run dir without export (the newest complete checkpoint)."""
+def exported_dir(path) -> Path | None:
+    """The export at `path`: the directory itself, a run dir's export/ or a fine-tuning run's model/."""
     path = Path(path)
-    for exported in (path, path / EXPORT):
+    for exported in (path, path / EXPORT, path / FINETUNED):
         if (exported / EXPORT_WEIGHTS).is_file() and (exported / EXPORT_CONFIG).is_file():
-            return load_exported(exported, device)
+            return exported
+    return None
+
+
+def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tuple[BigLearner, dict]:
+    """(BigLearner in eval mode, metadata) from an exported dir, or a run dir holding one
+    (exported_dir); with trust_checkpoint=True also from a DeepSpeed checkpoint tag, a
+    checkpoints/ dir or a run dir without export (the newest complete checkpoint)."""
+    path = Path(path)
+    exported = exported_dir(path)
+    if exported is not None:
+        return load_exported(exported, device)
     tag_dir = find_checkpoint(path)
     if tag_dir is None:
         raise CheckpointError(f"{path}: no exported model ({EXPORT_WEIGHTS}) and no complete checkpoint "
@@ -48,7 +58,7 @@ def load_model(path, device="cpu", tokenizer=None, trust_checkpoint: bool = Fals
     data_pipeline Tokenizer, compared by what it maps: Tokenizer.matches)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"model path {path} does not exist")
+        raise UserError(f"model path {path} does not exist: give an exported model directory or a run directory")
     model, meta = load_for_inference(path, device=device, trust_checkpoint=trust_checkpoint)
     recorded = meta.get("tokenizer_sha256")
     if tokenizer is not None:
@@ -60,10 +70,34 @@ def load_model(path, device="cpu", tokenizer=None, trust_checkpoint: bool = Fals
     return model, meta
 
 
-def bundled_tokenizer(export_dir: Path) -> Path | None:
-    """An export's own tokenizer directory (exports carry it, docs/hf.md), else None."""
+def bundled_tokenizer(path) -> Path | None:
+    """The tokenizer directory an export carries (docs/hf.md) for an export or a run dir holding
+    one (exported_dir), else None."""
     from data_pipeline.tokenizer import HF_FILE, INFO_FILE, MODEL_FILE
-    return export_dir if any((export_dir / n).is_file() for n in (INFO_FILE, HF_FILE, MODEL_FILE)) else None
+
+    exported = exported_dir(path)
+    if exported is None or not any((exported / n).is_file() for n in (INFO_FILE, HF_FILE, MODEL_FILE)):
+        return None
+    return exported
+
+
+def load_with_tokenizer(path, device="cpu", tokenizer=None, trust_checkpoint: bool = False):
+    """(model, metadata, tokenizer) for inference from an export or a run directory: `tokenizer`
+    when given (a path of any kind Tokenizer.load reads), else the one the export carries, else
+    (a checkpoint) the run's dataset tokenizer; None when there is none. A missing path and a
+    tokenizer that cannot be read are one-line UserErrors naming them."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    path = Path(path)
+    tokenizer_path = tokenizer if tokenizer is not None else bundled_tokenizer(path)
+    loaded = None
+    if tokenizer_path is not None:
+        try:
+            loaded = Tokenizer.load(tokenizer_path)
+        except ValueError as err:  # a missing or inconsistent tokenizer: the message names the file
+            raise UserError(f"{'--tokenizer' if tokenizer is not None else path}: {err}") from None
+    model, meta = load_model(path, device, loaded, trust_checkpoint=trust_checkpoint)
+    return model, meta, loaded or run_tokenizer(meta)
 
 
 def run_tokenizer(meta: dict):

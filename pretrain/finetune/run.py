@@ -9,8 +9,9 @@ Label c is the tokenizer's sentinel token c; the separator is the next sentinel.
 - ft:       L_FT = E[-log p(y | x)]
 - biglearn: L_FT + beta * E_{q(S', T')}[-log p(X_T' | X_S')]   ("Big Learning", "Big Cooperative Learning")
   with (S', T') drawn by ObjectiveSampler over the two segments (label, text), so the label is
-  sometimes given, sometimes predicted, sometimes absent. beta = 0 is exactly ft: the big-learning
-  pass draws its splits and dropout masks from its own random streams.
+  sometimes given, sometimes predicted, sometimes absent. beta = 0 is exactly ft: that pass is
+  not drawn nor computed (and with beta > 0 it draws its splits and dropout masks from its own
+  random streams, so the FT pass sees the same ones whatever beta is).
 
 Runs on the same Trainer as pretraining, so it gets DeepSpeed ZeRO (stages 0-2), exact resume
 (resume=auto continues from the newest complete checkpoint in `out`), SIGTERM/SIGUSR1 handling
@@ -38,7 +39,7 @@ from data_pipeline.files import removed_on_failure
 from ..checkpoint import sharded as ckpt
 from ..checkpoint.export import export_model
 from ..checkpoint.loading import load_model
-from ..checkpoint.rundir import METRICS, read_metrics
+from ..checkpoint.rundir import FINETUNED, METRICS, read_metrics
 from ..infer import LabelLayout, evaluate_classifier, read_examples, split_spec
 from ..layout import TaskBatch, collate
 from ..model import BigLearner, ModelConfig
@@ -207,7 +208,7 @@ def _run(cfg: FinetuneConfig, tokenizer, on_cpu: bool, rank: int, world_size: in
     layout, train_samples, dev_samples, dev_labels = _examples(cfg, tokenizer)
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
-    biglearn = cfg.strategy == "biglearn"
+    biglearn = cfg.strategy == "biglearn" and cfg.beta > 0  # beta = 0: the big-learning term weighs nothing
     stream = ExampleStream(train_samples, cfg.data.batch_size, tokenizer.pad_id,
                            ObjectiveSampler(cfg.objective) if biglearn else None, seed=t.seed, rank=rank,
                            world_size=world_size)
@@ -241,8 +242,9 @@ def _run(cfg: FinetuneConfig, tokenizer, on_cpu: bool, rank: int, world_size: in
         if cfg.save_model and not summary["healthy"]:
             log.warning("not exporting: the run ended in a streak of bad steps")
         elif cfg.save_model:
-            export_model(engine.module.model, out / "model", {"tokenizer_sha256": tokenizer.sha256,
-                                                              "label_layout": asdict(layout)})
+            # The model directory carries its tokenizer: TextModel.load and `biglearn classify --model` need no other.
+            export_model(engine.module.model, out / FINETUNED, {"tokenizer_sha256": tokenizer.sha256,
+                                                                "label_layout": asdict(layout)}, tokenizer)
     return {**result, "history": history}
 
 

@@ -96,6 +96,7 @@ def test_biglearn_with_beta_zero_equals_ft_exactly(tmp_path, tokenizer):
     assert [h["loss_ft"] for h in ft["history"]] == [h["loss_ft"] for h in big0["history"]]
     assert [h["loss"] for h in ft["history"]] == [h["loss"] for h in big0["history"]]
     assert ft["dev_accuracy"] == big0["dev_accuracy"] and ft["seed"] == seed
+    assert "loss_biglearn" not in big0["history"][0]  # beta = 0: the big-learning pass is skipped, not weighted 0
     # ... and a positive beta really trains on the big-learning term (the check above can fail).
     big = run(make_config(tmp_path, np.random.default_rng(1), strategy="biglearn", beta=float(rng.uniform(0.3, 1))),
               tokenizer)
@@ -118,9 +119,11 @@ def test_finetuning_learns_a_simple_rule_and_exports_a_classifier(tmp_path, toke
                         layout.label_token_ids)
     accuracy = np.mean([layout.labels[int(p.argmax())] == e.label for p, e in zip(probs, examples)])
     assert abs(accuracy - result["dev_accuracy"]) < 1e-9
-    # The CLI reads the label layout from the exported metadata and gives the same predictions.
-    infer_main(["classify", "--model", str(Path(cfg.out) / "model"), "--tokenizer", str(tokenizer_dir),
-                "--input", cfg.data.dev, "--device", "cpu"])
+    # The model directory carries its tokenizer: TextModel loads it, and the CLI, given the run
+    # directory alone, reads the label layout from the exported metadata and predicts the same.
+    from pretrain.infer import TextModel
+    assert TextModel.load(Path(cfg.out) / "model").tokenizer.sha256 == tokenizer.sha256
+    infer_main(["classify", "--model", cfg.out, "--input", cfg.data.dev, "--device", "cpu"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["prediction"] for line in lines[:-1]] == [layout.labels[int(p.argmax())] for p in probs]
     assert abs(lines[-1]["accuracy"] - accuracy) < 1e-9

@@ -114,6 +114,8 @@ def test_command_line_help_and_errors():
     (["ckpt=/x", "batches=many"], "batches='many': expected int"),
     (["batches=3"], "ckpt=... is required"),
     (["ckpt=/x", "tasks=[joint,mlm]", "device=cpu"], None),
+    (["ckpt=/x", "tasks=[foo]"], "tasks entries must be among joint, left_to_right, mlm, infill, biglearn, prefix, "
+                                 "suffix; got 'foo'"),
 ])
 def test_overrides_compose_onto_the_schema(overrides, message):
     from data_pipeline.errors import UserError
