@@ -38,6 +38,7 @@ def main(argv=None) -> int:
 
     from ..checkpoint.card import format_matrix
     from ..checkpoint.loading import load_for_inference
+    from ..checkpoint.rundir import last_eval
     from ..model import BigLearner
     from ..train.config import load_config
     from ..train.evaluate import eval_batches, evaluate, validation_windows
@@ -64,14 +65,15 @@ def main(argv=None) -> int:
         print(f"demo: interrupted; checkpoint in {summary['checkpoint']}; run `make demo` again to continue")
         return 0
 
-    # The same fixed validation draws, scored by the model before any training.
+    # The same fixed validation draws, scored by the model before any training: the trainer's
+    # step-0 evaluation (a run started before it recorded one is scored here).
     trained, meta = load_for_inference(summary["checkpoint"], trust_checkpoint=True)  # this run's own
     torch.manual_seed(config.trainer.seed)
     untrained = BigLearner(trained.config).eval()
     windows = validation_windows(meta["manifest"], config.eval.batches, config.eval.batch_size or config.data.batch_size)
     from data_pipeline import load_manifest
     batches = eval_batches(windows, config.eval, int(load_manifest(meta["manifest"])["pad_id"]))
-    baseline = evaluate(untrained.loss, batches, torch.device("cpu"))
+    baseline = last_eval(summary["run_dir"], 0) or evaluate(untrained.loss, batches, torch.device("cpu"))
     matrix = summary["eval"]
     from data_pipeline.tokenizer import Tokenizer
 
