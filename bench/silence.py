@@ -12,11 +12,14 @@ and a second `make demo` at its first training step within 20 s of launch.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import pty
 import re
+import struct
 import subprocess
 import sys
+import termios
 import time
 
 # tqdm's training bar ("train:  12%|###   | 61/500 ..."): the count after the bar.
@@ -27,6 +30,8 @@ COMPILE = re.compile(r"compiling DeepSpeed|Building extension module|ninja: ", r
 def run(command: list[str], log_path: str | None) -> dict:
     """Run `command` on a pty, echo its output, and return the timings (seconds from launch)."""
     master, slave = pty.openpty()
+    # A terminal's size (a fresh pty has 0 columns, and progress bars then draw nothing).
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     load_start = os.getloadavg()
     start = time.monotonic()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True)
