@@ -21,10 +21,10 @@ TORCH_SPEC  ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-# `beat WHAT CMD...` runs CMD with a line every BEAT_S (10) s while it works: a quiet pip says nothing while it
+# `beat WHAT CMD...` runs CMD with a line every BEAT_S (5) s while it works: a quiet pip says nothing while it
 # downloads, builds DeepSpeed or unpacks torch. (The sleeps write nowhere, so a pipe reading make's
 # output closes when make ends.)
-BEAT_S ?= 10
+BEAT_S ?= 5
 BEAT = beat() { what=$$1; shift; ( n=0; while sleep $(BEAT_S) </dev/null >/dev/null 2>&1; do n=$$((n + $(BEAT_S))); \
 	echo "  ... $$what ($$n s)"; done ) & b=$$!; "$$@"; s=$$?; kill $$b 2>/dev/null; return $$s; }
 # One request to the CPU index, answered or not within TORCH_INDEX_PROBE_S: pip would retry an
@@ -43,7 +43,7 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || test -n "$(PYTHON)" || { echo "error: no Python >= 3.10 found on PATH; run with PYTHON=/path/to/python3.X" >&2; exit 2; }
-	@test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; $(PYTHON) -m venv $(VENV); }
+	@$(BEAT); test -x $(PY) || { echo "creating $(VENV) with $(PYTHON)"; beat "creating $(VENV)" $(PYTHON) -m venv $(VENV); }
 	@$(BEAT); echo "installing setuptools and wheel"; beat "installing setuptools and wheel" \
 		$(PIP) install -q --upgrade "setuptools>=77" wheel
 ifeq ($(HAS_GPU),)

@@ -37,7 +37,9 @@ def run(command: list[str], log_path: str | None) -> dict:
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, close_fds=True)
     os.close(slave)
     lines: list[tuple[float, str]] = []
-    pending = b""
+    events: list[float] = []  # when anything visible was written
+    pending, pending_since = b"", 0.0  # a line still arriving counts from its first byte (a bar's
+    # redraw is "\rtext" and ends only when the next one starts)
     while True:
         try:
             chunk = os.read(master, 65536)
@@ -46,15 +48,23 @@ def run(command: list[str], log_path: str | None) -> dict:
         if not chunk:
             break
         now = time.monotonic() - start
+        if chunk.strip():
+            events.append(now)
         sys.stdout.buffer.write(chunk)
         sys.stdout.flush()
+        if not pending.strip():
+            pending_since = now
         pending += chunk
-        *complete, pending = re.split(rb"[\r\n]", pending)
-        lines += [(now, part.decode(errors="replace")) for part in complete if part.strip()]
+        *complete, rest = re.split(rb"[\r\n]", pending)
+        for part in complete:
+            if part.strip():
+                lines.append((pending_since, part.decode(errors="replace")))
+            pending_since = now
+        pending = rest
     returncode = process.wait()
     end = time.monotonic() - start
     if pending.strip():
-        lines.append((end, pending.decode(errors="replace")))
+        lines.append((pending_since, pending.decode(errors="replace")))
     os.close(master)
     if log_path:
         with open(log_path, "w") as log:
@@ -69,11 +79,16 @@ def run(command: list[str], log_path: str | None) -> dict:
             if count > first_count:
                 first_step = t
                 break
-    times = [0.0] + [t for t, _ in lines] + [end]
-    gaps = sorted(((b - a, a, i) for i, (a, b) in enumerate(zip(times, times[1:]))), reverse=True)
+    times = [0.0] + events + [end]
+    gaps = sorted(((b - a, a) for a, b in zip(times, times[1:])), reverse=True)[:3]
+
+    def line_at(t: float) -> str:
+        before = [text for started, text in lines if started <= t]
+        return before[-1] if before else "(launch)"
+
     return {"returncode": returncode, "seconds": end, "lines": len(lines), "first_step": first_step,
             "compiled": any(COMPILE.search(text) for _, text in lines), "load": (load_start, os.getloadavg()),
-            "gaps": [(gap, at, lines[i - 1][1] if i else "(launch)") for gap, at, i in gaps[:3]]}
+            "gaps": [(gap, at, line_at(at)) for gap, at in gaps]}
 
 
 def main(argv=None) -> int:

@@ -65,6 +65,7 @@ def main(argv=None) -> int:
         print(f"demo: interrupted; checkpoint in {summary['checkpoint']}; run `make demo` again to continue")
         return 0
 
+    print("demo: scoring held-out text with the trained model, the untrained one and a unigram model", flush=True)
     # The same fixed validation draws, scored by the model before any training: the trainer's
     # step-0 evaluation (a run started before it recorded one is scored here).
     trained, meta = load_for_inference(summary["checkpoint"], trust_checkpoint=True)  # this run's own

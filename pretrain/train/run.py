@@ -101,6 +101,10 @@ def _train(config: TrainConfig, manifest: Path, on_cpu: bool, rank: int, world_s
     first_save_bytes = ckpt.BYTES_PER_PARAMETER * model.num_parameters()  # free-space check before a first save
     engine, ds_config = build_engine(config.deepspeed, t, config.data.batch_size, t.total_steps(stream),
                                      task.module(model), world_size, on_cpu)
+    if rank == 0:  # a start is several steps of seconds each: say where it is
+        dtype = next((name for name in ("bf16", "fp16") if ds_config[name]["enabled"]), "fp32")
+        log.info("DeepSpeed engine ready (ZeRO stage %d, %s); reading the validation batches",
+                 config.deepspeed.zero_stage, dtype)
     windows = validation_windows(manifest, config.eval.batches, config.eval.batch_size or config.data.batch_size)
     fixed_eval = eval_batches(windows, config.eval, stream.pad_id)
     meta = {"config": to_dict(config), "manifest": str(manifest), "run_dir": str(run_dir),
@@ -134,6 +138,7 @@ def _train(config: TrainConfig, manifest: Path, on_cpu: bool, rank: int, world_s
             log.warning("not exporting: the run ended %d bad step(s) into a streak (from step %d)",
                         trainer.guard.bad_in_row, trainer.guard.first_bad_step)
         elif t.export_at_end:
+            log.info("exporting fp32 weights to %s", run_dir / EXPORT)
             summary["export"] = str(export_checkpoint(trainer.last_saved, run_dir / EXPORT, trust_checkpoint=True))
         if config.eval.plot:
             summary["plot"] = str(plot_run(run_dir, summary["eval"]))
