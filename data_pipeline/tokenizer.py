@@ -31,14 +31,13 @@ import json
 import os
 import random
 import sys
-import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 
 from .files import atomic_write
+from .progress import heartbeat
 from .sources import SourceConfig, SourceStats, iter_documents
 
 MODEL_FILE = "tokenizer.model"
@@ -61,7 +60,6 @@ _PROBE = ("Hello, world!  Two  spaces\tand a tab.\n", "  leading and trailing  "
           "\ufb01ne caf\u00e9 \u00c5ngstr\u00f6m \u216b \u2460 x\u00b2", "na\u00efve e\u0301",
           "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8 \U0001f600", "def f(x):\n    return x ** 2  # done",
           "UPPER lower 12345 3.14 -0.5e10")
-REPORT_EVERY_S = 5.0  # a line at least every 10 s, whatever follows the last one
 
 
 @dataclass
@@ -129,19 +127,6 @@ def _sample_lines(documents, size: int, seed: int) -> tuple[list[str], int]:
     return reservoir, seen
 
 
-def _heartbeat(message: str):
-    """A thread that prints `message` with the elapsed seconds every 5 s until its event is set
-    (sentencepiece's trainer releases the GIL but reports nothing while it works)."""
-    done, start = threading.Event(), time.monotonic()
-
-    def beat():
-        while not done.wait(REPORT_EVERY_S):
-            print(f"{message}: {time.monotonic() - start:.0f} s", file=sys.stderr, flush=True)
-
-    threading.Thread(target=beat, daemon=True).start()
-    return done
-
-
 def train_tokenizer(inputs, output_dir, config: TokenizerConfig | None = None,
                     source_config: SourceConfig | None = None, progress: bool = False) -> "Tokenizer":
     """Train a sentencepiece model on the documents of `inputs` and write it to `output_dir`
@@ -162,23 +147,21 @@ def train_tokenizer(inputs, output_dir, config: TokenizerConfig | None = None,
     if progress:
         print(f"training a {config.vocab_size}-piece {config.model_type} model on {len(lines):,} lines "
               f"({config.num_threads} threads)", file=sys.stderr, flush=True)
-    done = _heartbeat("sentencepiece training") if progress else threading.Event()
     model = io.BytesIO()
-    try:
-        # From memory to memory: a model trained from a file records that file's path.
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(lines), model_writer=model, vocab_size=config.vocab_size,
-            model_type=config.model_type, character_coverage=config.character_coverage,
-            input_sentence_size=config.input_sentence_size, shuffle_input_sentence=True,
-            byte_fallback=config.byte_fallback, normalization_rule_name="identity",
-            control_symbols=sentinels, num_threads=max(1, config.num_threads),
-            pad_id=SPECIAL_IDS["pad_id"], unk_id=SPECIAL_IDS["unk_id"],
-            bos_id=SPECIAL_IDS["bos_id"], eos_id=SPECIAL_IDS["eos_id"], minloglevel=2)
-    except RuntimeError as error:
-        raise ValueError(f"sentencepiece could not train a {config.vocab_size}-token {config.model_type} model "
-                         f"on {n_lines} lines ({stats.report()}): {error}") from None
-    finally:
-        done.set()
+    with heartbeat("sentencepiece training", enabled=progress):
+        try:
+            # From memory to memory: a model trained from a file records that file's path.
+            spm.SentencePieceTrainer.train(
+                sentence_iterator=iter(lines), model_writer=model, vocab_size=config.vocab_size,
+                model_type=config.model_type, character_coverage=config.character_coverage,
+                input_sentence_size=config.input_sentence_size, shuffle_input_sentence=True,
+                byte_fallback=config.byte_fallback, normalization_rule_name="identity",
+                control_symbols=sentinels, num_threads=max(1, config.num_threads),
+                pad_id=SPECIAL_IDS["pad_id"], unk_id=SPECIAL_IDS["unk_id"],
+                bos_id=SPECIAL_IDS["bos_id"], eos_id=SPECIAL_IDS["eos_id"], minloglevel=2)
+        except RuntimeError as error:
+            raise ValueError(f"sentencepiece could not train a {config.vocab_size}-token {config.model_type} model "
+                             f"on {n_lines} lines ({stats.report()}): {error}") from None
     model_bytes = model.getvalue()
     output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(output_dir / MODEL_FILE, model_bytes)

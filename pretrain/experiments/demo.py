@@ -27,14 +27,14 @@ from pathlib import Path
 # (docs/benchmarks.md, Trainer). torchrun makes the same choice for its workers.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.experiments.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for pretrain.train")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    print("demo: starting (importing torch and DeepSpeed takes a few seconds)", flush=True)
+    import torch
 
     from ..checkpoint.card import format_matrix
     from ..checkpoint.loading import load_for_inference

@@ -21,6 +21,7 @@ import torch
 
 from data_pipeline.errors import UserError, add_debug_flag, cli_main, one_line
 from data_pipeline.files import removed_on_failure
+from data_pipeline.progress import heartbeat
 
 from ..checkpoint import sharded as ckpt
 from ..checkpoint.card import format_matrix
@@ -99,8 +100,11 @@ def _train(config: TrainConfig, manifest: Path, on_cpu: bool, rank: int, world_s
         load_init(model)
     task = PretrainTask(config.model, stream.seq_len, peak_flops(t.peak_tflops, on_cpu), on_cpu, world_size)
     first_save_bytes = ckpt.BYTES_PER_PARAMETER * model.num_parameters()  # free-space check before a first save
-    engine, ds_config = build_engine(config.deepspeed, t, config.data.batch_size, t.total_steps(stream),
-                                     task.module(model), world_size, on_cpu)
+    if rank == 0:
+        log.info("building the DeepSpeed engine (its first imports take seconds)")
+    with heartbeat("building the DeepSpeed engine", enabled=rank == 0):
+        engine, ds_config = build_engine(config.deepspeed, t, config.data.batch_size, t.total_steps(stream),
+                                         task.module(model), world_size, on_cpu)
     if rank == 0:  # a start is several steps of seconds each: say where it is
         dtype = next((name for name in ("bf16", "fp16") if ds_config[name]["enabled"]), "fp32")
         log.info("DeepSpeed engine ready (ZeRO stage %d, %s); reading the validation batches",

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, require
+from data_pipeline.progress import heartbeat
 
 from ..checkpoint import sharded as ckpt
 from .console import console_around_bar
@@ -340,7 +341,8 @@ class Trainer:
         """The evaluator's results on the current weights (written to the metrics log)."""
         self.engine.eval()
         try:
-            result = self.evaluator(self.engine)
+            with heartbeat(f"evaluating step {self.progress.step}", enabled=self.rank == 0):
+                result = self.evaluator(self.engine)
         finally:
             self.engine.train()
         if self.metrics is not None:

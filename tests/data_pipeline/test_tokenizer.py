@@ -174,11 +174,11 @@ def test_identity_is_what_the_tokenizer_maps_not_the_file(tmp_path, tiny_demo):
     assert plain.kind == "sentencepiece" and plain.sha256 == ours.sha256
 
 
-def test_training_reports_every_10_s_and_the_command_ends_with_a_summary(tmp_path, monkeypatch, capsys):
-    import data_pipeline.tokenizer as tokenizer_module
+def test_training_reports_every_5_s_and_the_command_ends_with_a_summary(tmp_path, monkeypatch, capsys):
+    import data_pipeline.progress as progress_module
     from data_pipeline.__main__ import main
 
-    monkeypatch.setattr(tokenizer_module, "REPORT_EVERY_S", 0.01)
+    monkeypatch.setattr(progress_module, "EVERY_S", 0.01)
     corpus = _corpus(tmp_path / "corpus.txt")
     assert main(["tokenizer", "--input", str(corpus), "--output", str(tmp_path / "tok"), "--vocab-size", "288",
                  "--sentinels", "2", "--threads", "1"]) == 0
