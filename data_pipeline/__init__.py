@@ -14,13 +14,14 @@ __all__ = ["build_demo", "build_shards", "train_tokenizer", "iter_documents", "l
            "ShardConfig", "SourceConfig", "SourceStats", "Tokenizer", "TokenizerConfig", "STDLIB"]
 
 
-def _manifest_is_current(path: Path, config: ShardConfig, source: SourceConfig, tokenizer_sha: str) -> bool:
+def _manifest_is_current(path: Path, config: ShardConfig, source: SourceConfig, tokenizer: Tokenizer) -> bool:
     try:
         manifest = load_manifest(path)
     except ValueError:
         return False
     build = manifest["build"]
-    same = (manifest["tokenizer"]["sha256"] == tokenizer_sha and build["source"] == source.__dict__
+    recorded_source = {**SourceConfig().__dict__, **build["source"]}  # keys added since it was written: defaults
+    same = (tokenizer.matches(manifest["tokenizer"]["sha256"]) and recorded_source == source.__dict__
             and all(build[k] == v for k, v in config.__dict__.items() if k != "num_workers"))
     return same and all(shard_file(manifest, s).is_file() and shard_file(manifest, s).stat().st_size == s["bytes"]
                         for s in manifest["shards"])
@@ -51,7 +52,7 @@ def build_demo(output_dir, vocab_size: int = 8000, seq_len: int = 512, val_fract
     if num_workers is not None:
         shard_config.num_workers = num_workers
     manifest = output_dir / MANIFEST
-    if _manifest_is_current(manifest, shard_config, source, tokenizer.sha256):
+    if _manifest_is_current(manifest, shard_config, source, tokenizer):
         return manifest
     return build_shards([STDLIB], tokenizer_dir, output_dir, shard_config, source, progress=progress)
 

@@ -19,8 +19,14 @@ from .tokenizer import MODEL_TYPES, TokenizerConfig, train_tokenizer
 def _add_inputs(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inputs")
     group.add_argument("--input", nargs="+", default=[], metavar="PATH",
-                       help=f".txt/.jsonl files (optionally .gz/.zst), directories (searched recursively), "
-                            f"or the word {STDLIB!r} for the built-in standard-library docstring corpus")
+                       help=f"text files of any name (.jsonl: one JSON record per line; optionally .gz/.zst), "
+                            f"directories (searched recursively; files that are not UTF-8 text are skipped and "
+                            f"counted by kind), or the word {STDLIB!r} for the built-in standard-library docstring corpus")
+    group.add_argument("--include", nargs="+", default=[], metavar="GLOB",
+                       help="read only the files of a searched directory that match one of these globs (a glob with "
+                            "'/' matches the path below the directory, e.g. 'doc/*.txt'; one without, the file name)")
+    group.add_argument("--exclude", nargs="+", default=[], metavar="GLOB",
+                       help="leave out the files of a searched directory that match one of these globs")
     group.add_argument("--stdlib", action="store_true", help="add the built-in standard-library corpus")
     group.add_argument("--text-field", default="text", help="JSON key of the text in .jsonl records")
     group.add_argument("--txt-split", choices=TXT_SPLITS, default="file",
@@ -37,7 +43,15 @@ def _inputs(args) -> tuple[list[str], SourceConfig]:
         raise SystemExit("error: give --input PATH... and/or --stdlib")
     segments = [name.strip() for name in args.segments.split(",")] if args.segments else []
     return inputs, SourceConfig(text_field=args.text_field, txt_split=args.txt_split, normalize=args.normalize,
-                                segments=segments)
+                                segments=segments, include=args.include, exclude=args.exclude)
+
+
+def _print_sources(stats: SourceStats) -> None:
+    """What was read and skipped, one line per kind; a loud line on stderr when most files were skipped."""
+    print(f"sources: {stats.report(separator=chr(10) + '  ')}")
+    warning = stats.warning()
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def main(argv=None, prog: str = "python -m data_pipeline") -> int:
@@ -116,9 +130,7 @@ def _run(argv, prog: str) -> int:
                                  input_sentence_size=args.input_sentence_size, n_sentinels=args.sentinels,
                                  byte_fallback=not args.no_byte_fallback, seed=args.seed, num_threads=args.threads)
         tokenizer = train_tokenizer(inputs, args.output, config, source, progress=True)
-        info = {k: v for k, v in tokenizer.info.items() if k != "training"}
-        print(json.dumps(info, indent=1))
-        print(f"sources: {SourceStats(**tokenizer.info['training']['sources']).report()}")
+        _print_tokenizer(tokenizer)
     elif args.command == "shards":
         inputs, source = _inputs(args)
         config = ShardConfig(seq_len=args.seq_len, mode=args.mode, val_fraction=args.val_fraction,
@@ -137,11 +149,24 @@ def _run(argv, prog: str) -> int:
     return 0
 
 
+def _print_tokenizer(tokenizer) -> None:
+    """A few lines, not the metadata file: where it is, what it holds, what it read."""
+    info, training = tokenizer.info, tokenizer.info["training"]
+    sentinels = tokenizer.sentinel_ids
+    print(f"tokenizer: {', '.join(str(path) for path in tokenizer.files.values())}")
+    print(f"  {tokenizer.vocab_size} pieces ({info['model_type']}): pad {tokenizer.pad_id}, unk {tokenizer.unk_id}, "
+          f"bos {tokenizer.bos_id}, eos {tokenizer.eos_id}"
+          + (f", {len(sentinels)} sentinels (ids {sentinels[0]}-{sentinels[-1]})" if sentinels else "")
+          + f"; {info['chars_per_token']:.2f} characters per token")
+    print(f"  trained on {training['lines_used']:,} of {training['lines_seen']:,} lines; sha256 {tokenizer.sha256}")
+    _print_sources(SourceStats(**training["sources"]))
+
+
 def _print_summary(path) -> None:
     manifest = json.loads(open(path).read())
     for split, summary in manifest["splits"].items():
         print(f"{split}: {summary['shards']} shards, {summary['samples']} windows, {summary['tokens']} tokens")
-    print(f"sources: {SourceStats(**manifest['sources']).report()}")
+    _print_sources(SourceStats(**manifest["sources"]))
     if manifest["build"].get("too_long_samples"):
         print(f"dropped {manifest['build']['too_long_samples']} multi-segment samples longer than seq_len")
     print(f"manifest: {path}")

@@ -36,6 +36,20 @@ def require(condition: bool, key: str, message: str, value) -> None:
         raise UserError(f"{key} {message}; got {value!r}")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The --help of every command: descriptions and epilogs as written, and each option's default
+    after its help ("(default: ...)"), except where there is none to show (None, False, an empty
+    list) or the help text names it already."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        shown = action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)
+        if (not shown or "default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or action.default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     """Document --debug in a command's --help (cli_main reads it from the command line itself)."""
     parser.add_argument(DEBUG_FLAG, action="store_true",

@@ -1,11 +1,14 @@
 """File helpers shared by the whole project, torch-free (launch/preflight and data workers use them).
 
-One atomic write (temporary file in the same directory, fsync, rename) and one sha256.
+One atomic write (temporary file in the same directory, fsync, rename), one sha256, and the
+one way a command makes its output directory (removed again when the command fails at its start).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -44,3 +47,24 @@ def atomic_write(path, data: bytes | str) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def removed_on_failure(path, unless: tuple[str, ...] = (), owner: bool = True):
+    """Create directory `path` (and missing parents) for a block. When the block raises before any
+    of the names in `unless` exists in it, the directories this call created are removed again:
+    a command that fails at its start leaves no empty (or log-only) directories behind. Only the
+    `owner` (rank 0 of a multi-process run) removes."""
+    path = Path(path)
+    first_created = None
+    for directory in (path, *path.parents):
+        if directory.exists():
+            break
+        first_created = directory
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if owner and first_created is not None and not any((path / name).exists() for name in unless):
+            shutil.rmtree(first_created, ignore_errors=True)
+        raise

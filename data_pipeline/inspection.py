@@ -25,7 +25,7 @@ def inspect_dataset(manifest_path, n_examples: int = 3, verify: bool = True, pro
     tokenizer_dir = Path(manifest["root"])
     if (tokenizer_dir / manifest["tokenizer"]["path"]).is_file():
         tokenizer = Tokenizer.load(tokenizer_dir)
-        if tokenizer.sha256 != manifest["tokenizer"]["sha256"]:
+        if not tokenizer.matches(manifest["tokenizer"]["sha256"]):
             raise ValueError(f"{tokenizer_dir}: tokenizer sha256 {tokenizer.sha256} differs from the manifest's "
                              f"{manifest['tokenizer']['sha256']}")
     report = {"manifest": str(Path(manifest["root"]) / "manifest.json"), "seq_len": manifest["seq_len"],

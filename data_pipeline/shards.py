@@ -481,6 +481,17 @@ def _shard_tasks(documents, config: ShardConfig, target_tokens: int, chars_per_t
             yield task(split)
 
 
+def _counted(documents, bar, every_s: float = 1.0):
+    """The documents, with their count on the bar at most once a second: reading the first shard's
+    worth (e.g. parsing the standard library) takes longer than a bar may sit still."""
+    last = time.monotonic()
+    for count, document in enumerate(documents, 1):
+        if time.monotonic() - last >= every_s:
+            bar.set_postfix_str(f"{count} documents read", refresh=True)
+            last = time.monotonic()
+        yield document
+
+
 def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None = None,
                  source_config: SourceConfig | None = None, progress: bool = True) -> Path:
     """Tokenize `inputs` into shards under `output_dir`; returns the path of manifest.json.
@@ -507,11 +518,10 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
             "dtype": dtype.str, "fingerprint": fingerprint, "segmented": bool(segments)}
     target_tokens = max(1, int(config.shard_size_mb * 2 ** 20 / dtype.itemsize))
     stats = SourceStats()
-    tasks = _shard_tasks(iter_documents(inputs, source_config, stats), config, target_tokens,
-                         tokenizer.info.get("chars_per_token", 4.0), base)
-
     entries, skipped, busy_seconds, total_tokens = [], 0, 0.0, 0
     bar = tqdm(desc="shards", unit="shard", disable=not progress)
+    tasks = _shard_tasks(_counted(iter_documents(inputs, source_config, stats), bar), config, target_tokens,
+                         tokenizer.info.get("chars_per_token", 4.0), base)
 
     def finish(info):
         nonlocal busy_seconds, total_tokens
@@ -561,7 +571,7 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
         "seq_len": config.seq_len, "mode": config.mode, "token_dtype": dtype.str, "segments": segments or None,
         "pad_id": tokenizer.pad_id, "eos_id": tokenizer.eos_id, "vocab_size": tokenizer.vocab_size,
         "tokenizer": {"kind": tokenizer.kind, "path": tokenizer.defining_file, "files": sorted(tokenizer.files),
-                      "sha256": tokenizer.sha256,
+                      "sha256": tokenizer.sha256, "file_sha256": tokenizer.file_sha256,
                       "vocab_size": tokenizer.vocab_size, "pad_id": tokenizer.pad_id, "unk_id": tokenizer.unk_id,
                       "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "sentinel_ids": tokenizer.sentinel_ids},
         "splits": {split: {"shards": sum(s["split"] == split for s in shards),

@@ -12,22 +12,32 @@ Three kinds load through ``Tokenizer.load`` (a directory or a file):
 - a Hugging Face ``tokenizer.json``, read by the ``tokenizers`` library; special tokens come from
   the ``tokenizer_config.json`` next to it, else from the usual names (``<s>``, ``</s>``, ...).
 
-Whatever the kind, ``sha256`` identifies the token ids (the defining file's hash), so a model
-can refuse a tokenizer it was not trained with.
+Whatever the kind, ``sha256`` identifies what the tokenizer maps, not the bytes of a file: the
+hash of its pieces in id order, its special ids and the ids it gives a fixed probe of texts
+(which shows its normalisation: whitespace, Unicode forms, byte fallback). A vocabulary saved in
+another format or built in another directory is recognised as the same; a model refuses a
+tokenizer whose sha256 differs from the one it was trained with. Records written before this
+identity (exports, manifests, checkpoints: the defining file's sha256) are still accepted:
+``Tokenizer.matches`` takes either, and ``file_sha256`` is that file's hash.
+
+Training is reproducible: the same inputs, seed and thread count give byte-identical files (the
+model is trained from memory, so no temporary path is recorded in it).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import random
-import tempfile
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 
 from .files import atomic_write
+from .progress import heartbeat
 from .sources import SourceConfig, SourceStats, iter_documents
 
 MODEL_FILE = "tokenizer.model"
@@ -43,6 +53,13 @@ _SPECIAL_NAMES = {"bos": ("<s>", "<|begin_of_text|>", "<|startoftext|>", "<bos>"
 MODEL_TYPES = ("unigram", "bpe")
 SPECIAL_IDS = {"pad_id": 0, "unk_id": 1, "bos_id": 2, "eos_id": 3}
 _MAX_LINE_CHARS = 2000  # sentencepiece silently drops sentences over max_sentence_length bytes
+IDENTITY_VERSION = 1
+# Texts whose ids are part of a tokenizer's identity: they show its normalisation (runs of spaces,
+# tabs, newlines, compatibility characters, combining accents), byte fallback and segmentation.
+_PROBE = ("Hello, world!  Two  spaces\tand a tab.\n", "  leading and trailing  ", "a\n\nb\r\nc",
+          "\ufb01ne caf\u00e9 \u00c5ngstr\u00f6m \u216b \u2460 x\u00b2", "na\u00efve e\u0301",
+          "\u65e5\u672c\u8a9e\u306e\u30c6\u30ad\u30b9\u30c8 \U0001f600", "def f(x):\n    return x ** 2  # done",
+          "UPPER lower 12345 3.14 -0.5e10")
 
 
 @dataclass
@@ -112,7 +129,9 @@ def _sample_lines(documents, size: int, seed: int) -> tuple[list[str], int]:
 
 def train_tokenizer(inputs, output_dir, config: TokenizerConfig | None = None,
                     source_config: SourceConfig | None = None, progress: bool = False) -> "Tokenizer":
-    """Train a sentencepiece model on the documents of `inputs` and write it to `output_dir`."""
+    """Train a sentencepiece model on the documents of `inputs` and write it to `output_dir`
+    (byte-identical for the same inputs, seed and threads). progress=True shows the documents
+    read and a line every 5 s while sentencepiece trains."""
     config = config or TokenizerConfig()
     output_dir = Path(output_dir)
     stats = SourceStats()
@@ -123,15 +142,17 @@ def train_tokenizer(inputs, output_dir, config: TokenizerConfig | None = None,
     lines, n_lines = _sample_lines(documents, config.input_sentence_size, config.seed)
     if not lines:
         raise ValueError(f"no usable text in inputs {[str(i) for i in inputs]}: {stats.report()}")
-    output_dir.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(config.seed)
     sentinels = [f"<sentinel_{i}>" for i in range(config.n_sentinels)]
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".train-") as tmp:
-        corpus = Path(tmp) / "corpus.txt"
-        corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if progress:
+        print(f"training a {config.vocab_size}-piece {config.model_type} model on {len(lines):,} lines "
+              f"({config.num_threads} threads)", file=sys.stderr, flush=True)
+    model = io.BytesIO()
+    with heartbeat("sentencepiece training", enabled=progress):
         try:
+            # From memory to memory: a model trained from a file records that file's path.
             spm.SentencePieceTrainer.train(
-                input=str(corpus), model_prefix=str(Path(tmp) / "sp"), vocab_size=config.vocab_size,
+                sentence_iterator=iter(lines), model_writer=model, vocab_size=config.vocab_size,
                 model_type=config.model_type, character_coverage=config.character_coverage,
                 input_sentence_size=config.input_sentence_size, shuffle_input_sentence=True,
                 byte_fallback=config.byte_fallback, normalization_rule_name="identity",
@@ -141,25 +162,35 @@ def train_tokenizer(inputs, output_dir, config: TokenizerConfig | None = None,
         except RuntimeError as error:
             raise ValueError(f"sentencepiece could not train a {config.vocab_size}-token {config.model_type} model "
                              f"on {n_lines} lines ({stats.report()}): {error}") from None
-        model_bytes = (Path(tmp) / "sp.model").read_bytes()
+    model_bytes = model.getvalue()
+    output_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(output_dir / MODEL_FILE, model_bytes)
-    processor = spm.SentencePieceProcessor(model_proto=model_bytes)
+    backend = _SentencePiece(model_bytes)
     # Characters per token on (part of) the training sample: used to size shards.
     probe = lines[:5000]
-    n_tokens = sum(len(ids) for ids in processor.encode(probe))
+    n_tokens = sum(len(ids) for ids in backend.processor.encode(probe))
     info = {
-        "vocab_size": processor.get_piece_size(),
+        "vocab_size": backend.processor.get_piece_size(),
         "model_type": config.model_type,
         **SPECIAL_IDS,
-        "sentinel_ids": [processor.piece_to_id(s) for s in sentinels],
-        "sha256": hashlib.sha256(model_bytes).hexdigest(),
+        "sentinel_ids": [backend.processor.piece_to_id(s) for s in sentinels],
+        "sha256": mapping_sha256(backend, SPECIAL_IDS),
+        "model_sha256": hashlib.sha256(model_bytes).hexdigest(),
         "chars_per_token": sum(map(len, probe)) / max(1, n_tokens),
         "training": {**asdict(config), "lines_seen": n_lines, "lines_used": len(lines),
                      "inputs": [str(i) for i in inputs], "sources": stats.to_dict()},
     }
-    info["training"].pop("num_threads")  # does not change the model
     atomic_write(output_dir / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
     return Tokenizer.load(output_dir)
+
+
+def mapping_sha256(backend, special_ids: dict) -> str:
+    """The identity of a tokenizer (module docstring): sha256 of its pieces in id order, its pad,
+    unk, bos and eos ids and its ids for the probe texts."""
+    special = {key: int(special_ids[key]) for key in SPECIAL_IDS}
+    canonical = {"identity": IDENTITY_VERSION, "pieces": backend.pieces(), "special_ids": special,
+                 "probe": backend.encode_batch(list(_PROBE), 1)}
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
 
 
 class _SentencePiece:
@@ -168,6 +199,9 @@ class _SentencePiece:
 
     def encode_batch(self, texts: list[str], num_threads: int) -> list[list[int]]:
         return self.processor.encode(texts, num_threads=num_threads)
+
+    def pieces(self) -> list[str]:
+        return [self.processor.id_to_piece(i) for i in range(self.processor.get_piece_size())]
 
     def decode(self, ids: list[int]) -> str:
         return self.processor.decode(ids)
@@ -181,6 +215,10 @@ class _HFTokenizer:
         # No BOS/EOS template: shards join documents with eos themselves, as for sentencepiece.
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
+    def pieces(self) -> list[str]:
+        size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        return [self.tokenizer.id_to_token(i) or "" for i in range(size)]  # "" for an unused id
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)  # as sentencepiece drops control pieces
 
@@ -193,14 +231,20 @@ class Tokenizer:
     """A loaded tokenizer of any kind: encode/decode, special ids, and the files that define it
     (``files``: name in a copy -> source path; the shard builder and exports copy them)."""
 
-    def __init__(self, backend, info: dict, files: dict[str, Path]):
-        self.info = {"kind": "biglearn", **info}
+    def __init__(self, backend, info: dict, files: dict[str, Path], file_sha256: str):
         self.backend = backend
         self.files = files
+        self.file_sha256 = file_sha256  # of the defining file: what records written before mapping_sha256 hold
+        self.info = {"kind": "biglearn", **info, "sha256": mapping_sha256(backend, info)}
         self.kind = self.info["kind"]
         for key in ("vocab_size", "pad_id", "unk_id", "bos_id", "eos_id", "sha256"):
             setattr(self, key, self.info[key])
         self.sentinel_ids = list(self.info.get("sentinel_ids", []))
+
+    def matches(self, recorded: str | None) -> bool:
+        """Whether a recorded tokenizer sha256 names this tokenizer: its identity, or (a record
+        written before identities) its defining file's hash."""
+        return recorded in (self.sha256, self.file_sha256)
 
     @property
     def processor(self) -> spm.SentencePieceProcessor:
@@ -211,7 +255,7 @@ class Tokenizer:
 
     @property
     def defining_file(self) -> str:
-        """Name of the file whose sha256 identifies the token ids."""
+        """Name of the file that defines the token ids (file_sha256 is its hash)."""
         return HF_FILE if self.kind == "hf" else MODEL_FILE
 
     @classmethod
@@ -242,9 +286,10 @@ class Tokenizer:
             raise ValueError(f"{model_path} not found: {info_path} describes a sentencepiece model that is missing")
         model_bytes = model_path.read_bytes()
         digest = hashlib.sha256(model_bytes).hexdigest()
-        if digest != info.get("sha256"):
-            raise ValueError(f"{model_path}: sha256 {digest} does not match {info_path} ({info.get('sha256')})")
-        return cls(_SentencePiece(model_bytes), info, {MODEL_FILE: model_path, INFO_FILE: info_path})
+        expected = info.get("model_sha256", info.get("sha256"))  # "sha256" in files written before identities
+        if digest != expected:
+            raise ValueError(f"{model_path}: sha256 {digest} does not match {info_path} ({expected})")
+        return cls(_SentencePiece(model_bytes), info, {MODEL_FILE: model_path, INFO_FILE: info_path}, digest)
 
     @classmethod
     def _load_sentencepiece(cls, path: Path) -> "Tokenizer":
@@ -255,8 +300,8 @@ class Tokenizer:
             raise ValueError(f"{path} is not a sentencepiece model: {str(error).splitlines()[0]}") from None
         p = backend.processor
         ids = {"unk_id": p.unk_id(), "bos_id": p.bos_id(), "eos_id": p.eos_id(), "pad_id": p.pad_id()}
-        return cls(backend, _external_info("sentencepiece", path, p.get_piece_size(), ids, model_bytes),
-                   {MODEL_FILE: path})
+        return cls(backend, _external_info("sentencepiece", path, p.get_piece_size(), ids),
+                   {MODEL_FILE: path}, hashlib.sha256(model_bytes).hexdigest())
 
     @classmethod
     def _load_hf(cls, path: Path) -> "Tokenizer":
@@ -282,8 +327,8 @@ class Tokenizer:
             found = [tokenizer.token_to_id(name) for name in candidates if tokenizer.token_to_id(name) is not None]
             ids[f"{role}_id"] = found[0] if found else -1
         return cls(_HFTokenizer(tokenizer),
-                   _external_info("hf", path, tokenizer.get_vocab_size(with_added_tokens=True), ids, data),
-                   {HF_FILE: path, **companions})
+                   _external_info("hf", path, tokenizer.get_vocab_size(with_added_tokens=True), ids),
+                   {HF_FILE: path, **companions}, hashlib.sha256(data).hexdigest())
 
     def encode_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
         return self.backend.encode_batch(list(texts), num_threads)
@@ -312,10 +357,10 @@ def _our_info(path: Path) -> dict | None:
         info = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
-    return info if isinstance(info, dict) and "sha256" in info and "model" not in info else None
+    return info if isinstance(info, dict) and ("model_sha256" in info or "sha256" in info) and "model" not in info else None
 
 
-def _external_info(kind: str, path: Path, vocab_size: int, ids: dict, data: bytes) -> dict:
+def _external_info(kind: str, path: Path, vocab_size: int, ids: dict) -> dict:
     """Info of a tokenizer we did not train. It must have an eos (documents are joined with it);
     without a pad token, padding uses unk (else eos), and without bos, eos starts a sequence."""
     if ids["eos_id"] < 0:
@@ -325,5 +370,4 @@ def _external_info(kind: str, path: Path, vocab_size: int, ids: dict, data: byte
         ids["pad_id"] = ids["unk_id"] if ids["unk_id"] >= 0 else ids["eos_id"]
     if ids["bos_id"] < 0:
         ids["bos_id"] = ids["eos_id"]
-    return {"kind": kind, "vocab_size": vocab_size, **ids, "sentinel_ids": [],
-            "sha256": hashlib.sha256(data).hexdigest(), "source": path.name}
+    return {"kind": kind, "vocab_size": vocab_size, **ids, "sentinel_ids": [], "source": path.name}

@@ -11,7 +11,8 @@ Every rank runs this module. It checks, and prints one report on rank 0:
               ('bytes'), on every node (a stat each: cheap, always on);
               with --verify also each shard's sha256 (split across all ranks);
 - tokenizer:  sha256 of tokenizer.model (--tokenizer, else the copy named by the manifest's
-              tokenizer.path) equals the manifest's tokenizer.sha256.
+              tokenizer.path) equals the manifest's tokenizer.file_sha256 (tokenizer.sha256 in
+              manifests written before tokenizer identities).
 
 Exit status 0 when every check passes on every rank, 1 otherwise (on all ranks).
 
@@ -41,7 +42,7 @@ from tqdm import tqdm
 # one manifest loader of the project (format, fields, shard paths inside the dataset directory).
 from data_pipeline.files import file_sha256
 from data_pipeline.shards import MANIFEST, load_manifest, shard_file
-from data_pipeline.errors import add_debug_flag, cli_main
+from data_pipeline.errors import HelpFormatter, add_debug_flag, cli_main
 
 MAX_LISTED = 10  # failures listed per check and node before "... and N more"
 
@@ -160,7 +161,8 @@ def check_tokenizer(tokenizer: Path | None, manifest_file: Path, manifest: dict)
     """tokenizer: a directory holding tokenizer.model, the file itself, or None for the copy the
     shard builder keeps next to the manifest (field tokenizer.path, relative to it)."""
     recorded = manifest.get("tokenizer")
-    expected = recorded.get("sha256") if isinstance(recorded, dict) else None
+    # file_sha256: the file's hash (sha256 is the tokenizer's identity); manifests before identities hold only sha256
+    expected = (recorded.get("file_sha256") or recorded.get("sha256")) if isinstance(recorded, dict) else None
     if tokenizer is None:
         rel = recorded.get("path") if isinstance(recorded, dict) else None
         if not isinstance(rel, str):
@@ -322,33 +324,33 @@ def format_report(gathered: list[list[Result]], ok: bool) -> str:
 
 def _parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Check GPUs, all-reduce, disk, shards and tokenizer on every node before a long job. "
-                    "Run it with the same launcher as training (deepspeed, torchrun or srun); "
+        prog=prog, formatter_class=HelpFormatter,
+        description="Check GPUs, all-reduce, disk, shards and tokenizer on every node before a long job.\n"
+                    "Run it with the same launcher as training (deepspeed, torchrun or srun);\n"
                     "without a launcher it checks this machine as one rank.",
     )
     parser.add_argument("--output-dir", type=Path, default=Path("."),
                         help="run directory: created if missing, must be writable with --min-free-gb free")
-    parser.add_argument("--min-free-gb", type=float, default=50.0, help="free space needed (GiB) [50]")
+    parser.add_argument("--min-free-gb", type=float, default=50.0, help="free space needed (GiB)")
     parser.add_argument("--manifest", type=Path, default=None, help="shard manifest.json or its directory")
     parser.add_argument("--allow-external-shards", action="store_true",
                         help="accept shard paths outside the manifest's directory (absolute or with ..), "
                              "as data.allow_external_shards does for training")
     parser.add_argument("--tokenizer", type=Path, default=None,
                         help="tokenizer directory (with tokenizer.model) or the model file; its sha256 "
-                             "must equal the manifest's tokenizer.sha256 [the manifest's tokenizer.path]")
+                             "must equal the manifest's tokenizer.file_sha256 (default: the manifest's tokenizer.path)")
     parser.add_argument("--verify", action="store_true",
                         help="also check each shard's sha256 (split across all ranks); sizes are always checked")
     parser.add_argument("--expect-gpus", type=int, default=None, help="GPUs each node must see")
     parser.add_argument("--backend", choices=["auto", "nccl", "gloo"], default="auto",
                         help="all-reduce backend; auto = nccl with GPUs, else gloo")
-    parser.add_argument("--allreduce-mb", type=float, default=256.0, help="all-reduce message size (MiB) [256]")
-    parser.add_argument("--iters", type=int, default=10, help="timed all-reduce iterations [10]")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed all-reduce iterations [2]")
+    parser.add_argument("--allreduce-mb", type=float, default=256.0, help="all-reduce message size (MiB)")
+    parser.add_argument("--iters", type=int, default=10, help="timed all-reduce iterations")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed all-reduce iterations")
     parser.add_argument("--min-busbw-gbps", type=float, default=0.0,
                         help="fail below this all-reduce bus bandwidth (GB/s), e.g. to catch a TCP fallback")
     parser.add_argument("--timeout-s", type=float, default=1800.0,
-                        help="collective timeout (s); a rank that never arrives fails the run [1800]")
+                        help="collective timeout (s); a rank that never arrives fails the run")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0 or args.allreduce_mb <= 0:

@@ -70,14 +70,58 @@ def test_no_suitable_python_fails_with_one_line(tmp_path, bin_dir):
     assert not (tmp_path / "venv").exists()
 
 
-def test_cpu_machine_installs_torch_from_the_cpu_index(tmp_path, bin_dir):
-    fake_bin(bin_dir, "python3.11")
-    out = make(tmp_path, "install")
+def fake_venv(tmp_path: Path, probe_exit: int, install_seconds: float = 0.0) -> Path:
+    """A .venv whose python logs every call to calls.log and succeeds, except the index probe
+    (`python -c ...`), which exits with `probe_exit`; `pip install` takes install_seconds.
+    The PATH gets the few real tools a recipe uses besides the shell's builtins."""
+    log = tmp_path / "calls.log"
+    python = tmp_path / "venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\necho "$@" >> {log}\ncase "$1" in -c) exit {probe_exit};; esac\n'
+                      f'case "$*" in *" install "*) sleep {install_seconds};; esac\nexit 0\n')
+    python.chmod(0o755)
+    for tool in ("sleep", "touch"):
+        (tmp_path / "bin" / tool).symlink_to(shutil.which(tool))
+    return log
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_cpu_machine_probes_the_cpu_index_once_then_installs_torch(tmp_path, bin_dir, reachable):
+    """Reachable: torch from the CPU index. Not: one line saying so, and torch from pip's own index
+    configuration (this machine's pip finds CPU wheels on disk) instead of a minute of retries."""
+    log = fake_venv(tmp_path, probe_exit=0 if reachable else 1)
+    out = make(tmp_path, "install", dry_run=False)
     assert out.returncode == 0, out.stderr
-    torch_lines = [line for line in out.stdout.splitlines() if "torch==" in line]
-    assert len(torch_lines) == 1, out.stdout
-    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_lines[0]
-    assert any("triton==" in line for line in out.stdout.splitlines())
+    calls = log.read_text().splitlines()
+    probes = [c for c in calls if c.startswith("-c ")]
+    assert len(probes) == 1 and probes[0].endswith("https://download.pytorch.org/whl/cpu/torch/ 5")
+    torch = [c for c in calls if "torch==" in c]
+    if reachable:
+        assert torch == ["-m pip install -q --index-url https://download.pytorch.org/whl/cpu torch==2.13.0"]
+    else:
+        assert torch == ["-m pip install -q torch==2.13.0"]
+        said = [line for line in out.stdout.splitlines() if "did not answer" in line]
+        assert len(said) == 1 and "https://download.pytorch.org/whl/cpu did not answer within 5 s" in said[0]
+    assert "-m pip install -q triton==3.6.0" in calls
+    assert (tmp_path / "venv" / ".installed").is_file()
+
+
+def test_every_install_step_says_something_while_it_works(tmp_path, bin_dir):
+    """pip -q is silent while it builds or unpacks: each step prints a line every BEAT_S seconds."""
+    fake_venv(tmp_path, probe_exit=0, install_seconds=2.5)
+    out = make(tmp_path, "install", "BEAT_S=1", dry_run=False)
+    assert out.returncode == 0, out.stderr
+    for what in ("setuptools and wheel", "torch", "triton", "DeepSpeed", "biglearn"):
+        assert f"  ... installing {what} (2 s)" in out.stdout, (what, out.stdout)
+
+
+def test_a_failing_install_step_fails_make(tmp_path, bin_dir):
+    log = fake_venv(tmp_path, probe_exit=0)
+    python = tmp_path / "venv" / "bin" / "python"
+    python.write_text(python.read_text().replace('exit 0\n', 'case "$*" in *deepspeed*) exit 3;; esac\nexit 0\n'))
+    out = make(tmp_path, "install", dry_run=False)
+    assert out.returncode != 0 and not (tmp_path / "venv" / ".installed").exists()
+    assert not any("-e ." in call for call in log.read_text().splitlines())
 
 
 def test_gpu_machine_keeps_the_default_torch_build(tmp_path, bin_dir):
@@ -106,7 +150,9 @@ def test_demo_installs_no_test_or_benchmark_extras(tmp_path, bin_dir):
 
 
 def test_torch_index_can_be_overridden(tmp_path, bin_dir):
-    fake_bin(bin_dir, "python3.11")
-    out = make(tmp_path, "install", "TORCH_INDEX=https://mirror.example/whl/cpu")
-    assert "--index-url https://mirror.example/whl/cpu" in out.stdout
-    assert os.fspath(tmp_path / "venv") in out.stdout
+    log = fake_venv(tmp_path, probe_exit=0)
+    out = make(tmp_path, "install", "TORCH_INDEX=https://mirror.example/whl/cpu", dry_run=False)
+    assert out.returncode == 0, out.stderr
+    calls = log.read_text().splitlines()
+    assert any(c.startswith("-c ") and "https://mirror.example/whl/cpu/torch/" in c for c in calls)
+    assert "-m pip install -q --index-url https://mirror.example/whl/cpu torch==2.13.0" in calls

@@ -129,6 +129,20 @@ def new_parameters(model: BigLearner, state: dict[str, torch.Tensor]) -> dict[st
     return filled
 
 
+def _same_tokenizer(export_dir: Path, recorded: str, data_sha256: str) -> bool:
+    """Whether two recorded tokenizer hashes name one tokenizer: equal, or one the identity and the
+    other the file hash (records written before identities) of the tokenizer the export carries."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    if recorded == data_sha256:
+        return True
+    try:
+        carried = Tokenizer.load(export_dir)
+    except ValueError:
+        return False
+    return carried.matches(recorded) and carried.matches(data_sha256)
+
+
 def init_config(config: ModelConfig, vocab_size: int, tokenizer_sha256: str | None) -> ModelConfig:
     """The model config of a run with model.init: the architecture of the export at config.init
     and this config's RUN_KEYS (stream mode, dropout, ...). Refuses data tokenized otherwise."""
@@ -140,7 +154,7 @@ def init_config(config: ModelConfig, vocab_size: int, tokenizer_sha256: str | No
         raise UserError(f"model.init={path}: not an exported model ({path / CONFIG}: {err}); import a Hugging Face "
                         "checkpoint with `biglearn convert from-hf`") from None
     recorded = meta.get("tokenizer_sha256")
-    if recorded and tokenizer_sha256 and recorded != tokenizer_sha256:
+    if recorded and tokenizer_sha256 and not _same_tokenizer(path, recorded, tokenizer_sha256):
         raise UserError(f"model.init={path} was trained with tokenizer sha256 {recorded} but the data's tokenizer has "
                         f"{tokenizer_sha256}: token ids would not match; shard the data with the tokenizer in {path}")
     if vocab_size > saved.vocab_size:

@@ -1,10 +1,11 @@
 """Loading a trained model for inference and export, with the tokenizer check.
 
-An exported directory (or a run directory holding export/) is read as it is; a DeepSpeed
-checkpoint only when the caller passes trust_checkpoint=True, weights-only (its .pt files are
-pickles). Every path ends in the one weights loader, pretrain.model.model_from_weights. A
-tokenizer whose sha256 differs from the one the model was trained with is refused: token ids
-would not match.
+An exported directory (or a run directory holding export/, or a fine-tuning run's model/) is
+read as it is; a DeepSpeed checkpoint only when the caller passes trust_checkpoint=True,
+weights-only (its .pt files are pickles). Every path ends in the one weights loader,
+pretrain.model.model_from_weights. A tokenizer whose sha256 differs from the one the model was
+trained with is refused: token ids would not match. `load_with_tokenizer` is what inference
+entry points call: the model and the tokenizer it carries (or the one given).
 """
 from __future__ import annotations
 
@@ -17,18 +18,27 @@ from data_pipeline.errors import UserError
 from ..model import BigLearner, model_from_weights
 from .card import manifest_summary
 from .export import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS, export_model, load_exported
-from .rundir import EXPORT, last_eval
+from .rundir import EXPORT, FINETUNED, last_eval
 from .sharded import COMPLETE, META, CheckpointError, consolidated_state_dict, find_checkpoint
 
 
-def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tuple[BigLearner, dict]:
-    """(BigLearner in eval mode, metadata) from an exported dir, or a run dir holding export/;
-    with trust_checkpoint=True also from a DeepSpeed checkpoint tag, a checkpoints/ dir or a
-    run dir without export (the newest complete checkpoint)."""
+def exported_dir(path) -> Path | None:
+    """The export at `path`: the directory itself, a run dir's export/ or a fine-tuning run's model/."""
     path = Path(path)
-    for exported in (path, path / EXPORT):
+    for exported in (path, path / EXPORT, path / FINETUNED):
         if (exported / EXPORT_WEIGHTS).is_file() and (exported / EXPORT_CONFIG).is_file():
-            return load_exported(exported, device)
+            return exported
+    return None
+
+
+def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tuple[BigLearner, dict]:
+    """(BigLearner in eval mode, metadata) from an exported dir, or a run dir holding one
+    (exported_dir); with trust_checkpoint=True also from a DeepSpeed checkpoint tag, a
+    checkpoints/ dir or a run dir without export (the newest complete checkpoint)."""
+    path = Path(path)
+    exported = exported_dir(path)
+    if exported is not None:
+        return load_exported(exported, device)
     tag_dir = find_checkpoint(path)
     if tag_dir is None:
         raise CheckpointError(f"{path}: no exported model ({EXPORT_WEIGHTS}) and no complete checkpoint "
@@ -43,26 +53,51 @@ def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tu
     return model, {**meta, "checkpoint": str(tag_dir)}
 
 
-def load_model(path, device="cpu", tokenizer_sha256: str | None = None, trust_checkpoint: bool = False):
-    """load_for_inference, refusing a model whose recorded tokenizer differs from `tokenizer_sha256`."""
+def load_model(path, device="cpu", tokenizer=None, trust_checkpoint: bool = False):
+    """load_for_inference, refusing a model whose recorded tokenizer is not `tokenizer` (a
+    data_pipeline Tokenizer, compared by what it maps: Tokenizer.matches)."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"model path {path} does not exist")
+        raise UserError(f"model path {path} does not exist: give an exported model directory or a run directory")
     model, meta = load_for_inference(path, device=device, trust_checkpoint=trust_checkpoint)
     recorded = meta.get("tokenizer_sha256")
-    if tokenizer_sha256 is not None:
+    if tokenizer is not None:
         if recorded is None:
             print(f"warning: {path} records no tokenizer_sha256; cannot check it matches the tokenizer", file=sys.stderr)
-        elif recorded != tokenizer_sha256:
+        elif not tokenizer.matches(recorded):
             raise UserError(f"{path} was trained with tokenizer sha256 {recorded}, but the given tokenizer has "
-                            f"sha256 {tokenizer_sha256}: token ids would not match")
+                            f"sha256 {tokenizer.sha256}: token ids would not match")
     return model, meta
 
 
-def bundled_tokenizer(export_dir: Path) -> Path | None:
-    """An export's own tokenizer directory (exports carry it, docs/hf.md), else None."""
+def bundled_tokenizer(path) -> Path | None:
+    """The tokenizer directory an export carries (docs/hf.md) for an export or a run dir holding
+    one (exported_dir), else None."""
     from data_pipeline.tokenizer import HF_FILE, INFO_FILE, MODEL_FILE
-    return export_dir if any((export_dir / n).is_file() for n in (INFO_FILE, HF_FILE, MODEL_FILE)) else None
+
+    exported = exported_dir(path)
+    if exported is None or not any((exported / n).is_file() for n in (INFO_FILE, HF_FILE, MODEL_FILE)):
+        return None
+    return exported
+
+
+def load_with_tokenizer(path, device="cpu", tokenizer=None, trust_checkpoint: bool = False):
+    """(model, metadata, tokenizer) for inference from an export or a run directory: `tokenizer`
+    when given (a path of any kind Tokenizer.load reads), else the one the export carries, else
+    (a checkpoint) the run's dataset tokenizer; None when there is none. A missing path and a
+    tokenizer that cannot be read are one-line UserErrors naming them."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    path = Path(path)
+    tokenizer_path = tokenizer if tokenizer is not None else bundled_tokenizer(path)
+    loaded = None
+    if tokenizer_path is not None:
+        try:
+            loaded = Tokenizer.load(tokenizer_path)
+        except ValueError as err:  # a missing or inconsistent tokenizer: the message names the file
+            raise UserError(f"{'--tokenizer' if tokenizer is not None else path}: {err}") from None
+    model, meta = load_model(path, device, loaded, trust_checkpoint=trust_checkpoint)
+    return model, meta, loaded or run_tokenizer(meta)
 
 
 def run_tokenizer(meta: dict):
@@ -74,7 +109,7 @@ def run_tokenizer(meta: dict):
         tokenizer = Tokenizer.load(Path(manifest).parent) if manifest else None
     except ValueError:
         return None
-    return tokenizer if tokenizer is not None and tokenizer.sha256 == meta.get("tokenizer_sha256") else None
+    return tokenizer if tokenizer is not None and tokenizer.matches(meta.get("tokenizer_sha256")) else None
 
 
 def export_metadata(meta: dict) -> dict:

@@ -4,6 +4,7 @@
                       plots, exports and resume checks read it)
     checkpoints/      DeepSpeed tags (pretrain.checkpoint.sharded)
     export/           the fp32 export of the last checkpoint (pretrain.checkpoint.export)
+    model/            the same in a fine-tuning run (pretrain.finetune), with its label layout
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 METRICS = "metrics.jsonl"
 EXPORT = "export"
+FINETUNED = "model"
 
 
 def read_metrics(run_dir) -> list[dict]:

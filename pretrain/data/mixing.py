@@ -15,6 +15,19 @@ import numpy as np
 
 from .stream import BatchStream
 
+
+def _same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two manifests' tokenizers map the same: equal recorded sha256, or (records written
+    before tokenizer identities hold a file's hash) the identities of the copies they carry."""
+    from data_pipeline.tokenizer import Tokenizer
+
+    if a["tokenizer"]["sha256"] == b["tokenizer"]["sha256"]:
+        return True
+    try:
+        return Tokenizer.load(a["root"]).sha256 == Tokenizer.load(b["root"]).sha256
+    except ValueError:
+        return False
+
 _SEED_MIX = 14  # domain tag of the source draws (pretrain.data.plan uses 11..13)
 
 
@@ -39,6 +52,8 @@ class MixedStream:
         first = self.streams[0]
         for path, stream in zip(self.paths[1:], self.streams[1:]):
             for key in ("sha256", "vocab_size", "pad_id"):
+                if key == "sha256" and _same_tokenizer(stream.manifest, first.manifest):
+                    continue
                 if stream.manifest["tokenizer"][key] != first.manifest["tokenizer"][key]:
                     raise ValueError(f"data.sources: {path} was built with another tokenizer than {self.paths[0]} "
                                      f"({key} {stream.manifest['tokenizer'][key]} vs {first.manifest['tokenizer'][key]})")

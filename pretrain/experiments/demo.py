@@ -27,17 +27,18 @@ from pathlib import Path
 # (docs/benchmarks.md, Trainer). torchrun makes the same choice for its workers.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pretrain.experiments.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for pretrain.train")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    print("demo: starting (importing torch and DeepSpeed takes a few seconds)", flush=True)
+    import torch
 
     from ..checkpoint.card import format_matrix
     from ..checkpoint.loading import load_for_inference
+    from ..checkpoint.rundir import last_eval
     from ..model import BigLearner
     from ..train.config import load_config
     from ..train.evaluate import eval_batches, evaluate, validation_windows
@@ -64,14 +65,16 @@ def main(argv=None) -> int:
         print(f"demo: interrupted; checkpoint in {summary['checkpoint']}; run `make demo` again to continue")
         return 0
 
-    # The same fixed validation draws, scored by the model before any training.
+    print("demo: scoring held-out text with the trained model, the untrained one and a unigram model", flush=True)
+    # The same fixed validation draws, scored by the model before any training: the trainer's
+    # step-0 evaluation (a run started before it recorded one is scored here).
     trained, meta = load_for_inference(summary["checkpoint"], trust_checkpoint=True)  # this run's own
     torch.manual_seed(config.trainer.seed)
     untrained = BigLearner(trained.config).eval()
     windows = validation_windows(meta["manifest"], config.eval.batches, config.eval.batch_size or config.data.batch_size)
     from data_pipeline import load_manifest
     batches = eval_batches(windows, config.eval, int(load_manifest(meta["manifest"])["pad_id"]))
-    baseline = evaluate(untrained.loss, batches, torch.device("cpu"))
+    baseline = last_eval(summary["run_dir"], 0) or evaluate(untrained.loss, batches, torch.device("cpu"))
     matrix = summary["eval"]
     from data_pipeline.tokenizer import Tokenizer
 

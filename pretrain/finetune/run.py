@@ -9,8 +9,9 @@ Label c is the tokenizer's sentinel token c; the separator is the next sentinel.
 - ft:       L_FT = E[-log p(y | x)]
 - biglearn: L_FT + beta * E_{q(S', T')}[-log p(X_T' | X_S')]   ("Big Learning", "Big Cooperative Learning")
   with (S', T') drawn by ObjectiveSampler over the two segments (label, text), so the label is
-  sometimes given, sometimes predicted, sometimes absent. beta = 0 is exactly ft: the big-learning
-  pass draws its splits and dropout masks from its own random streams.
+  sometimes given, sometimes predicted, sometimes absent. beta = 0 is exactly ft: that pass is
+  not drawn nor computed (and with beta > 0 it draws its splits and dropout masks from its own
+  random streams, so the FT pass sees the same ones whatever beta is).
 
 Runs on the same Trainer as pretraining, so it gets DeepSpeed ZeRO (stages 0-2), exact resume
 (resume=auto continues from the newest complete checkpoint in `out`), SIGTERM/SIGUSR1 handling
@@ -33,11 +34,12 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, add_debug_flag, cli_main
+from data_pipeline.files import removed_on_failure
 
 from ..checkpoint import sharded as ckpt
 from ..checkpoint.export import export_model
 from ..checkpoint.loading import load_model
-from ..checkpoint.rundir import read_metrics
+from ..checkpoint.rundir import FINETUNED, METRICS, read_metrics
 from ..infer import LabelLayout, evaluate_classifier, read_examples, split_spec
 from ..layout import TaskBatch, collate
 from ..model import BigLearner, ModelConfig
@@ -169,7 +171,7 @@ class FinetuneTask:
 
 def _build_model(cfg: FinetuneConfig, tokenizer) -> BigLearner:
     if cfg.init:
-        model, _ = load_model(cfg.init, "cpu", tokenizer_sha256=tokenizer.sha256)
+        model, _ = load_model(cfg.init, "cpu", tokenizer=tokenizer)
         if model.config.vocab_size < tokenizer.vocab_size:
             raise UserError(f"{cfg.init}: vocab_size {model.config.vocab_size} < tokenizer's {tokenizer.vocab_size}")
         return model.train()
@@ -195,17 +197,18 @@ def run(cfg: FinetuneConfig, tokenizer) -> dict:
     if cfg.trainer.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     on_cpu = use_cpu(cfg.deepspeed)
-    with process_group(on_cpu, cfg.deepspeed.dist_timeout_s) as (rank, world_size, _):
+    ds = cfg.deepspeed
+    with process_group(on_cpu, ds.dist_timeout_s, ds.extension_wait_s) as (rank, world_size, _), \
+            removed_on_failure(Path(cfg.out).resolve(), unless=(METRICS, ckpt.CHECKPOINTS), owner=rank == 0):
         return _run(cfg, tokenizer, on_cpu, rank, world_size)
 
 
 def _run(cfg: FinetuneConfig, tokenizer, on_cpu: bool, rank: int, world_size: int) -> dict:
     out = Path(cfg.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     layout, train_samples, dev_samples, dev_labels = _examples(cfg, tokenizer)
     t = cfg.trainer
     seed_everything(t.seed, t.deterministic)
-    biglearn = cfg.strategy == "biglearn"
+    biglearn = cfg.strategy == "biglearn" and cfg.beta > 0  # beta = 0: the big-learning term weighs nothing
     stream = ExampleStream(train_samples, cfg.data.batch_size, tokenizer.pad_id,
                            ObjectiveSampler(cfg.objective) if biglearn else None, seed=t.seed, rank=rank,
                            world_size=world_size)
@@ -239,8 +242,9 @@ def _run(cfg: FinetuneConfig, tokenizer, on_cpu: bool, rank: int, world_size: in
         if cfg.save_model and not summary["healthy"]:
             log.warning("not exporting: the run ended in a streak of bad steps")
         elif cfg.save_model:
-            export_model(engine.module.model, out / "model", {"tokenizer_sha256": tokenizer.sha256,
-                                                              "label_layout": asdict(layout)})
+            # The model directory carries its tokenizer: TextModel.load and `biglearn classify --model` need no other.
+            export_model(engine.module.model, out / FINETUNED, {"tokenizer_sha256": tokenizer.sha256,
+                                                                "label_layout": asdict(layout)}, tokenizer)
     return {**result, "history": history}
 
 
@@ -261,6 +265,20 @@ def summarize(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def check_paths(cfg: FinetuneConfig) -> None:
+    """The files a run reads exist, before anything starts: one line naming the key otherwise."""
+    if not cfg.tokenizer:
+        raise UserError("tokenizer must name a tokenizer (directory, tokenizer.json or .model)")
+    for key, value in (("data.train", cfg.data.train), ("data.dev", cfg.data.dev)):
+        if not value:
+            raise UserError(f"{key} must name a .tsv or .jsonl file of examples (docs/capabilities.md, fine-tuning)")
+        if not Path(value).is_file():
+            raise UserError(f"{key}: {value} {'is not a file' if Path(value).exists() else 'does not exist'}")
+    for key, value in (("tokenizer", cfg.tokenizer), ("init", cfg.init)):
+        if value and not Path(value).exists():
+            raise UserError(f"{key}: {value} does not exist")
+
+
 def _main(argv: list[str], prog: str) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -279,8 +297,7 @@ def _main(argv: list[str], prog: str) -> int:
     add_debug_flag(parser)
     args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.overrides)
-    if not cfg.tokenizer:
-        raise UserError("tokenizer must name a tokenizer (directory, tokenizer.json or .model)")
+    check_paths(cfg)
     runs = sweep_configs(cfg)
     if args.cfg:
         from omegaconf import OmegaConf

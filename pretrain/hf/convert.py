@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from data_pipeline.errors import UserError, add_debug_flag, cli_main
+from data_pipeline.errors import HelpFormatter, UserError, add_debug_flag, cli_main
 
 from ..checkpoint.card import model_card
 from ..checkpoint.export import copy_tokenizer, export_model, new_parameters, portable, staged_directory
@@ -329,7 +329,7 @@ def find_tokenizer(path, meta: dict, vocab_size: int, tokenizer_path=None):
             raise UserError(f"{path}: no tokenizer next to the model and the run's dataset tokenizer is not "
                              "found; pass --tokenizer")
     recorded = meta.get("tokenizer_sha256")
-    if recorded is not None and recorded != tokenizer.sha256:
+    if recorded is not None and not tokenizer.matches(recorded):
         raise UserError(f"{tokenizer.files[tokenizer.defining_file]}: sha256 {tokenizer.sha256} differs from the "
                          f"model's tokenizer_sha256 {recorded}")
     if tokenizer.vocab_size > vocab_size:
@@ -369,12 +369,13 @@ def to_hf(path, out_dir, tokenizer_path=None, trust_checkpoint: bool = False) ->
 def _main(argv: list[str], prog: str) -> int:
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__.split("\n\n")[0] + " (docs/hf.md)",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="examples:\n  biglearn convert from-hf ~/models/TinyLlama-1.1B runs/tinyllama\n"
                "  python -m pretrain.train model.init=runs/tinyllama data.kind=manifest data.manifest=...\n"
                "  biglearn convert to-hf runs/my_run runs/my_run_hf")
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("from-hf", help="import a Llama-family checkpoint as a biglearn export",
+                            formatter_class=HelpFormatter,
                             description="Read HF_DIR (config.json, model.safetensors or a sharded index, tokenizer "
                                         "files) and write our export format to OUT_DIR, complete or not at all.")
     p.add_argument("hf_dir", help="directory written by transformers' save_pretrained (Llama, Mistral, ...)")
@@ -388,6 +389,7 @@ def _main(argv: list[str], prog: str) -> int:
     p.add_argument("--no-tokenizer", action="store_true", help="import weights only (HF_DIR has no tokenizer)")
     add_debug_flag(p)
     p = commands.add_parser("to-hf", help="export a run or biglearn export as a LlamaForCausalLM directory",
+                            formatter_class=HelpFormatter,
                             description="Write OUT_DIR with config.json, model.safetensors, generation_config.json, "
                                         "tokenizer files and README.md; transformers loads it without custom code.")
     p.add_argument("path", help="run dir, checkpoint or exported model dir")

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, one_line
 
 from ..layout import collate
 from .scoring import check_length, eval_forward, split_spec
@@ -98,15 +98,12 @@ def read_examples(path, layout_or_fields=None, require_labels: bool = True) -> l
     known = layout_or_fields.labels if is_layout else None
     if not path.is_file():
         raise ValueError(f"data file {path} does not exist")
-    if path.suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        records = [(i + 1, json.loads(line)) for i, line in enumerate(lines) if line.strip()]
-    elif path.suffix in (".tsv", ".txt"):
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            records = [(i + 2, row) for i, row in enumerate(reader)]
-    else:
+    if path.suffix not in (".jsonl", ".tsv", ".txt"):
         raise ValueError(f"{path}: expected a .jsonl or .tsv file")
+    try:
+        records = _records(path)
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise ValueError(f"{path}: cannot read it ({one_line(err)})") from None
     examples = []
     for line, record in records:
         text = record.get(fields.text_field)
@@ -123,6 +120,25 @@ def read_examples(path, layout_or_fields=None, require_labels: bool = True) -> l
     if not examples:
         raise ValueError(f"{path} holds no examples")
     return examples
+
+
+def _records(path: Path) -> list[tuple[int, dict]]:
+    """(line number, record) of a JSONL file, or of a TSV file whose header row names the columns."""
+    if path.suffix == ".jsonl":
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append((number, json.loads(line)))
+                except ValueError as err:
+                    raise ValueError(f"{path}:{number}: not a JSON object ({err})") from None
+        for number, record in records:
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: not a JSON object")
+        return records
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [(i + 2, row) for i, row in enumerate(reader)]
 
 
 def classification_metrics(predicted: np.ndarray, gold: np.ndarray, n_labels: int) -> dict:

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
+import sys
 
 import numpy as np
 import torch
 
-from data_pipeline.errors import UserError, add_debug_flag, cli_main
+from data_pipeline.errors import HelpFormatter, UserError, add_debug_flag, cli_main
 
-from ..checkpoint.loading import bundled_tokenizer, load_model
+from ..checkpoint.loading import load_with_tokenizer
 from .classification import LabelLayout, classify, read_examples
 from .decoding import CACHED, SCHEDULES, STRATEGIES, complete
 from .scoring import check_length, score, score_orders
-from .text import gapped_ids
+from .text import gap_runs, gapped_ids
+
+COMMANDS = ("score", "complete", "classify")
 
 
 def parse_positions(spec: str | None, length: int) -> list[int]:
@@ -32,16 +34,6 @@ def parse_positions(spec: str | None, length: int) -> list[int]:
     if any(not 0 <= p < length for p in out):
         raise UserError(f"positions {spec!r} must lie in [0, {length})")
     return out
-
-
-def _load_tokenizer(path):
-    if path is None:
-        return None
-    from data_pipeline.tokenizer import Tokenizer
-    try:
-        return Tokenizer.load(path)
-    except ValueError as err:  # a missing or inconsistent tokenizer directory: the message names the file
-        raise UserError(f"--tokenizer: {err}") from None
 
 
 def _cmd_score(args, model, tokenizer):
@@ -73,9 +65,10 @@ def _cmd_complete(args, model, tokenizer):
                       block_size=args.block_size, draft=args.draft, adaptive_draft=args.adaptive_draft,
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                       use_cache=not args.no_cache, pad_id=pad)
+    runs = gap_runs(gaps)
     for b, (row, lp) in enumerate(zip(result.tokens, result.log_probs)):
-        line = {"text": tokenizer.decode(row), "filled": tokenizer.decode(row[gaps]), "log_prob": float(lp),
-                "ids": row.tolist(), "gaps": gaps, "passes": int(result.passes[b])}
+        line = {"text": tokenizer.decode(row), "filled": [tokenizer.decode(row[run]) for run in runs],
+                "log_prob": float(lp), "ids": row.tolist(), "gaps": gaps, "passes": int(result.passes[b])}
         if result.accepted is not None:
             line.update(drafted=int(result.drafted[b]), accepted=int(result.accepted[b]))
         print(json.dumps(line))
@@ -103,31 +96,38 @@ def _cmd_classify(args, model, tokenizer, meta):
 
 
 def _main(argv: list[str], prog: str = "python -m pretrain.infer") -> None:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", required=True,
-                        help="exported model directory (model.safetensors), or a run dir holding export/")
+                        help="exported model directory (model.safetensors), or a run directory holding one "
+                             "(a training run's export/, a fine-tuning run's model/)")
     common.add_argument("--trust-checkpoint", action="store_true",
                         help="also read a DeepSpeed checkpoint (run dir, checkpoints/ or step_* dir) when no export "
                              "exists; its .pt files are pickles, read weights-only (docs/reliability.md)")
     add_debug_flag(common)
     common.add_argument("--tokenizer", help="tokenizer: ours (a directory), an HF tokenizer.json or a sentencepiece "
-                        ".model; default: the one an exported --model carries. Its sha256 must match the model's")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--seed", type=int, default=0)
-    p = sub.add_parser("score", parents=[common], help="exact log p(x_T | x_S) for a target order")
+                        ".model (default: the one the --model export carries, else the run's dataset tokenizer). "
+                        "It must be the one the model was trained with (same sha256)")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    common.add_argument("--seed", type=int, default=0, help="seed of the sampling and of --orders")
+    p = sub.add_parser("score", parents=[common], help="exact log p(x_T | x_S) for a target order",
+                       formatter_class=HelpFormatter)
     text = p.add_mutually_exclusive_group(required=True)
-    text.add_argument("--text", help="text to score (needs --tokenizer)")
+    text.add_argument("--text", help="text to score (with the model's tokenizer)")
     text.add_argument("--ids", help="space-separated token ids to score")
     p.add_argument("--source", help="source positions, e.g. '0-4,9' (default: none)")
     p.add_argument("--target", help="target positions IN PREDICTION ORDER (default: the rest, left to right)")
     p.add_argument("--orders", type=int, default=0, help="also score K random orders; prints each and the log-mean-exp")
-    p = sub.add_parser("complete", parents=[common], help="fill gaps: 'The [___] sat on the [___:3]'")
+    p = sub.add_parser("complete", parents=[common], help="fill gaps: 'The [___] sat on the [___:3]'",
+                       formatter_class=HelpFormatter,
+                       epilog="Prints one JSON line per sample: text, filled (the text of each gap, in order), "
+                              "log_prob, ids, gaps (the filled positions).")
     p.add_argument("--text", required=True, help="text with gaps [___] (gap-len tokens) or [___:n]")
     p.add_argument("--gap-len", type=int, default=2, help="tokens per [___] gap")
     p.add_argument("--gaps", help="instead of markers: insert gaps 'POS:LEN,...' at token offsets of --text")
-    p.add_argument("--continue", dest="continue_n", type=int, default=0, help="plain continuation of n tokens")
+    p.add_argument("--continue", dest="continue_n", type=int, default=0,
+                   help="plain continuation of n tokens (0: fill the gaps instead)")
     p.add_argument("--strategy", choices=STRATEGIES, default="left_to_right",
                    help=f"decoding order; with the key/value cache: {', '.join(CACHED)}; a full forward pass per "
                         "step (masked diffusion, as LLaDA): remask_low_confidence, remask_random, block. "
@@ -146,24 +146,23 @@ def _main(argv: list[str], prog: str = "python -m pretrain.infer") -> None:
                    help="speculative: grow the draft by one after a pass that accepts it all, shrink it by one after "
                         "one that rejects its first token, within [1, 2 x --draft]")
     p.add_argument("--steps", type=int, help="remask_*, block: denoising steps, 1..tokens to fill (default: one per token)")
-    p.add_argument("--block-size", type=int, help="block: tokens per semi-autoregressive block; must divide the tokens to fill")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--block-size", type=int, help="block: tokens per semi-autoregressive block; must divide the tokens "
+                                                  "to fill (default: all of them)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 = all")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set with this much mass")
     p.add_argument("--num-samples", type=int, default=1, help="completions, decoded as one batch")
     p.add_argument("--no-cache", action="store_true",
                    help="cached strategies: a full forward pass per step instead (reference, slow)")
-    p = sub.add_parser("classify", parents=[common], help="p(y | x) from a fine-tuned model's label slot")
+    p = sub.add_parser("classify", parents=[common], help="p(y | x) from a fine-tuned model's label slot",
+                       formatter_class=HelpFormatter)
     p.add_argument("--input", required=True, help="JSONL ({text, [text_pair], [label]}) or TSV (text[, text_pair][, label])")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    if args.tokenizer is None and (Path(args.model) / "model_config.json").is_file():
-        args.tokenizer = bundled_tokenizer(Path(args.model))
-    tokenizer = _load_tokenizer(args.tokenizer)
+    model, meta, tokenizer = load_with_tokenizer(args.model, args.device, args.tokenizer, args.trust_checkpoint)
     if tokenizer is None and (args.command != "score" or args.text is not None):
-        parser.error(f"{args.command} needs --tokenizer")
-    model, meta = load_model(args.model, args.device, tokenizer.sha256 if tokenizer else None,
-                             trust_checkpoint=args.trust_checkpoint)
+        raise UserError(f"{args.model} carries no tokenizer (no tokenizer files in its export, and the run's dataset "
+                        "tokenizer is not found): pass --tokenizer")
     if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
         raise UserError(f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than the model's "
                          f"({model.config.vocab_size})")
@@ -176,4 +175,7 @@ def _main(argv: list[str], prog: str = "python -m pretrain.infer") -> None:
 
 
 def main(argv=None, prog: str = "python -m pretrain.infer") -> int:
-    return cli_main(lambda args: _main(args, prog), prog, argv)
+    """`prog score|complete|classify ...`; errors name the subcommand as typed (`biglearn score: error: ...`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command_prog = f"{prog} {argv[0]}" if argv and argv[0] in COMMANDS else prog
+    return cli_main(lambda args: _main(args, prog), command_prog, argv)

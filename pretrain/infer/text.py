@@ -58,6 +58,12 @@ def insert_gaps(ids, spec: str, pad_id: int = 0):
     return ids, gaps
 
 
+def gap_runs(positions) -> list[list[int]]:
+    """Positions to fill cut into gaps: runs of consecutive positions."""
+    runs = np.split(np.asarray(positions, dtype=np.int64), np.flatnonzero(np.diff(positions) != 1) + 1)
+    return [run.tolist() for run in runs if len(run)]
+
+
 def gapped_ids(tokenizer, text: str, *, gap_len: int = 2, gaps: str | None = None, continue_n: int = 0):
     """(token ids, positions to fill) for a text with `[___]` gaps, explicit `gaps` 'POS:LEN,...'
     at token offsets, or `continue_n` tokens appended after it."""
@@ -94,19 +100,15 @@ class TextModel:
 
     @classmethod
     def load(cls, model_path, tokenizer=None, device: str = "cpu", trust_checkpoint: bool = False) -> "TextModel":
-        """From an export (its bundled tokenizer unless `tokenizer` names one: our directory, an HF
-        tokenizer.json or a sentencepiece .model) or, with trust_checkpoint, a run directory."""
-        from pathlib import Path
+        """From an export or a run directory holding one (a training run's export/, a fine-tuning
+        run's model/), with the tokenizer it carries unless `tokenizer` names one (our directory,
+        an HF tokenizer.json or a sentencepiece .model); with trust_checkpoint, a run directory's
+        newest checkpoint and the run's dataset tokenizer."""
+        from ..checkpoint.loading import load_with_tokenizer
 
-        from data_pipeline.tokenizer import Tokenizer
-
-        from ..checkpoint.loading import bundled_tokenizer, load_model
-
-        tokenizer_path = tokenizer if tokenizer is not None else bundled_tokenizer(Path(model_path))
-        if tokenizer_path is None:
+        model, _, loaded = load_with_tokenizer(model_path, device, tokenizer, trust_checkpoint)
+        if loaded is None:
             raise UserError(f"{model_path} carries no tokenizer: pass tokenizer=PATH")
-        loaded = Tokenizer.load(tokenizer_path)
-        model, _ = load_model(model_path, device, loaded.sha256, trust_checkpoint=trust_checkpoint)
         return cls(model, loaded)
 
     def _complete(self, ids, positions, n: int, **sampling) -> list[Filled]:
@@ -115,8 +117,8 @@ class TextModel:
         tokens = np.asarray([ids] * n)
         result = complete(self.model, tokens, [source] * n, [positions] * n, pad_id=self.tokenizer.pad_id, **sampling)
         out = []
+        runs = gap_runs(positions)
         for row, log_prob in zip(result.tokens, result.log_probs):
-            runs = np.split(np.asarray(positions), np.flatnonzero(np.diff(positions) != 1) + 1)
             out.append(Filled(text=self.tokenizer.decode(row), gaps=[self.tokenizer.decode(row[r]) for r in runs],
                               log_prob=float(log_prob)))
         return out

@@ -3,7 +3,8 @@ DeepSpeedConfig and TrainerConfig, or LocalEngine's plain torch step for in-proc
 
 CPU runs (no CUDA, or deepspeed.accelerator=cpu) use DeepSpeed's CPU accelerator
 (DS_ACCELERATOR=cpu, set before deepspeed is imported), the gloo backend and torch's AdamW
-("torch_adam": true), in fp32 or bf16.
+("torch_adam": true), in fp32 or bf16; its compiled communication extension only with several
+processes (train/extensions.py).
 """
 from __future__ import annotations
 
@@ -12,15 +13,14 @@ import datetime
 import math
 import os
 import socket
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from data_pipeline.errors import UserError, require
 
+from .extensions import build_shm_extension, single_process_accelerator
 from .trainer import TrainerConfig
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -38,6 +38,8 @@ class DeepSpeedConfig:
     stage3_prefetch_bucket_size: int = 50_000_000
     initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
     dist_timeout_s: float = 1800.0  # a collective waiting this long for a lost rank fails the run instead of hanging
+    # CPU, several processes: how long to wait for another process's build of DeepSpeed's CPU extension
+    extension_wait_s: float = 600.0
 
     def __post_init__(self):
         require(self.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3", self.zero_stage)
@@ -49,6 +51,7 @@ class DeepSpeedConfig:
         require(not self.offload_optimizer or self.zero_stage >= 1, "deepspeed.offload_optimizer",
                 "needs deepspeed.zero_stage >= 1", self.offload_optimizer)
         require(self.dist_timeout_s > 0, "deepspeed.dist_timeout_s", "must be > 0 (seconds)", self.dist_timeout_s)
+        require(self.extension_wait_s > 0, "deepspeed.extension_wait_s", "must be > 0 (seconds)", self.extension_wait_s)
 
 
 def use_cpu(ds: DeepSpeedConfig) -> bool:
@@ -70,34 +73,30 @@ def precision(ds: DeepSpeedConfig, on_cpu: bool) -> str:
     return ds.precision
 
 
-def shm_extension_built(environ=os.environ) -> bool:
-    """Whether DeepSpeed's CPU communication extension (deepspeed_shm_comm, compiled by torch's
-    cpp_extension on the first CPU run, ~1-2 min) is in the torch extensions directory:
-    TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/<python, device tag>/."""
-    root = Path(environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    return any(root.glob("deepspeed_shm_comm/*.so")) or any(root.glob("*/deepspeed_shm_comm/*.so"))
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def init_distributed(on_cpu: bool, timeout_s: float = 1800.0) -> tuple[int, int, int]:
+def init_distributed(on_cpu: bool, timeout_s: float = 1800.0, extension_wait_s: float = 600.0) -> tuple[int, int, int]:
     """Join (or create, for a plain `python -m pretrain.train`) the process group, whose
-    collectives fail after timeout_s instead of waiting forever for a lost rank.
+    collectives fail after timeout_s instead of waiting forever for a lost rank. On CPU, one
+    process never builds DeepSpeed's communication extension; several build it once per
+    environment, announced, waiting at most extension_wait_s for another build (train/extensions.py).
     Returns (rank, world_size, local_rank). Must run before deepspeed is imported on CPU."""
     if on_cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
-    if on_cpu and int(os.environ.get("LOCAL_RANK", 0)) == 0 and not shm_extension_built():
-        print("compiling DeepSpeed's CPU extension (shm_comm), once per machine, ~1-2 min", file=sys.stderr, flush=True)
     if "RANK" not in os.environ:  # single process without a launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import deepspeed
 
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if on_cpu and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        single_process_accelerator()
+    elif on_cpu:
+        build_shm_extension(extension_wait_s, announce=local_rank == 0)
     if not on_cpu:
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl", timeout=datetime.timedelta(seconds=timeout_s))
@@ -108,7 +107,7 @@ _GROUP_ENVIRONMENT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER
 
 
 @contextlib.contextmanager
-def process_group(on_cpu: bool, timeout_s: float = 1800.0):
+def process_group(on_cpu: bool, timeout_s: float = 1800.0, extension_wait_s: float = 600.0):
     """init_distributed for the length of one run: yields (rank, world_size, local_rank). When
     this call creates the group (a plain `python -m`, a notebook), the launcher variables it set
     (RANK, MASTER_PORT, ...) are removed at exit, so that a process started later from this one
@@ -116,7 +115,7 @@ def process_group(on_cpu: bool, timeout_s: float = 1800.0):
     same process: DeepSpeed keeps references to it, and destroying it breaks a second run."""
     created = "RANK" not in os.environ
     try:
-        yield init_distributed(on_cpu, timeout_s)
+        yield init_distributed(on_cpu, timeout_s, extension_wait_s)
     finally:
         if created:
             for key in _GROUP_ENVIRONMENT:

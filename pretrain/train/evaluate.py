@@ -155,7 +155,10 @@ def parse_args(argv, prog: str = "biglearn eval") -> EvaluateArgs:
     tree = compose(args.overrides, cls=EvaluateArgs, config_name="evaluate")
     if OmegaConf.is_missing(tree, "ckpt"):
         raise UserError("ckpt=... is required: a run dir, checkpoints/ dir, step_* checkpoint or exported model dir")
-    return to_schema(tree, EvaluateArgs)
+    args = to_schema(tree, EvaluateArgs)
+    for task in args.tasks or []:  # before a model is loaded
+        require(task in EVAL_TASKS, "tasks", f"entries must be among {', '.join(EVAL_TASKS)}", task)
+    return args
 
 
 def _run_manifest(ckpt, meta: dict) -> str | None:

@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 
 from data_pipeline.errors import UserError, add_debug_flag, cli_main, one_line
+from data_pipeline.files import removed_on_failure
+from data_pipeline.progress import heartbeat
 
 from ..checkpoint import sharded as ckpt
 from ..checkpoint.card import format_matrix
 from ..checkpoint.export import load_init
 from ..checkpoint.loading import export_checkpoint
-from ..checkpoint.rundir import EXPORT
+from ..checkpoint.rundir import EXPORT, METRICS
 from ..data import DataConfig, data_counters, open_train_stream
 from ..model import BigLearner
 from ..objectives import ObjectiveSampler
@@ -74,10 +76,12 @@ def train(config: TrainConfig) -> dict:
     if config.trainer.deterministic:  # deterministic cuBLAS needs a fixed workspace, set before its first use
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     on_cpu = use_cpu(config.deepspeed)
-    with process_group(on_cpu, config.deepspeed.dist_timeout_s) as (rank, world_size, _):
+    ds = config.deepspeed
+    with process_group(on_cpu, ds.dist_timeout_s, ds.extension_wait_s) as (rank, world_size, _):
         run_dir = resolve_run_dir(config).resolve()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with run_logging(run_dir, rank):
+        # A start that fails before the first record or checkpoint leaves no run directory behind.
+        with removed_on_failure(run_dir, unless=(METRICS, ckpt.CHECKPOINTS), owner=rank == 0), \
+                run_logging(run_dir, rank):
             manifest = prepare_data(config.data, rank)
             config, note = resolve(config)
             log.info("%s", note)
@@ -96,8 +100,15 @@ def _train(config: TrainConfig, manifest: Path, on_cpu: bool, rank: int, world_s
         load_init(model)
     task = PretrainTask(config.model, stream.seq_len, peak_flops(t.peak_tflops, on_cpu), on_cpu, world_size)
     first_save_bytes = ckpt.BYTES_PER_PARAMETER * model.num_parameters()  # free-space check before a first save
-    engine, ds_config = build_engine(config.deepspeed, t, config.data.batch_size, t.total_steps(stream),
-                                     task.module(model), world_size, on_cpu)
+    if rank == 0:
+        log.info("building the DeepSpeed engine (its first imports take seconds)")
+    with heartbeat("building the DeepSpeed engine", enabled=rank == 0):
+        engine, ds_config = build_engine(config.deepspeed, t, config.data.batch_size, t.total_steps(stream),
+                                         task.module(model), world_size, on_cpu)
+    if rank == 0:  # a start is several steps of seconds each: say where it is
+        dtype = next((name for name in ("bf16", "fp16") if ds_config[name]["enabled"]), "fp32")
+        log.info("DeepSpeed engine ready (ZeRO stage %d, %s); reading the validation batches",
+                 config.deepspeed.zero_stage, dtype)
     windows = validation_windows(manifest, config.eval.batches, config.eval.batch_size or config.data.batch_size)
     fixed_eval = eval_batches(windows, config.eval, stream.pad_id)
     meta = {"config": to_dict(config), "manifest": str(manifest), "run_dir": str(run_dir),
@@ -131,6 +142,7 @@ def _train(config: TrainConfig, manifest: Path, on_cpu: bool, rank: int, world_s
             log.warning("not exporting: the run ended %d bad step(s) into a streak (from step %d)",
                         trainer.guard.bad_in_row, trainer.guard.first_bad_step)
         elif t.export_at_end:
+            log.info("exporting fp32 weights to %s", run_dir / EXPORT)
             summary["export"] = str(export_checkpoint(trainer.last_saved, run_dir / EXPORT, trust_checkpoint=True))
         if config.eval.plot:
             summary["plot"] = str(plot_run(run_dir, summary["eval"]))

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, require
+from data_pipeline.progress import heartbeat
 
 from ..checkpoint import sharded as ckpt
 from .console import console_around_bar
@@ -141,7 +142,7 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = False  # torch deterministic algorithms (exact-resume tests)
     log_every: int = 10
-    eval_every: int = 500  # 0: evaluate only at the end
+    eval_every: int = 500  # 0: evaluate only at the end (and, in a fresh run, at step 0)
     save_every: int = 1000  # 0: save only at the end and on signals
     keep_last: int = 3  # complete checkpoints kept
     max_bad_steps: int = 5  # consecutive non-finite losses before the run stops
@@ -340,7 +341,8 @@ class Trainer:
         """The evaluator's results on the current weights (written to the metrics log)."""
         self.engine.eval()
         try:
-            result = self.evaluator(self.engine)
+            with heartbeat(f"evaluating step {self.progress.step}", enabled=self.rank == 0):
+                result = self.evaluator(self.engine)
         finally:
             self.engine.train()
         if self.metrics is not None:
@@ -376,6 +378,7 @@ class Trainer:
     def run(self) -> dict:
         """Train to self.max_steps (or a stop request), with periodic logs, evaluations and
         checkpoints; always ends with a checkpoint of the last step, and closes the metrics log.
+        A fresh run first evaluates its step-0 weights (the baseline a run's plot shows).
         Returns a summary."""
         s = self.config
         previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
@@ -389,6 +392,10 @@ class Trainer:
         if bar is not None:
             console.enter_context(console_around_bar())
         try:
+            if self.evaluator is not None and start_step == 0:
+                log.info("evaluating the weights at step 0 (the run's baseline)")
+                self.evaluate()
+                self._started = self._window_start = time.perf_counter()  # the time budget is for training
             while self.progress.step < self.max_steps and self.stop_reason is None:
                 self.train_step()
                 step = self.progress.step

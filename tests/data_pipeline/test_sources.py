@@ -38,9 +38,64 @@ def test_directories_are_searched_recursively_in_sorted_order(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "2.txt").write_text("two")
     (tmp_path / "a.txt").write_text("one")
-    (tmp_path / "notes.md").write_text("not a corpus file")
+    (tmp_path / "notes.md").write_text("three")
     docs, stats = _read([tmp_path])
-    assert docs == ["one", "two"] and stats.skipped_files == 1
+    assert docs == ["one", "two", "three"] and stats.files == 3 and stats.skipped_files == 0
+
+
+def test_any_utf8_file_is_read_and_binary_files_are_skipped_by_kind(tmp_path):
+    """What a Linux distribution's doc directories hold: copyright files without a suffix,
+    README.gz, and the odd binary. Each text file is read, the binary is counted by kind."""
+    (tmp_path / "copyright").write_text("Copyright 2026 someone.\nLicensed under the terms below.")
+    (tmp_path / "README.gz").write_bytes(gzip.compress("A readme, compressed.".encode()))
+    (tmp_path / "tool").write_bytes(b"\x7fELF\x02\x01\x01" + bytes(range(256)) * 8)
+    docs, stats = _read([tmp_path])
+    assert docs == ["A readme, compressed.", "Copyright 2026 someone.\nLicensed under the terms below."]
+    assert stats.files == 2 and stats.skipped_files == 1
+    assert stats.skipped_kinds == {"ELF executable or library": 1}
+    assert f"skipped 1 files that are not text: 1 ELF executable or library (e.g. {tmp_path / 'tool'})" in stats.report()
+    assert stats.warning() is None  # 1 of 3 skipped
+
+
+@pytest.mark.parametrize("name, content, kind", [
+    ("notes", "caf\xe9 cr\xe8me".encode("latin-1"), "not UTF-8 (another encoding, or binary)"),
+    ("data.bin", b"abc\x00def", "binary data (NUL bytes)"),
+    ("image", b"\x89PNG\r\n\x1a\n" + bytes(100), "PNG image"),
+    ("archive.gz", gzip.compress(b"PK\x03\x04" + bytes(100)), "zip archive (in .gz file)"),
+    ("utf16.txt", "text".encode("utf-16"), "UTF-16 text"),
+])
+def test_files_that_are_not_text_are_named_by_kind(tmp_path, name, content, kind):
+    (tmp_path / name).write_bytes(content)
+    (tmp_path / "good").write_text("fine")
+    docs, stats = _read([tmp_path])
+    assert docs == ["fine"] and stats.skipped_kinds == {kind: 1} and stats.examples[kind] == [str(tmp_path / name)]
+
+
+def test_a_utf8_character_cut_by_the_sniffed_window_is_still_text(tmp_path):
+    text = "a" * 8191 + "é" * 10  # the window ends inside the first é
+    (tmp_path / "long").write_text(text)
+    assert _read([tmp_path])[0] == [text]
+
+
+def test_include_and_exclude_globs_choose_the_files_of_a_directory(tmp_path):
+    for name in ("a/keep.txt", "a/skip.log", "b/keep.txt", "b/notes", "c.md"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(name)
+    assert _read([tmp_path], include=["*.txt"])[0] == ["a/keep.txt", "b/keep.txt"]
+    assert _read([tmp_path], include=["b/*"])[0] == ["b/keep.txt", "b/notes"]
+    docs, stats = _read([tmp_path], exclude=["*.log", "b/*"])
+    assert docs == ["a/keep.txt", "c.md"] and stats.excluded_files == 3
+    assert "left out 3 files by the include / exclude globs" in stats.report()
+    with pytest.raises(ValueError, match=r"match --include \['\*.pdf'\]"):
+        _read([tmp_path], include=["*.pdf"])
+
+
+def test_a_build_that_skips_most_of_its_inputs_says_so_loudly(tmp_path):
+    (tmp_path / "text").write_text("the only text")
+    for i in range(3):
+        (tmp_path / f"lib{i}.so").write_bytes(b"\x7fELF" + bytes(64))
+    _, stats = _read([tmp_path])
+    assert stats.warning().startswith("WARNING: 3 of 4 input files (75%) were skipped")
 
 
 def test_bad_input_is_counted_not_fatal(tmp_path):
@@ -65,12 +120,11 @@ def test_unicode_normalisation_is_configurable(tmp_path):
         SourceConfig(normalize="NFX")
 
 
-def test_unknown_inputs_raise_naming_the_path(tmp_path):
+def test_missing_inputs_raise_naming_the_path_and_named_files_of_any_name_are_read(tmp_path):
     with pytest.raises(ValueError, match="nope"):
         _read([tmp_path / "nope"])
     (tmp_path / "data.csv").write_text("a,b")
-    with pytest.raises(ValueError, match="data.csv"):
-        _read([tmp_path / "data.csv"])
+    assert _read([tmp_path / "data.csv"])[0] == ["a,b"]
 
 
 def test_stdlib_corpus_is_parsed_not_imported_and_deterministic():

@@ -17,7 +17,8 @@ def tokenizer(tiny_demo):
 def test_output_dir_has_model_info_and_hash(tiny_demo, tokenizer):
     directory = tiny_demo.parent / "tokenizer"
     info = json.loads((directory / "biglearn_tokenizer.json").read_text())
-    assert info["sha256"] == hashlib.sha256((directory / "tokenizer.model").read_bytes()).hexdigest()
+    assert info["model_sha256"] == hashlib.sha256((directory / "tokenizer.model").read_bytes()).hexdigest()
+    assert info["sha256"] == tokenizer.sha256 != info["model_sha256"]  # the identity: what it maps
     assert (info["pad_id"], info["unk_id"], info["bos_id"], info["eos_id"]) == (0, 1, 2, 3)
     assert info["vocab_size"] == 400 == tokenizer.processor.get_piece_size()
     assert info["sentinel_ids"] == list(range(4, 4 + 16))
@@ -58,7 +59,8 @@ def test_bpe_with_sentinels_on_a_small_corpus(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (b"", "no usable text"),
-    (os.urandom(4096) + b"\xff\xfe", "non utf8"),
+    (os.urandom(4096) + b"\xff\xfe", "not text"),
+    ("caf\xe9 cr\xe8me\n".encode("latin-1") * 50, "non utf8"),
     (b"only one short line here\n", "sentencepiece could not train"),
 ])
 def test_unusable_corpora_give_clear_errors(tmp_path, content, message):
@@ -130,3 +132,61 @@ def test_outputs_honour_the_umask(tmp_path, tiny_demo):
     assert {p.name for p in written} >= {"tokenizer.model", "biglearn_tokenizer.json", "manifest.json", "train-000000.tar",
                                          "train-000000.info.json"}
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in written} == {p.name: "0o640" for p in written}
+
+
+def _corpus(path, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["alpha", "beta", "gamma", "delta", "token", "window", "shard", "reader", "écrire", "naïve"]
+    path.write_text("\n".join(" ".join(rng.choice(words, 12)) for _ in range(400)))
+    return path
+
+
+def test_two_builds_of_the_same_input_are_byte_identical(tmp_path):
+    """Same inputs, seed and threads, two build directories: the same bytes and the same sha256."""
+    corpus = _corpus(tmp_path / "corpus.txt")
+    config = TokenizerConfig(vocab_size=288, n_sentinels=2, num_threads=1)
+    first = train_tokenizer([corpus], tmp_path / "a", config)
+    second = train_tokenizer([corpus], tmp_path / "deeper" / "b", config)
+    for name in ("tokenizer.model", "biglearn_tokenizer.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "deeper" / "b" / name).read_bytes(), name
+    assert first.sha256 == second.sha256 == Tokenizer.load(tmp_path / "a").sha256
+    assert str(tmp_path).encode() not in (tmp_path / "a" / "tokenizer.model").read_bytes()
+    other = train_tokenizer([corpus], tmp_path / "c", TokenizerConfig(vocab_size=292, n_sentinels=2, num_threads=1))
+    assert other.sha256 != first.sha256
+
+
+def test_identity_is_what_the_tokenizer_maps_not_the_file(tmp_path, tiny_demo):
+    """The same mapping read from other files (a directory written before identities, whose
+    metadata holds the model file's hash; the bare sentencepiece file) has the same sha256, and
+    the file hash that old records hold is still accepted."""
+    directory = tiny_demo.parent / "tokenizer"
+    ours = Tokenizer.load(directory)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "tokenizer.model").write_bytes((directory / "tokenizer.model").read_bytes())
+    info = json.loads((directory / "biglearn_tokenizer.json").read_text())
+    info["sha256"] = info.pop("model_sha256")  # what files written before identities hold
+    (legacy / "biglearn_tokenizer.json").write_text(json.dumps(info))
+    old = Tokenizer.load(legacy)
+    assert old.sha256 == ours.sha256 and old.file_sha256 == info["sha256"]
+    assert ours.matches(ours.sha256) and ours.matches(info["sha256"]) and not ours.matches("0" * 64)
+    plain = Tokenizer.load(directory / "tokenizer.model")  # the bare sentencepiece file: same mapping
+    assert plain.kind == "sentencepiece" and plain.sha256 == ours.sha256
+
+
+def test_training_reports_every_5_s_and_the_command_ends_with_a_summary(tmp_path, monkeypatch, capsys):
+    import data_pipeline.progress as progress_module
+    from data_pipeline.__main__ import main
+
+    monkeypatch.setattr(progress_module, "EVERY_S", 0.01)
+    corpus = _corpus(tmp_path / "corpus.txt")
+    assert main(["tokenizer", "--input", str(corpus), "--output", str(tmp_path / "tok"), "--vocab-size", "288",
+                 "--sentinels", "2", "--threads", "1"]) == 0
+    captured = capsys.readouterr()
+    assert "training a 288-piece unigram model on 400 lines" in captured.err
+    assert "sentencepiece training: " in captured.err  # the heartbeat
+    out = captured.out.splitlines()
+    assert out[0] == f"tokenizer: {tmp_path / 'tok' / 'tokenizer.model'}, {tmp_path / 'tok' / 'biglearn_tokenizer.json'}"
+    assert "288 pieces (unigram): pad 0, unk 1, bos 2, eos 3, 2 sentinels (ids 4-5)" in out[1]
+    assert out[2].endswith(f"sha256 {Tokenizer.load(tmp_path / 'tok').sha256}")
+    assert out[3].startswith("sources: 1 documents") and len(out) <= 6 and "{" not in captured.out

@@ -3,6 +3,7 @@ the sweep list, and exact resume after SIGKILL on 2 ranks with ZeRO-2 (slow)."""
 import json
 from dataclasses import replace
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,7 @@ def test_biglearn_with_beta_zero_equals_ft_exactly(tmp_path, tokenizer):
     assert [h["loss_ft"] for h in ft["history"]] == [h["loss_ft"] for h in big0["history"]]
     assert [h["loss"] for h in ft["history"]] == [h["loss"] for h in big0["history"]]
     assert ft["dev_accuracy"] == big0["dev_accuracy"] and ft["seed"] == seed
+    assert "loss_biglearn" not in big0["history"][0]  # beta = 0: the big-learning pass is skipped, not weighted 0
     # ... and a positive beta really trains on the big-learning term (the check above can fail).
     big = run(make_config(tmp_path, np.random.default_rng(1), strategy="biglearn", beta=float(rng.uniform(0.3, 1))),
               tokenizer)
@@ -111,16 +113,18 @@ def test_finetuning_learns_a_simple_rule_and_exports_a_classifier(tmp_path, toke
     cfg = make_config(tmp_path, rng, n_train=256, strategy="biglearn", beta=0.3, epochs=6, save_model=True)
     result = run(cfg, tokenizer)
     assert result["dev_accuracy"] >= 0.8, result
-    model, meta = load_model(Path(cfg.out) / "model", tokenizer_sha256=tokenizer.sha256)
+    model, meta = load_model(Path(cfg.out) / "model", tokenizer=tokenizer)
     layout = LabelLayout(**meta["label_layout"])
     examples = read_examples(cfg.data.dev, layout)
     probs, _ = classify(model, [layout.encode(tokenizer, e.text, e.text_pair) for e in examples], 0,
                         layout.label_token_ids)
     accuracy = np.mean([layout.labels[int(p.argmax())] == e.label for p, e in zip(probs, examples)])
     assert abs(accuracy - result["dev_accuracy"]) < 1e-9
-    # The CLI reads the label layout from the exported metadata and gives the same predictions.
-    infer_main(["classify", "--model", str(Path(cfg.out) / "model"), "--tokenizer", str(tokenizer_dir),
-                "--input", cfg.data.dev, "--device", "cpu"])
+    # The model directory carries its tokenizer: TextModel loads it, and the CLI, given the run
+    # directory alone, reads the label layout from the exported metadata and predicts the same.
+    from pretrain.infer import TextModel
+    assert TextModel.load(Path(cfg.out) / "model").tokenizer.sha256 == tokenizer.sha256
+    infer_main(["classify", "--model", cfg.out, "--input", cfg.data.dev, "--device", "cpu"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["prediction"] for line in lines[:-1]] == [layout.labels[int(p.argmax())] for p in probs]
     assert abs(lines[-1]["accuracy"] - accuracy) < 1e-9
@@ -135,6 +139,33 @@ def test_label_slot_layout_and_tsv_reading(tmp_path, tokenizer):
     assert sample[0] == tokenizer.sentinel_ids[1] and layout.separator_id == tokenizer.sentinel_ids[2]
     assert list(sample[1:]) == tokenizer.encode("apple boat") + [layout.separator_id] + tokenizer.encode("plum")
     assert len(LabelLayout.from_tokenizer(tokenizer, ["a", "b"], max_len=3).encode(tokenizer, "apple boat plum")) == 3
+
+
+
+def test_the_documented_tsv_example_reads_as_documented(tmp_path):
+    """docs/capabilities.md's example file (a header row naming the columns, fields separated by
+    tabs) is what read_examples reads, and a TSV row with a field missing is refused with its line."""
+    section = (ROOT / "docs" / "capabilities.md").read_text().split("## Fine-tuning", 1)[1]
+    lines = [line[4:] for line in re.search(r"\n\n((?:    [^\n]*\t[^\n]*\n)+)", section).group(1).splitlines()]
+    assert lines[0].split("\t") == ["text", "label"] and len(lines) >= 3
+    (tmp_path / "example.tsv").write_text("\n".join(lines) + "\n")
+    examples = read_examples(tmp_path / "example.tsv")
+    assert [(e.text, e.text_pair, e.label) for e in examples] == [
+        (text, None, label) for text, label in (line.split("\t") for line in lines[1:])]
+    (tmp_path / "short.tsv").write_text("\n".join(lines) + "\nno label here\n")
+    with pytest.raises(ValueError, match=rf"short.tsv:{len(lines) + 1}: missing label field 'label'"):
+        read_examples(tmp_path / "short.tsv")
+
+
+def test_the_defaults_are_those_the_documented_sweep_chose():
+    """configs/finetune.yaml, FinetuneConfig's own defaults and docs/capabilities.md agree (the
+    defaults before the sweep, lr 4e-5 for 3 epochs, stayed below the majority class there)."""
+    from omegaconf import OmegaConf
+    yaml = OmegaConf.load(ROOT / "configs" / "finetune.yaml").trainer
+    trainer = default_trainer()
+    assert (yaml.lr, yaml.epochs) == (trainer.lr, trainer.epochs)
+    docs = (ROOT / "docs" / "capabilities.md").read_text()
+    assert f"Defaults: `trainer.lr={trainer.lr:g}`, `trainer.epochs={trainer.epochs:g}`" in docs
 
 
 def test_bad_inputs_name_the_problem(tmp_path, tokenizer):
@@ -200,6 +231,18 @@ def test_sweep_list_runs_each_entry_and_writes_the_summary(tmp_path, tokenizer_d
     bad = subprocess.run([c for c in command if not c.startswith(("trainer.lr=", "sweep="))] + ["trainer.lr=-1"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "error:" in bad.stderr and "trainer.lr" in bad.stderr, bad.stderr[-2000:]
+
+
+def test_a_missing_file_exits_2_in_one_line_and_leaves_no_out_directory(tmp_path, tokenizer_dir):
+    write_task(tmp_path / "dev.tsv", 16, np.random.default_rng(), "tsv")
+    out = tmp_path / "new" / "out"
+    command = [sys.executable, "-m", "pretrain.finetune", f"data.train={tmp_path / 'missing.tsv'}",
+               f"data.dev={tmp_path / 'dev.tsv'}", f"tokenizer={tokenizer_dir}", f"out={out}"]
+    done = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == (f"python -m pretrain.finetune: error: data.train: "
+                                                    f"{tmp_path / 'missing.tsv'} does not exist")
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.slow

@@ -110,6 +110,22 @@ def write_hf_tokenizer_only(tokenizer, directory):
         (directory / name).unlink()
 
 
+def test_our_tokenizer_converted_to_tokenizer_json_is_the_same_tokenizer(tmp_path, our_tokenizer):
+    """Identical pieces, ids and encodings in Hugging Face's format: the same sha256 (another file
+    hash), so a model trained with ours accepts it."""
+    from pretrain.checkpoint.export import export_model
+    from pretrain.checkpoint.loading import load_model
+    from pretrain.model import BigLearner, ModelConfig
+
+    write_hf_tokenizer_only(our_tokenizer, tmp_path / "hf")
+    converted = our_tokenizer.__class__.load(tmp_path / "hf")
+    assert converted.kind == "hf" and converted.file_sha256 != our_tokenizer.file_sha256
+    assert converted.sha256 == our_tokenizer.sha256
+    model = BigLearner(ModelConfig(vocab_size=our_tokenizer.vocab_size, d_model=16, n_layers=1, n_heads=2))
+    export_model(model, tmp_path / "model", tokenizer=our_tokenizer)
+    load_model(tmp_path / "model", tokenizer=converted)  # no "token ids would not match"
+
+
 def test_import_then_export_round_trips_weights_and_tokenizer(tmp_path, our_tokenizer):
     reference = write_llama(tmp_path / "hf", vocab=our_tokenizer.vocab_size, shard=True)
     write_hf_tokenizer_only(our_tokenizer, tmp_path / "hf")

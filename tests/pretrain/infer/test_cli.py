@@ -31,8 +31,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="label_token_ids"):
         classify(model, [rng.integers(0, VOCAB, 5)], 0, [VOCAB + 1, 2])
     export_model(model.float(), tmp_path / "m", {"tokenizer_sha256": "aaaa"})
+    other = type("OtherTokenizer", (), {"sha256": "bbbb", "matches": lambda self, recorded: recorded == "bbbb"})()
     with pytest.raises(ValueError, match="tokenizer sha256 aaaa"):
-        load_model(tmp_path / "m", tokenizer_sha256="bbbb")
+        load_model(tmp_path / "m", tokenizer=other)
     with pytest.raises(ValueError, match="does not exist"):
         load_model(tmp_path / "nowhere")
 
@@ -42,7 +43,7 @@ def user_error(capsys, argv) -> str:
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("python -m pretrain.infer: error: ") and err.count("\n") == 1, err
+    assert err.startswith(f"python -m pretrain.infer {argv[0]}: error: ") and err.count("\n") == 1, err
     return err
 
 
@@ -72,6 +73,7 @@ def text_model(tmp_path_factory):
                                    max_seq_len=24, attention_backend="torch"))
     export_model(model, directory / "model", {"tokenizer_sha256": tokenizer.sha256})
     export_model(model, directory / "other", {"tokenizer_sha256": "0" * 64})
+    export_model(model, directory / "run" / "export", tokenizer=tokenizer)  # a run directory, as training leaves it
     return directory, tokenizer
 
 
@@ -85,6 +87,8 @@ def test_cli_complete_fills_only_the_gaps(text_model, capsys):
     assert len(lines) == 3
     for line in lines:
         assert line["gaps"] == gaps and len(line["ids"]) == len(ids)
+        # one text per gap, in order (joined, two gaps read as one text)
+        assert line["filled"] == [tokenizer.decode([line["ids"][p] for p in run]) for run in (gaps[:2], gaps[2:])]
         kept = [p for p in range(len(ids)) if p not in gaps]
         assert [line["ids"][p] for p in kept] == [ids[p] for p in kept]
     main(["complete", *base, "--text", "the cat", "--continue", "4", "--temperature", "0"])
@@ -167,3 +171,21 @@ def test_cli_errors_name_the_problem(text_model, capsys):
     assert f"{weights}: unreadable safetensors" in user_error(capsys, ["score", "--model", str(broken), "--ids", "1 2"])
     with pytest.raises(UserError, match="unreadable safetensors"):
         main(["score", "--model", str(broken), "--ids", "1 2", "--debug"])
+
+
+def test_model_is_an_export_or_a_run_directory_with_the_tokenizer_it_carries(text_model, capsys):
+    from pretrain.cli import main as biglearn
+    from pretrain.infer import TextModel
+
+    directory, _ = text_model
+    text = ["--text", "the cat sat on the mat", "--device", "cpu"]
+    assert main(["score", "--model", str(directory / "run"), *text]) == 0
+    from_run = json.loads(capsys.readouterr().out)
+    assert main(["score", "--model", str(directory / "model"), "--tokenizer", str(directory / "tok"), *text]) == 0
+    assert json.loads(capsys.readouterr().out) == from_run
+    assert TextModel.load(directory / "run").score("the cat sat on the mat") == pytest.approx(from_run["log_prob"])
+    # A missing model path says so, under the name of the command typed; a model without a tokenizer too.
+    assert biglearn(["score", "--model", str(directory / "nope"), "--text", "a"]) == 2
+    assert capsys.readouterr().err == (f"biglearn score: error: model path {directory / 'nope'} does not exist: give "
+                                       "an exported model directory or a run directory\n")
+    assert "carries no tokenizer" in user_error(capsys, ["complete", "--model", str(directory / "model"), "--text", "a [___]"])

@@ -8,7 +8,6 @@ import warnings
 
 import numpy as np
 
-from pretrain.train.engine import shm_extension_built
 from pretrain.train.console import console_around_bar, quiet_third_party
 from pretrain.train.trainer import step_horizon
 
@@ -81,12 +80,3 @@ def test_deepspeed_steps_our_schedule_so_its_lr_warning_never_fires():
     assert "scheduler" not in deepspeed_config(config.deepspeed, config.trainer, config.data.batch_size, world_size=1,
                                                on_cpu=True)
 
-
-def test_shm_extension_build_is_detected(tmp_path):
-    environ = {"TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    assert not shm_extension_built(environ)
-    (tmp_path / "deepspeed_shm_comm").mkdir()
-    (tmp_path / "deepspeed_shm_comm" / "build.ninja").write_text("")  # a build that did not finish
-    assert not shm_extension_built(environ)
-    (tmp_path / "deepspeed_shm_comm" / "deepspeed_shm_comm.so").write_bytes(b"\x7fELF")
-    assert shm_extension_built(environ)

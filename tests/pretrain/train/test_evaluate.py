@@ -74,7 +74,8 @@ def test_trained_demo_model_beats_untrained_on_every_task(tmp_path, manifest):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "training.png").stat().st_size > 10_000
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["kind"] == "eval"] == [15, 30]
+    # Step 0 is the run's own untrained baseline (evaluated before the first step), then every 15 steps.
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 15, 30]
 
     trained, meta = load_for_inference(run_dir)
     torch.manual_seed(0)
@@ -86,9 +87,10 @@ def test_trained_demo_model_beats_untrained_on_every_task(tmp_path, manifest):
     for task in EVAL_TASKS:
         assert after[task]["nll"] < before[task]["nll"] - 0.1, (task, after[task], before[task])
     # The trainer's own final matrix (DeepSpeed engine) is the same numbers.
-    final = [r for r in records if r["kind"] == "eval"][-1]["tasks"]
+    baseline, final = [r["tasks"] for r in records if r["kind"] == "eval"][::2]
     for task in EVAL_TASKS:
         assert final[task]["nll"] == pytest.approx(after[task]["nll"], rel=1e-5)
+        assert final[task]["nll"] < baseline[task]["nll"] - 0.1, (task, final[task], baseline[task])
 
     # Standalone: python -m pretrain.train.evaluate ckpt=RUN_DIR reproduces it.
     out = tmp_path / "matrix.json"
@@ -114,6 +116,8 @@ def test_command_line_help_and_errors():
     (["ckpt=/x", "batches=many"], "batches='many': expected int"),
     (["batches=3"], "ckpt=... is required"),
     (["ckpt=/x", "tasks=[joint,mlm]", "device=cpu"], None),
+    (["ckpt=/x", "tasks=[foo]"], "tasks entries must be among joint, left_to_right, mlm, infill, biglearn, prefix, "
+                                 "suffix; got 'foo'"),
 ])
 def test_overrides_compose_onto_the_schema(overrides, message):
     from data_pipeline.errors import UserError

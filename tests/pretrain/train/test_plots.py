@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from pretrain.train.plots import matrix_panels, plot_run
+from pretrain.train.plots import cell_format, matrix_panels, plot_run
 from pretrain.train.metrics import scalars
 from pretrain.train.trainer import MetricsLog
 from pretrain.checkpoint.rundir import METRICS
@@ -52,7 +52,7 @@ def test_heatmap_has_one_colour_scale_per_quantity(tmp_path, monkeypatch):
     for image, values in zip(images, (nll, ppl)):
         assert image.get_clim() == pytest.approx((values.min(), values.max()))
         texts = {t.get_text() for t in image.axes.texts}
-        assert {f"{v:.4g}" for v in values.ravel()} <= texts
+        assert {cell_format(values).format(v) for v in values.ravel()} <= texts
     assert sum(1 for ax in fig.axes if ax.get_label() == "<colorbar>") == 2
     plt.close(fig)
 
@@ -82,3 +82,49 @@ def test_tensorboard_has_perplexity_and_no_digest(tmp_path):
         assert events.Scalars(f"eval/tasks/{task}")[0].value == pytest.approx(item["nll"], rel=1e-6)
         assert events.Scalars(f"eval/ppl/{task}")[0].value == pytest.approx(math.exp(item["nll"]), rel=1e-5)
     assert set(scalars(train)) | set(scalars(evaluation)) == tags
+
+
+def test_one_number_format_per_panel():
+    assert cell_format(np.array([5.1234, 0.5, 3.0])) == "{:.2f}"
+    assert cell_format(np.array([12.5, 345.678, 1.01])) == "{:.0f}"
+    assert cell_format(np.array([0.01, 0.5])) == "{:.2f}"
+    assert cell_format(np.array([1.5e6, 20.0])) == "{:.2e}"
+
+
+def test_the_plot_reads_at_a_glance(tmp_path, monkeypatch):
+    """The legend lies outside the curves; validation evaluations are markers, not lines; the
+    step-0 evaluation is the matrix's baseline row; every cell of a panel has the same decimals."""
+    import re
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng()
+    records = [{"kind": "train", "step": s, "loss": float(6 - s / 10), "task_loss": {"mlm": 5.0, "clm": 4.0}}
+               for s in range(1, 41)]
+    evals = {step: random_matrix(rng) for step in (0, 20, 40)}
+    records += [{"kind": "eval", "step": step, "tasks": matrix} for step, matrix in evals.items()]
+    (tmp_path / METRICS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    captured = {}
+    real_savefig = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: captured.setdefault("fig", fig) and real_savefig(fig, *a, **k))
+    plot_run(tmp_path)
+    fig = captured["fig"]
+    fig.canvas.draw()
+    curves = next(ax for ax in fig.axes if ax.get_legend() is not None)
+    legend_box = curves.get_legend().get_window_extent()
+    assert not legend_box.overlaps(curves.get_window_extent())
+    validation = [line for line in curves.get_lines() if line.get_label().startswith("val ")]
+    assert len(validation) == 3 and all(line.get_linestyle() == "None" and line.get_marker() == "o"
+                                        for line in validation)
+    assert [list(line.get_xdata()) for line in validation] == [[0, 20, 40]] * 3
+    heatmaps = [ax for ax in fig.axes if ax.images]
+    for ax, key in zip(heatmaps, ("nll", "ppl")):
+        assert [t.get_text() for t in ax.get_yticklabels()] == ["trained", "step 0"]
+        assert ax.images[0].get_array()[1].tolist() == pytest.approx([evals[0][t][key] for t in evals[0]])
+        decimals = {len(m.group(1)) if m.group(1) else 0
+                    for m in (re.fullmatch(r"-?\d+(?:\.(\d+))?", t.get_text()) for t in ax.texts)}
+        assert len(decimals) == 1, [t.get_text() for t in ax.texts]
+    plt.close(fig)

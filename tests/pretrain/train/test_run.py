@@ -54,6 +54,11 @@ def train_records(run_dir) -> dict[int, dict]:
     return {r["step"]: r for r in records if r["kind"] == "train"}
 
 
+def eval_steps(run_dir) -> list[int]:
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r["step"] for r in map(json.loads, lines) if r["kind"] == "eval"]
+
+
 def wait_for_step(process, run_dir, step, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -99,6 +104,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, manifest):
     common = ["deepspeed.zero_stage=0", "trainer.save_every=2", "trainer.max_bad_steps=3"]
     first = run(run_dir, manifest, *common, "trainer.max_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
+    assert eval_steps(run_dir) == [0, 2]  # a fresh run evaluates its untrained weights first (the plot's baseline)
     tag = find_checkpoint(run_dir)
     weights = tag / "mp_rank_00_model_states.pt"
     state = torch.load(weights, weights_only=True)
@@ -112,6 +118,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, manifest):
     assert "diverged: 3 bad steps in a row (trainer.max_bad_steps=3), from step 3 to step 3" in result.stderr
     assert find_checkpoint(run_dir) == tag and {p.name: p.stat().st_mtime_ns for p in tag.iterdir()} == before
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == [tag.name]
+    assert eval_steps(run_dir).count(0) == 1  # a resumed run does not evaluate step 0 again
 
 
 @pytest.mark.slow
@@ -205,3 +212,16 @@ def test_an_epoch_limit_ends_the_run_after_that_many_passes(tmp_path, manifest):
     records = train_records(tmp_path / "run")
     assert max(records) == math.ceil(epochs * per_epoch / 2)
     assert records[max(records)]["lr"] == pytest.approx(3e-3 * 0.1, rel=1e-6)  # cosine ended at min_lr_ratio
+
+
+def test_a_failed_start_leaves_no_run_directory(tmp_path, manifest):
+    """Bad data at the start: exit 2 with one line, and neither the run directory nor the parent
+    it had to create is left behind (with its train.log); an existing directory is kept."""
+    run_dir = tmp_path / "new" / "run"
+    done = run(run_dir, tmp_path / "no_such_manifest.json")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("python -m pretrain.train: error:")
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "kept").mkdir()
+    assert run(tmp_path / "kept", tmp_path / "no_such_manifest.json").returncode == 2
+    assert (tmp_path / "kept").is_dir()
