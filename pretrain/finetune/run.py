@@ -240,7 +240,7 @@ def _run(cfg: FinetuneConfig, tokenizer, on_cpu: bool, rank: int, world_size: in
             log.warning("not exporting: the run ended in a streak of bad steps")
         elif cfg.save_model:
             export_model(engine.module.model, out / "model", {"tokenizer_sha256": tokenizer.sha256,
-                                                              "label_layout": asdict(layout)})
+                                                              "label_layout": asdict(layout)}, replace=True)
     return {**result, "history": history}
 
 
