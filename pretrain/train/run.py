@@ -101,10 +101,11 @@ def training_bytes_per_parameter(ds, world_size: int, on_cpu: bool) -> float:
     return 8 + optimizer / shards
 
 
-def check_config(config: TrainConfig, world_size: int) -> bool:
+def check_config(config: TrainConfig, world_size: int) -> tuple[bool, TrainConfig]:
     """What the run reads, checked before anything is allocated, written or started (every rank
     checks): the accelerator and precision, the data-decided config (manifests, model.init's
-    header), the memory the model and its training state need. Returns whether it runs on CPU."""
+    header), the memory the model and its training state need. Returns (whether it runs on CPU,
+    the config as the data decides it)."""
     on_cpu = use_cpu(config.deepspeed)
     per_parameter = training_bytes_per_parameter(config.deepspeed, world_size, on_cpu)
     resolved, _ = resolve(config)
@@ -115,7 +116,7 @@ def check_config(config: TrainConfig, world_size: int) -> bool:
     else:
         free, _ = torch.cuda.mem_get_info(int(os.environ.get("LOCAL_RANK", 0)))
         resolved.model.require_memory("model training state", per_parameter, free, "GPU memory")
-    return on_cpu
+    return on_cpu, resolved
 
 
 def check_writable(run_dir: Path) -> None:
@@ -171,12 +172,12 @@ def train(config: TrainConfig, stop: StopRequest | None = None) -> dict:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # the launcher's
     run_dir = resolve_run_dir(config).resolve()
-    on_cpu = check_config(config, world_size)
+    on_cpu, resolved = check_config(config, world_size)
     check_writable(run_dir)
     with run_directory_lock(run_dir, rank, 2 * config.deepspeed.dist_timeout_s):
         resume_from = _resume_checkpoint(config, run_dir / ckpt.CHECKPOINTS, warn=rank == 0)
         if resume_from is not None:
-            check_resumable(resume_from, resolve(config)[0].model)
+            check_resumable(resume_from, resolved.model)
         stop = stop or StopRequest()
         with process_group(on_cpu, config.deepspeed.dist_timeout_s) as (rank, world_size, _), stop.installed():
             with run_logging(run_dir, rank):

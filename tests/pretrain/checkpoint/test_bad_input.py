@@ -165,3 +165,26 @@ def test_an_output_that_does_not_fit_is_one_line_and_nothing(name, command, cli,
     out = small_fs / "out"
     cli(command.format(run=trained_run, export=tiny_export, hf=hf, out=out)).refused(2, "free", str(small_fs))
     assert not out.exists() and not nothing_left(small_fs)
+
+
+def test_a_checkpoint_rotated_away_while_read_names_the_run_training_there(tmp_path, trained_run, monkeypatch):
+    """`export` of a run that is still training: the tag found intact disappears (its rotation)
+    before its files are read. The error says so and names the holder of the run's LOCK, instead
+    of "holds no DeepSpeed model states"."""
+    import os
+    import socket
+
+    from pretrain.checkpoint import loading
+    from pretrain.checkpoint.sharded import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "LOCK").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": "now"}))
+
+    def rotated_away(tag_dir):
+        shutil.rmtree(tag_dir)
+        raise FileNotFoundError(tag_dir / "mp_rank_00_model_states.pt")
+
+    monkeypatch.setattr(loading, "consolidated_state_dict", rotated_away)
+    with pytest.raises(CheckpointError, match=rf"step_00000003: it was removed while being read; process {os.getpid()}"):
+        loading.load_for_inference(run, trust_checkpoint=True)
