@@ -13,6 +13,7 @@ import math
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,12 +71,87 @@ def precision(ds: DeepSpeedConfig, on_cpu: bool) -> str:
     return ds.precision
 
 
+SHM_EXTENSION = "deepspeed_shm_comm"
+# Longer than a build of the CPU extension takes (1-4 min on 2 shared cores): a build lock this
+# old is stale whoever holds it. BIGLEARN_BUILD_LIMIT_S overrides it (tests).
+BUILD_LIMIT_S = 1800.0
+# File systems on which "no process here holds the lock" does not mean "nobody does".
+_SHARED_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "beegfs", "ceph", "fuse.sshfs")
+
+
+def _extensions_root(environ) -> Path:
+    return Path(environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+
+
 def shm_extension_built(environ=os.environ) -> bool:
     """Whether DeepSpeed's CPU communication extension (deepspeed_shm_comm, compiled by torch's
     cpp_extension on the first CPU run, ~1-2 min) is in the torch extensions directory:
     TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions/<python, device tag>/."""
-    root = Path(environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    return any(root.glob("deepspeed_shm_comm/*.so")) or any(root.glob("*/deepspeed_shm_comm/*.so"))
+    root = _extensions_root(environ)
+    return any(root.glob(f"{SHM_EXTENSION}/*.so")) or any(root.glob(f"*/{SHM_EXTENSION}/*.so"))
+
+
+def _lock_holders(lock: Path) -> list[int]:
+    """The pids of this host's processes that have `lock` open: torch's FileBaton keeps its lock
+    file open for as long as it builds, so a lock nobody has open was left by a killed build."""
+    target, holders = str(lock.resolve()), []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) == target for fd in fd_dir.iterdir()):
+                holders.append(int(fd_dir.parent.name))
+        except OSError:  # gone meanwhile, or not ours to look at
+            continue
+    return holders
+
+
+def _on_shared_filesystem(path: Path) -> bool:
+    """Whether `path` lies on a network file system (the longest mount point above it decides)."""
+    path, best, kind = str(path.resolve()), "", ""
+    with contextlib.suppress(OSError), open("/proc/mounts") as mounts:
+        for line in mounts:
+            fields = line.split()
+            if len(fields) > 2 and (path + "/").startswith(fields[1].rstrip("/") + "/") and len(fields[1]) > len(best):
+                best, kind = fields[1], fields[2]
+    return kind in _SHARED_FILESYSTEMS
+
+
+def wait_for_extension_build(environ=os.environ, remove: bool = True, poll_s: float = 1.0) -> None:
+    """torch's cpp_extension waits, silently and for ever, while a `lock` file exists in the
+    build directory, and a build killed with SIGKILL leaves one: then every later CPU run on the
+    machine would hang at start-up. A lock that no process holds (on a local file system) or
+    that nobody here holds and is older than BUILD_LIMIT_S (a network file system, where the
+    holder may be on another host) is removed with a note, when `remove` (local rank 0; the
+    other ranks wait for it). A live build is waited for, with a note; a lock a process still
+    holds when it is BUILD_LIMIT_S old is one UserError naming that process."""
+    root, limit = _extensions_root(environ), float(environ.get("BIGLEARN_BUILD_LIMIT_S", BUILD_LIMIT_S))
+    waiting = None
+    while locks := [*root.glob(f"{SHM_EXTENSION}/lock"), *root.glob(f"*/{SHM_EXTENSION}/lock")]:
+        lock = locks[0]
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:  # released meanwhile
+            continue
+        holders = _lock_holders(lock)
+        if not holders and (age > limit or not _on_shared_filesystem(lock)):  # left by a killed build
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    lock.unlink()
+                why = f"it is {age:.0f} s old" if age > limit else "no process holds it"
+                print(f"note: removed {lock}, a lock left by a DeepSpeed extension build that was killed ({why})",
+                      file=sys.stderr, flush=True)
+            else:
+                time.sleep(poll_s)
+            continue
+        if age > limit:
+            raise UserError(f"{lock}: process {holders[0]} has held it for {age:.0f} s, longer than a build of "
+                            f"DeepSpeed's CPU extension takes (BIGLEARN_BUILD_LIMIT_S={limit:g}); end that process "
+                            "or remove the lock")
+        if waiting != lock and remove:
+            holder = f"process {holders[0]}" if holders else "a process on another host"
+            print(f"waiting for {holder}, which is building DeepSpeed's CPU extension ({lock})", file=sys.stderr,
+                  flush=True)
+        waiting = lock
+        time.sleep(poll_s)
 
 
 def _free_port() -> int:
@@ -90,8 +166,12 @@ def init_distributed(on_cpu: bool, timeout_s: float = 1800.0) -> tuple[int, int,
     Returns (rank, world_size, local_rank). Must run before deepspeed is imported on CPU."""
     if on_cpu:
         os.environ["DS_ACCELERATOR"] = "cpu"
-    if on_cpu and int(os.environ.get("LOCAL_RANK", 0)) == 0 and not shm_extension_built():
-        print("compiling DeepSpeed's CPU extension (shm_comm), once per machine, ~1-2 min", file=sys.stderr, flush=True)
+    if on_cpu:
+        local_rank_0 = int(os.environ.get("LOCAL_RANK", 0)) == 0
+        wait_for_extension_build(remove=local_rank_0)
+        if local_rank_0 and not shm_extension_built():
+            print("compiling DeepSpeed's CPU extension (shm_comm), once per machine, ~1-2 min", file=sys.stderr,
+                  flush=True)
     if "RANK" not in os.environ:  # single process without a launcher
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
