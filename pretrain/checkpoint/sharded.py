@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from data_pipeline.errors import UserError
-from data_pipeline.files import atomic_write
+from data_pipeline.files import atomic_write, contained
 from data_pipeline.resources import free_disk
 
 CHECKPOINTS = "checkpoints"
@@ -117,11 +117,15 @@ def checkpoint_problem(tag_dir) -> str | None:
     try:
         record = (tag_dir / COMPLETE).read_text()
         files = json.loads(record)["files"] if record.strip() else None
+        if files is not None and not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}, not an object")
     except (OSError, ValueError, KeyError, TypeError) as err:
         return f"its {COMPLETE} record is unreadable ({err})"
     for name, size in (files or {}).items():
         try:
-            actual = (tag_dir / name).stat().st_size
+            actual = contained(tag_dir, name, f"its {COMPLETE} record's file").stat().st_size
+        except UserError as err:
+            return str(err)
         except OSError:
             return f"{name} is missing"
         if actual != size:

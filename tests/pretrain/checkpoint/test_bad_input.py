@@ -96,12 +96,18 @@ def damage(how: str, tag: str):
             next(tag_dir.glob("*optim_states.pt")).unlink()
         elif how == "missing-rank":
             (tag_dir / "rank_00000.pt").unlink()
+        elif how in ("complete-outside", "complete-a-list"):
+            record = json.loads((tag_dir / "COMPLETE").read_text())
+            record["files"] = {**record["files"], "../../../../etc/passwd": 1} if how == "complete-outside" \
+                else list(record["files"])
+            (tag_dir / "COMPLETE").write_text(json.dumps(record))
     return apply
 
 
 FALLBACKS = [
     ("meta", "meta.json"), ("truncated-model", "mp_rank_00_model_states.pt"),
     ("missing-optimizer", "optim_states.pt is missing"), ("missing-rank", "rank_00000.pt is missing"),
+    ("complete-outside", "leads outside"), ("complete-a-list", "COMPLETE record is unreadable"),
 ]
 
 
