@@ -138,6 +138,24 @@ def test_a_damaged_checkpoint_named_explicitly_is_refused(cli, tmp_path, trained
     assert not out.exists() and not nothing_left(tmp_path)
 
 
+def test_a_checkpoint_holding_nan_is_not_exported(cli, tmp_path, trained_run, nothing_left):
+    """A NaN in the newest checkpoint's fp32 master weights (ZeRO-1's optimizer file; its size
+    recorded again, so it is not "damaged"): `export` and `score` refuse it in one line."""
+    run, out = tmp_path / "run", tmp_path / "out"
+    shutil.copytree(trained_run, run)
+    tag = run / "checkpoints" / "step_00000003"
+    path = next(tag.glob("*optim_states.pt"))
+    state = torch.load(path, weights_only=False)
+    state["optimizer_state_dict"]["single_partition_of_fp32_groups"][0].data[7] = float("nan")
+    torch.save(state, path)
+    record = json.loads((tag / "COMPLETE").read_text())
+    record["files"][path.name] = path.stat().st_size
+    (tag / "COMPLETE").write_text(json.dumps(record))
+    cli(f"biglearn export {run} {out} --trust-checkpoint").refused(2, "step_00000003", "NaN")
+    cli(f'biglearn score --model {run} --trust-checkpoint --ids "5 6"').refused(2, "step_00000003", "NaN")
+    assert not out.exists() and not nothing_left(tmp_path)
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """A 2 MiB tmpfs (mounting needs root; skipped with the reason otherwise)."""
