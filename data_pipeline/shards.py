@@ -26,7 +26,7 @@ import numpy as np
 
 from .errors import UserError
 from .files import atomic_write, file_sha256
-from .manifest import FORMAT, FORMAT_VERSION, MANIFEST
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, MAX_SEQ_LEN
 from .resources import disk_full, free_disk, human
 from .sources import SourceConfig, SourceStats, iter_documents
 from .tokenizer import Tokenizer
@@ -48,8 +48,8 @@ class ShardConfig:
     num_workers: int = os.cpu_count() or 1  # tokenizer processes; 0 tokenizes in this process
 
     def __post_init__(self):
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2; got {self.seq_len!r}")
+        if not 2 <= self.seq_len <= MAX_SEQ_LEN:  # the manifest reader's bound: never write what it refuses
+            raise ValueError(f"seq_len must be in [2, {MAX_SEQ_LEN}]; got {self.seq_len!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
         if not 0 <= self.val_fraction < 1:

@@ -58,6 +58,18 @@ def corpus(directory, texts):
 SHARDS = "biglearn data shards --input {input} --tokenizer {tokenizer} --seq-len 32 --workers 0 --output {out}"
 
 
+@pytest.mark.parametrize("flags, names", [("--seq-len 1000000000", ["seq_len", "1000000000", "16777216"]),
+                                          ("--val-fraction 1.5", ["val_fraction"]),
+                                          ("--shard-size-mb -1", ["shard_size_mb"])])
+def test_shards_refuses_flags_out_of_range(flags, names, cli, tmp_path, manifest):
+    """Refused before anything is written, including what the manifest reader would refuse later."""
+    out = tmp_path / "out"
+    ran = cli(SHARDS.format(input=corpus(tmp_path / "in", ["one text", "another text"]),
+                            tokenizer=manifest.parent / "tokenizer", out=out) + " " + flags)
+    ran.refused(2, *names)
+    assert not out.exists()
+
+
 def test_a_small_corpus_still_gets_a_validation_document(cli, tmp_path, manifest):
     texts = [f"document number {i}: the quick brown fox jumps over the lazy dog " * 3 for i in range(5)]
     assert all(split_of(t, 0.01) == "train" for t in texts)  # the hash split alone gives no validation document
