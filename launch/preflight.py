@@ -46,6 +46,7 @@ from tqdm import tqdm
 # one manifest loader of the project (format, fields, shard paths inside the dataset directory).
 from data_pipeline.files import contained, file_sha256
 from data_pipeline.manifest import MANIFEST, load_manifest, shard_file
+from data_pipeline.resources import require_memory
 from data_pipeline.shards import ShardError, count_samples, read_shard
 from data_pipeline.errors import add_debug_flag, cli_main
 
@@ -390,6 +391,8 @@ def _parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0 or args.allreduce_mb <= 0:
         parser.error("--iters must be >= 1, --warmup >= 0 and --allreduce-mb > 0")
+    # The buffer is allocated on every rank: refused before the group starts, not when it swaps.
+    require_memory(int(args.allreduce_mb * 2**20), f"--allreduce-mb {args.allreduce_mb:g} (the all-reduce buffer)")
     return args
 
 

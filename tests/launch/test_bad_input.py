@@ -63,3 +63,8 @@ def test_preflight_fails_the_dataset_in_one_line(case, cli, tmp_path, manifest):
 def test_preflight_passes_the_intact_dataset(cli, tmp_path, manifest):
     ran = cli(PREFLIGHT.format(manifest=manifest.parent, out=tmp_path / "out"))
     assert ran.status == 0 and "[PASS] samples" in ran.stdout, ran.stdout + ran.stderr
+
+
+def test_an_all_reduce_buffer_larger_than_memory_is_refused_before_the_group(cli, tmp_path, manifest):
+    cli(PREFLIGHT.replace("--allreduce-mb 0.5", "--allreduce-mb 1000000000").format(
+        manifest=manifest.parent, out=tmp_path / "out")).refused(2, "--allreduce-mb 1e+09", "available")
