@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline import ShardConfig, SourceConfig, Tokenizer, build_demo, build_shards
-from data_pipeline.shards import load_manifest, read_shard, shard_file
+from data_pipeline.manifest import load_manifest, shard_file
+from data_pipeline.shards import read_shard
 from pretrain.layout import collate
 from pretrain.data import BatchStream
 from pretrain.objectives import ObjectiveSampler

@@ -282,7 +282,7 @@ def main(argv=None) -> None:
         train_s = time.perf_counter() - start
         # "source" is the model card's free-form origin table; "data" would be read as a manifest.
         export_model(model, args.out / "model", {"source": {"dataset": "sklearn digits 8x8", "layout": (
-            "token 0 = label (17 + digit), tokens 1..64 = pixel intensities 0..16")}})
+            "token 0 = label (17 + digit), tokens 1..64 = pixel intensities 0..16")}}, replace=True)
     accuracy = accuracy_of_model(model, test_samples, test_labels)
     baseline = accuracy_of_logistic_regression(train_samples, train_labels, test_samples, test_labels, args.seed)
     extra = generate_figures(model, test_samples, args.out, args.seed, args.strategy, args.temperature) \

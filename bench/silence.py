@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     result = run(args.command, args.log)
     first = f"{result['first_step']:.1f} s" if result["first_step"] is not None else "never"
     (a1, a5, a15), (b1, b5, b15) = result["load"]
-    print(f"\n| command | exit | wall | output lines | first training step | compiled | longest silence | load (1/5/15 min) at start -> end |")
+    print("\n| command | exit | wall | output lines | first training step | compiled | longest silence | load (1/5/15 min) at start -> end |")
     print("|---|---|---|---|---|---|---|---|")
     gap, at, after = result["gaps"][0]
     print(f"| `{' '.join(args.command)}` | {result['returncode']} | {result['seconds']:.1f} s | {result['lines']} | {first} | "

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .shards import MANIFEST, ShardConfig, build_shards, load_manifest, shard_file
+from .manifest import MANIFEST, load_manifest, shard_file
+from .shards import ShardConfig, build_shards
 from .sources import STDLIB, SourceConfig, SourceStats, iter_documents
 from .tokenizer import Tokenizer, TokenizerConfig, train_tokenizer
 

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .shards import ShardError, load_manifest, read_shard, shard_file
+from .manifest import load_manifest, shard_file
+from .shards import ShardError, read_shard
 from .files import file_sha256
 from .tokenizer import Tokenizer
 

@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import sys
 import tarfile
 import time
 from collections import deque
@@ -23,13 +24,13 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from .sources import SourceConfig, SourceStats, iter_documents
+from .errors import UserError
 from .files import atomic_write, file_sha256
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, MAX_SEQ_LEN
+from .resources import disk_full, free_disk, human
+from .sources import SourceConfig, SourceStats, iter_documents
 from .tokenizer import Tokenizer
 
-FORMAT = "biglearn-token-shards"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 MODES = ("concat", "documents")
 SPLITS = ("train", "val")
 
@@ -47,8 +48,8 @@ class ShardConfig:
     num_workers: int = os.cpu_count() or 1  # tokenizer processes; 0 tokenizes in this process
 
     def __post_init__(self):
-        if self.seq_len < 2:
-            raise ValueError(f"seq_len must be >= 2; got {self.seq_len!r}")
+        if not 2 <= self.seq_len <= MAX_SEQ_LEN:  # the manifest reader's bound: never write what it refuses
+            raise ValueError(f"seq_len must be in [2, {MAX_SEQ_LEN}]; got {self.seq_len!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}; got {self.mode!r}")
         if not 0 <= self.val_fraction < 1:
@@ -315,6 +316,19 @@ def _field(raw: bytes) -> bytes:
     return raw.split(b"\0", 1)[0].strip()
 
 
+def count_samples(path) -> int:
+    """Samples (distinct keys) of one shard, from its tar headers alone: no member data is read."""
+    keys = set()
+
+    def note(name):
+        keys.add(_split_name(name)[0])
+        return False
+
+    for _ in tar_members(path, select=note):
+        pass
+    return len(keys)
+
+
 def _split_name(name: str) -> tuple[str, str]:
     """('<stem>-<index>', 'tokens.u16') from a member name, as webdataset groups members: keys
     hold no dot (docs/data.md), the rest is the field."""
@@ -376,44 +390,6 @@ def _check_end_of_archive(path: Path, tar: tarfile.TarFile, members: int) -> Non
                              f"the members behind it are unreadable")
 
 
-# --------------------------------------------------------------------------- manifest
-
-def load_manifest(path, allow_external_shards: bool = False) -> dict:
-    """Parse and check a manifest.json; shard paths are resolved relative to its directory.
-
-    A shard path must stay inside that directory (no absolute path, no ``..``, no symlink out of
-    it): a manifest from elsewhere must not make the reader open arbitrary files. Datasets that
-    deliberately span directories pass allow_external_shards=True."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: cannot read manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
-    for key in ("seq_len", "pad_id", "vocab_size", "token_dtype", "shards", "tokenizer"):
-        if key not in manifest:
-            raise ValueError(f"{path}: manifest lacks field {key!r}")
-    root = path.parent.resolve()
-    for i, entry in enumerate(manifest["shards"]):
-        shard = entry.get("path") if isinstance(entry, dict) else None
-        if not isinstance(shard, str) or not shard:
-            raise ValueError(f"{path}: shards[{i}] has no path")
-        if allow_external_shards:
-            continue
-        if Path(shard).is_absolute() or ".." in Path(shard).parts or not (root / shard).resolve().is_relative_to(root):
-            raise ValueError(f"{path}: shards[{i}].path {shard!r} leads outside {root}; shard paths must be "
-                             f"relative and inside the dataset directory (allow_external_shards opts out)")
-    manifest["root"] = str(root)
-    return manifest
-
-
-def shard_file(manifest: dict, entry: dict) -> Path:
-    return Path(manifest["root"]) / entry["path"]
-
-
 # --------------------------------------------------------------------------- builder
 
 _worker_tokenizer: Tokenizer | None = None
@@ -455,10 +431,19 @@ def _finished(output_dir: Path, task: dict) -> dict | None:
     return info if same else None
 
 
-def _shard_tasks(documents, config: ShardConfig, target_tokens: int, chars_per_token: float, base: dict):
-    """Group documents into shard tasks per split, in input order."""
+def _shard_tasks(documents, config: ShardConfig, target_tokens: int, chars_per_token: float, base: dict,
+                 outcome: dict):
+    """Group documents into shard tasks per split, in input order.
+
+    With val_fraction > 0 the validation split is never empty while there are two documents: the
+    hash split (split_of) decides, except when it put no document into it; then the last
+    training document goes there instead. For that the newest training document is held back by
+    one step, which leaves every shard as the hash split makes it. `outcome["val_moved"]` says
+    whether a document was moved, `outcome["documents"]` how many were read."""
     pending = {split: ([], hashlib.sha256(), 0.0) for split in SPLITS}
     counters = dict.fromkeys(SPLITS, 0)
+    held = None  # the newest training document (its text and the document), not yet in a shard
+    outcome.update(documents=0, val_moved=False)
 
     def task(split):
         docs, digest, _ = pending[split]
@@ -467,15 +452,34 @@ def _shard_tasks(documents, config: ShardConfig, target_tokens: int, chars_per_t
         pending[split] = ([], hashlib.sha256(), 0.0)
         return {**base, "stem": stem, "split": split, "documents": docs, "docs_sha256": digest.hexdigest()}
 
-    for document in documents:
-        text = document if isinstance(document, str) else json.dumps(document, ensure_ascii=False)
-        split = split_of(text, config.val_fraction)
+    def add(split, text, document):
         docs, digest, estimate = pending[split]
         docs.append(document)
         digest.update(hashlib.sha256(text.encode("utf-8")).digest())
         pending[split] = (docs, digest, estimate + len(text) / chars_per_token + 1)
-        if pending[split][2] >= target_tokens:
-            yield task(split)
+        return task(split) if pending[split][2] >= target_tokens else None
+
+    for document in documents:
+        outcome["documents"] += 1
+        text = document if isinstance(document, str) else json.dumps(document, ensure_ascii=False)
+        split = split_of(text, config.val_fraction)
+        if split == "train":
+            previous, held = held, (text, document)
+            if previous is None:
+                continue
+            text, document = previous
+        done = add(split, text, document)
+        if done is not None:
+            yield done
+    if held is not None:
+        no_val = counters["val"] == 0 and not pending["val"][0]
+        if config.val_fraction > 0 and no_val and (counters["train"] or pending["train"][0]):
+            outcome["val_moved"] = True
+            done = add("val", *held)
+        else:
+            done = add("train", *held)
+        if done is not None:
+            yield done
     for split in SPLITS:
         if pending[split][0]:
             yield task(split)
@@ -496,12 +500,22 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
                  source_config: SourceConfig | None = None, progress: bool = True) -> Path:
     """Tokenize `inputs` into shards under `output_dir`; returns the path of manifest.json.
     `tokenizer_dir`: any kind `Tokenizer.load` reads (ours, an HF tokenizer.json, a sentencepiece .model)."""
+    output_dir = Path(output_dir)
+    try:
+        return _build_shards(inputs, tokenizer_dir, output_dir, config or ShardConfig(), source_config or SourceConfig(),
+                             progress)
+    except (OSError, RuntimeError) as err:
+        if not disk_full(err, output_dir):
+            raise
+        raise UserError(f"no space left on device while writing shards into {output_dir} ({human(free_disk(output_dir))} "
+                        "free); the shards already complete are kept and a re-run continues from them") from None
+
+
+def _build_shards(inputs, tokenizer_dir, output_dir: Path, config: ShardConfig, source_config: SourceConfig,
+                  progress: bool) -> Path:
     from tqdm import tqdm
 
-    config = config or ShardConfig()
-    source_config = source_config or SourceConfig()
     tokenizer = Tokenizer.load(tokenizer_dir)
-    output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.glob(".*.tmp"):  # leftovers of an interrupted build, never final names
         stale.unlink()
@@ -518,10 +532,11 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
             "dtype": dtype.str, "fingerprint": fingerprint, "segmented": bool(segments)}
     target_tokens = max(1, int(config.shard_size_mb * 2 ** 20 / dtype.itemsize))
     stats = SourceStats()
+    outcome: dict = {}
     entries, skipped, busy_seconds, total_tokens = [], 0, 0.0, 0
     bar = tqdm(desc="shards", unit="shard", disable=not progress)
     tasks = _shard_tasks(_counted(iter_documents(inputs, source_config, stats), bar), config, target_tokens,
-                         tokenizer.info.get("chars_per_token", 4.0), base)
+                         tokenizer.info.get("chars_per_token", 4.0), base, outcome)
 
     def finish(info):
         nonlocal busy_seconds, total_tokens
@@ -561,6 +576,13 @@ def build_shards(inputs, tokenizer_dir, output_dir, config: ShardConfig | None =
     if not entries:
         raise ValueError(f"no usable documents in inputs {[str(i) for i in inputs]}: {stats.report()}")
     elapsed = time.perf_counter() - started
+    if outcome["val_moved"]:
+        print(f"note: no document fell into the validation split by hash (--val-fraction {config.val_fraction:g}, "
+              f"{outcome['documents']} documents); the last training document was put there", file=sys.stderr)
+    elif config.val_fraction > 0 and not any(e["split"] == "val" for e in entries):
+        print(f"warning: --val-fraction {config.val_fraction:g} but the inputs hold {outcome['documents']} usable "
+              "document(s): no validation split (training runs without evaluation); add documents",
+              file=sys.stderr)
 
     entries.sort(key=lambda e: (SPLITS.index(e["split"]), e["path"]))
     fresh_tokens = sum(e["tokens"] for e in entries if e.get("fresh"))

@@ -9,6 +9,11 @@
 #   launch/local.sh cpu -n 2 --preflight [preflight flags]   run launch.preflight instead
 #   DRY_RUN=1 launch/local.sh cpu -n 2           print the command, run nothing
 #
+# SIGTERM, SIGUSR1 and SIGINT (kill, timeout, a supervisor, Ctrl-C) are forwarded to the training
+# ranks only: each saves a checkpoint and exits 0, the launchers then exit by themselves and this
+# script exits with their status. The launchers run in a session of their own, so a Ctrl-C at
+# the terminal reaches them only through this script (DeepSpeed's launcher would kill the ranks).
+#
 # Trainer defaults, each skipped when you pass the key yourself:
 #   experiment=smoke  run_dir=<repo>/runs/local-<mode>-<UTC time>  deepspeed=cpu (cpu mode)
 # Variables: PYTHON [.venv/bin/python, else python3], DEEPSPEED [deepspeed next to PYTHON],
@@ -78,4 +83,33 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
     printf '+ '; printf '%q ' "${CMD[@]}"; echo
     exit 0
 fi
-exec "${CMD[@]}"
+
+# The ranks are the grandchildren of the deepspeed runner (runner -> deepspeed.launcher.launch ->
+# ranks); their own children (data loader workers) ignore these signals by design.
+rank_pids() {
+    local launcher
+    for launcher in $(pgrep -P "$RUNNER_PID" || true); do pgrep -P "$launcher" || true; done
+}
+forward() {
+    local ranks tries=0
+    echo "local.sh: SIG$1: asking the training ranks to checkpoint and exit" >&2
+    ranks=$(rank_pids)
+    while [[ -z "$ranks" ]] && kill -0 "$RUNNER_PID" 2> /dev/null && (( tries++ < 120 )); do
+        sleep 0.5  # not started yet: the signal must not be lost
+        ranks=$(rank_pids)
+    done
+    [[ -n "$ranks" ]] && kill -s "$1" $ranks 2> /dev/null
+    return 0
+}
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+trap 'forward INT' INT
+setsid "${CMD[@]}" &
+RUNNER_PID=$!
+while true; do
+    status=0
+    wait "$RUNNER_PID" || status=$?
+    # wait returns > 128 when a trapped signal interrupts it; keep waiting for the launcher.
+    kill -0 "$RUNNER_PID" 2> /dev/null || break
+done
+exit "$status"

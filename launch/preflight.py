@@ -5,11 +5,14 @@ Every rank runs this module. It checks, and prints one report on rank 0:
 - gpus:       GPUs visible on every node (and enough for the node's ranks);
 - all-reduce: a correct sum across all ranks, and its bandwidth (NCCL on GPUs, else gloo);
 - disk:       free space and write access in the output directory, on every node;
-- manifest:   the shard manifest loads as training loads it (data_pipeline.shards.load_manifest:
-              fields, shard paths inside the dataset directory unless --allow-external-shards)
-              and every shard exists, is readable and has the size the manifest records
-              ('bytes'), on every node (a stat each: cheap, always on);
-              with --verify also each shard's sha256 (split across all ranks);
+- manifest:   the shard manifest loads as training loads it (data_pipeline.manifest.load_manifest:
+              every field's kind and range, shard and tokenizer paths inside the dataset
+              directory unless --allow-external-shards) and every shard exists, is readable and
+              has the size the manifest records ('bytes'), on every node (a stat each: cheap,
+              always on); with --verify also each shard's sha256 (split across all ranks);
+- samples:    the first SAMPLED samples of every shard decode as the manifest says (token dtype,
+              2..seq_len tokens, ids below vocab_size, segments), and every shard holds the
+              number of samples the manifest records (its tar headers, no data read);
 - tokenizer:  sha256 of tokenizer.model (--tokenizer, else the copy named by the manifest's
               tokenizer.path) equals the manifest's tokenizer.file_sha256 (tokenizer.sha256 in
               manifests written before tokenizer identities).
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import shutil
 import socket
@@ -34,17 +38,21 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 # The function the shard builder records hashes with, so both sides hash the same way, and the
 # one manifest loader of the project (format, fields, shard paths inside the dataset directory).
-from data_pipeline.files import file_sha256
-from data_pipeline.shards import MANIFEST, load_manifest, shard_file
+from data_pipeline.files import contained, file_sha256
+from data_pipeline.manifest import MANIFEST, load_manifest, shard_file
+from data_pipeline.resources import require_memory
+from data_pipeline.shards import ShardError, count_samples, read_shard
 from data_pipeline.errors import HelpFormatter, add_debug_flag, cli_main
 
 MAX_LISTED = 10  # failures listed per check and node before "... and N more"
+SAMPLED = 16  # samples decoded per shard by the samples check
 
 
 @dataclass
@@ -135,6 +143,35 @@ def check_shards_present(manifest_file: Path, manifest: dict) -> Result:
     return Result("manifest", "PASS", f"{manifest_file}: {n} shard(s) present, readable, of the recorded size")
 
 
+def check_shard_samples(manifest_file: Path, manifest: dict) -> Result:
+    """The first SAMPLED samples of each shard decode with the manifest's token_dtype, seq_len,
+    vocab_size and segments, and each shard holds the samples it records: a dataset whose every
+    sample is unreadable (a float dtype, ids above the vocabulary) fails here, not at step 1.
+    Shards that are missing or of the wrong size are the manifest check's to report."""
+    dtype = np.dtype(manifest["token_dtype"])
+    n_segments = len(manifest.get("segments") or [])
+    problems = []
+    for entry in manifest["shards"]:
+        path = shard_file(manifest, entry)
+        if not path.is_file() or (isinstance(entry.get("bytes"), int) and path.stat().st_size != entry["bytes"]):
+            continue
+        try:
+            samples = read_shard(path, dtype, seq_len=manifest["seq_len"], vocab_size=manifest["vocab_size"],
+                                 n_segments=n_segments)
+            bad = next((s.error for s in itertools.islice(samples, SAMPLED) if s.error), None)
+            if bad:
+                problems.append(f"shard {entry['path']!r}: {bad}")
+            elif isinstance(entry.get("samples"), int) and (count := count_samples(path)) != entry["samples"]:
+                problems.append(f"shard {entry['path']!r} holds {count} samples, manifest says {entry['samples']}")
+        except ShardError as err:
+            problems.append(str(err))
+    n = len(manifest["shards"])
+    if problems:
+        return Result("samples", "FAIL", f"{manifest_file}: {len(problems)}/{n} shard(s) bad: {_listed(problems)}")
+    return Result("samples", "PASS", f"{n} shard(s): first {SAMPLED} samples decode (dtype {dtype.str}, <= "
+                                     f"{manifest['seq_len']} tokens, ids < {manifest['vocab_size']}), counts match")
+
+
 def check_shards_verified(manifest_file: Path, manifest: dict, info: RankInfo) -> Result:
     """sha256 of this rank's share of the shards (sizes are checked without --verify too)."""
     mine = manifest["shards"][info.rank::info.world_size]
@@ -167,7 +204,7 @@ def check_tokenizer(tokenizer: Path | None, manifest_file: Path, manifest: dict)
         rel = recorded.get("path") if isinstance(recorded, dict) else None
         if not isinstance(rel, str):
             return Result("tokenizer", "SKIP", "no --tokenizer given and no tokenizer.path in the manifest")
-        tokenizer = manifest_file.parent / rel
+        tokenizer = contained(manifest_file.parent, rel, f"{manifest_file}: tokenizer.path")
     model = tokenizer / "tokenizer.model" if tokenizer.is_dir() else tokenizer
     if not isinstance(expected, str):
         return Result("tokenizer", "FAIL", f"manifest {manifest_file}: field 'tokenizer.sha256' is missing")
@@ -200,6 +237,7 @@ def node_checks(args: argparse.Namespace, info: RankInfo) -> list[Result]:
             results.append(Result("manifest", "SKIP", "no --manifest given"))
         elif manifest is not None:
             results.append(check_shards_present(manifest_file, manifest))
+            results.append(check_shard_samples(manifest_file, manifest))
         if args.manifest is None:
             results.append(Result("tokenizer", "SKIP" if args.tokenizer is None else "FAIL",
                                   "--tokenizer needs --manifest to compare against"))
@@ -310,7 +348,7 @@ def run_preflight(args: argparse.Namespace) -> tuple[bool, list[list[Result]]]:
 def format_report(gathered: list[list[Result]], ok: bool) -> str:
     hosts = sorted({r.host for rank_results in gathered for r in rank_results})
     lines = [f"preflight: {len(gathered)} rank(s) on {len(hosts)} node(s)"]
-    order = ["gpus", "all-reduce", "disk", "manifest", "shard sha256", "tokenizer"]
+    order = ["gpus", "all-reduce", "disk", "manifest", "samples", "shard sha256", "tokenizer"]
     flat = [(rank, r) for rank, rank_results in enumerate(gathered) for r in rank_results]
     for check in order:
         for rank, r in flat:
@@ -355,6 +393,8 @@ def _parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.iters < 1 or args.warmup < 0 or args.allreduce_mb <= 0:
         parser.error("--iters must be >= 1, --warmup >= 0 and --allreduce-mb > 0")
+    # The buffer is allocated on every rank: refused before the group starts, not when it swaps.
+    require_memory(int(args.allreduce_mb * 2**20), f"--allreduce-mb {args.allreduce_mb:g} (the all-reduce buffer)")
     return args
 
 

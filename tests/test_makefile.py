@@ -5,7 +5,6 @@ checked with fake executables on a PATH that holds nothing else (no network, not
 """
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path

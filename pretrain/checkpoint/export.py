@@ -8,18 +8,17 @@ A run with model.init starts from an export (`init_config`, `load_init`).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
 from data_pipeline.errors import UserError
-from data_pipeline.files import atomic_write
+from data_pipeline.files import atomic_write, staged_directory
 
 from ..model import BigLearner, ModelConfig, model_from_weights
 from .card import model_card
@@ -41,27 +40,6 @@ def portable(value):
     return value
 
 
-@contextlib.contextmanager
-def staged_directory(out_dir):
-    """Yield a fresh sibling directory; on success it is renamed to `out_dir`, on any error it is
-    removed, so nothing appears under `out_dir`'s name unless the whole write completed.
-    Refuses an existing non-empty `out_dir` (nothing already written is replaced)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise UserError(f"{out_dir} already exists and is not empty: choose a new output directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
 def copy_tokenizer(tokenizer, out_dir) -> None:
     """The tokenizer's defining files into out_dir (each written atomically)."""
     for name, source in tokenizer.files.items():
@@ -70,27 +48,62 @@ def copy_tokenizer(tokenizer, out_dir) -> None:
             atomic_write(target, Path(source).read_bytes())
 
 
-def export_model(model: BigLearner, out_dir, metadata: dict | None = None, tokenizer=None) -> Path:
-    """Write fp32 weights, {"model": config, **metadata} (paths made portable), the tokenizer's
-    files when given and the model card into out_dir; each file is written atomically. Refuses
-    weights holding NaN or inf (a diverged model), writing nothing."""
-    out_dir = Path(out_dir)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+def refuse_non_finite(state: dict[str, torch.Tensor], out_dir) -> None:
+    """UserError naming the tensors holding NaN or inf: no writer of weights writes a diverged model."""
     diverged = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if diverged:
         raise UserError(f"not exporting to {out_dir}: non-finite weights in {', '.join(diverged[:3])}"
                         f"{' ...' if len(diverged) > 3 else ''} (a diverged model); export an earlier checkpoint")
-    out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def export_bytes(n_parameters: int, tokenizer=None) -> int:
+    """Disk an export needs: fp32 weights, the tokenizer's files and 1 MiB for config and card."""
+    files = sum(Path(f).stat().st_size for f in tokenizer.files.values()) if tokenizer is not None else 0
+    return 4 * n_parameters + files + (1 << 20)
+
+
+def export_model(model: BigLearner, out_dir, metadata: dict | None = None, tokenizer=None,
+                 replace: bool = False) -> Path:
+    """Write fp32 weights, {"model": config, **metadata} (paths made portable), the tokenizer's
+    files when given and the model card into out_dir, staged (data_pipeline.files.staged_directory:
+    complete or not at all, after a free-space check). Refuses weights holding NaN or inf (a
+    diverged model) and an existing non-empty out_dir unless `replace`, writing nothing."""
+    out_dir = Path(out_dir)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
+    refuse_non_finite(state, out_dir)
     if model.config.tie_embeddings:
         state.pop("head.weight", None)  # tied to embed.weight; safetensors rejects shared storage
-    atomic_write(out_dir / WEIGHTS, save(state))
     meta = portable({"model": model.config.to_dict(), **(metadata or {})})
-    if tokenizer is not None:
-        copy_tokenizer(tokenizer, out_dir)
-        meta.setdefault("tokenizer_sha256", tokenizer.sha256)
-    atomic_write(out_dir / CONFIG, json.dumps(meta, indent=2, sort_keys=True))
-    atomic_write(out_dir / CARD, model_card(meta, model.num_parameters()))
+    with staged_directory(out_dir, export_bytes(model.num_parameters(), tokenizer), replace) as staging:
+        atomic_write(staging / WEIGHTS, save(state))
+        if tokenizer is not None:
+            copy_tokenizer(tokenizer, staging)
+            meta.setdefault("tokenizer_sha256", tokenizer.sha256)
+        atomic_write(staging / CONFIG, json.dumps(meta, indent=2, sort_keys=True))
+        atomic_write(staging / CARD, model_card(meta, model.num_parameters()))
     return out_dir
+
+
+def read_config(path) -> tuple[dict, ModelConfig]:
+    """(metadata, ModelConfig) of the export at `path`, from its model_config.json; a UserError
+    naming the file and the key for anything else (not UTF-8, not a JSON object, a key of the
+    wrong kind, a model too large for this machine's memory)."""
+    file = Path(path) / CONFIG
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"{file}: not a model config written by biglearn (pretrain.checkpoint.export, {err})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise UserError(f"{file}: not a model config written by biglearn (expected a JSON object with a \"model\" "
+                        "object)")
+    try:
+        config = ModelConfig(**meta["model"])
+    except TypeError as err:  # a key ModelConfig does not have
+        raise UserError(f"{file}: {err}") from None
+    except UserError as err:
+        raise UserError(f"{file}: {err}") from None
+    config.require_memory(str(file))
+    return meta, config
 
 
 def load_exported(path, device="cpu") -> tuple[BigLearner, dict]:
@@ -98,11 +111,7 @@ def load_exported(path, device="cpu") -> tuple[BigLearner, dict]:
     path = Path(path)
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
         raise UserError(f"{path} is not an exported model: expected {WEIGHTS} and {CONFIG} in it")
-    try:
-        meta = json.loads((path / CONFIG).read_text())
-        ModelConfig(**meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise UserError(f"{path / CONFIG}: not a model config written by biglearn (pretrain.checkpoint.export, {err})") from None
+    meta, _ = read_config(path)
     try:
         state = load_file(str(path / WEIGHTS), device="cpu")
     except SafetensorError as err:  # e.g. a truncated download
@@ -147,12 +156,11 @@ def init_config(config: ModelConfig, vocab_size: int, tokenizer_sha256: str | No
     """The model config of a run with model.init: the architecture of the export at config.init
     and this config's RUN_KEYS (stream mode, dropout, ...). Refuses data tokenized otherwise."""
     path = Path(config.init)
-    try:
-        meta = json.loads((path / CONFIG).read_text())
-        saved = ModelConfig(**{**meta["model"], **{k: getattr(config, k) for k in RUN_KEYS}})
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UserError(f"model.init={path}: not an exported model ({path / CONFIG}: {err}); import a Hugging Face "
-                        "checkpoint with `biglearn convert from-hf`") from None
+    if not (path / CONFIG).is_file():
+        raise UserError(f"model.init={path}: not an exported model (no {CONFIG}); import a Hugging Face checkpoint "
+                        "with `biglearn convert from-hf`")
+    meta, exported = read_config(path)
+    saved = replace(exported, **{k: getattr(config, k) for k in RUN_KEYS})
     recorded = meta.get("tokenizer_sha256")
     if recorded and tokenizer_sha256 and not _same_tokenizer(path, recorded, tokenizer_sha256):
         raise UserError(f"model.init={path} was trained with tokenizer sha256 {recorded} but the data's tokenizer has "
@@ -161,6 +169,27 @@ def init_config(config: ModelConfig, vocab_size: int, tokenizer_sha256: str | No
         raise UserError(f"model.init={path}: vocab_size={saved.vocab_size} is smaller than the data's tokenizer "
                         f"({vocab_size})")
     return saved
+
+
+def check_init_header(config: ModelConfig) -> None:
+    """The export at config.init holds floating-point tensors of the shapes `config` implies, read
+    from its safetensors header alone (no tensor data): a run checks this before it allocates
+    anything or starts its process group; NaN and inf are found when the weights are loaded."""
+    path = Path(config.init) / WEIGHTS
+    try:
+        with safe_open(str(path), "pt") as weights:
+            header = {name: (weights.get_slice(name).get_dtype(), tuple(weights.get_slice(name).get_shape()))
+                      for name in weights.keys()}
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"model.init: {path}: unreadable safetensors file ({err})") from None
+    with torch.device("meta"):  # shapes without memory
+        expected = BigLearner(config).state_dict()
+    for name, (dtype, shape) in header.items():
+        if not dtype.startswith(("F", "BF")):
+            raise UserError(f"model.init: {path}: tensor {name} has dtype {dtype}; model weights are floating point")
+        if name in expected and shape != tuple(expected[name].shape):
+            raise UserError(f"model.init: {path}: tensor {name} has shape {shape} but the model config implies "
+                            f"{tuple(expected[name].shape)}")
 
 
 def load_init(model: BigLearner) -> None:

@@ -13,13 +13,13 @@ import json
 import sys
 from pathlib import Path
 
-from data_pipeline.errors import UserError
+from data_pipeline.errors import UserError, one_line
 
 from ..model import BigLearner, model_from_weights
 from .card import manifest_summary
 from .export import CONFIG as EXPORT_CONFIG, WEIGHTS as EXPORT_WEIGHTS, export_model, load_exported
-from .rundir import EXPORT, FINETUNED, last_eval
-from .sharded import COMPLETE, META, CheckpointError, consolidated_state_dict, find_checkpoint
+from .rundir import EXPORT, FINETUNED, describe, last_eval, lock_holder
+from .sharded import COMPLETE, META, CheckpointError, checkpoint_problem, consolidated_state_dict, find_checkpoint
 
 
 def exported_dir(path) -> Path | None:
@@ -49,8 +49,26 @@ def load_for_inference(path, device="cpu", trust_checkpoint: bool = False) -> tu
             "pickles; pass --trust-checkpoint to read it (weights-only), or export it first with "
             f"`biglearn export {tag_dir} OUT_DIR --trust-checkpoint`")
     meta = json.loads((tag_dir / META).read_text())
-    model = model_from_weights(meta["config"]["model"], consolidated_state_dict(tag_dir), tag_dir, device)
+    try:
+        state = consolidated_state_dict(tag_dir)
+    except (CheckpointError, OSError, RuntimeError, EOFError, KeyError) as err:
+        if isinstance(err, CheckpointError) and "refused to load" in str(err):
+            raise
+        raise CheckpointError(f"cannot read {tag_dir}: {_changed_under_us(tag_dir) or one_line(err)[:300]}") from None
+    model = model_from_weights(meta["config"]["model"], state, tag_dir, device)
     return model, {**meta, "checkpoint": str(tag_dir)}
+
+
+def _changed_under_us(tag_dir: Path) -> str | None:
+    """Why a tag that was intact a moment ago no longer reads: removed or damaged, and by whom
+    when a run holds its run directory (its checkpoint rotation removes old tags)."""
+    problem = checkpoint_problem(tag_dir) if tag_dir.is_dir() else "it was removed while being read"
+    if problem is None:
+        return None
+    holder = lock_holder(tag_dir.parent.parent)
+    by = f"; {describe(holder)} is training in that run and rotates its checkpoints: export a newer one" \
+        if holder else ""
+    return problem + by
 
 
 def load_model(path, device="cpu", tokenizer=None, trust_checkpoint: bool = False):
@@ -122,9 +140,10 @@ def export_metadata(meta: dict) -> dict:
     return extra
 
 
-def export_checkpoint(path, out_dir, trust_checkpoint: bool = False) -> Path:
-    """Consolidated fp32 export (pretrain.checkpoint.export format) of the newest complete checkpoint
-    at `path`, with the run's tokenizer, a summary of its data and its last validation matrix."""
+def export_checkpoint(path, out_dir, trust_checkpoint: bool = False, replace: bool = False) -> Path:
+    """Consolidated fp32 export (pretrain.checkpoint.export format) of the newest intact checkpoint
+    at `path`, with the run's tokenizer, a summary of its data and its last validation matrix;
+    staged (complete or nothing) into out_dir, which must be new or empty unless `replace`."""
     tag_dir = find_checkpoint(path)
     model, meta = load_for_inference(tag_dir or path, trust_checkpoint=trust_checkpoint)
-    return export_model(model, out_dir, export_metadata(meta), run_tokenizer(meta))
+    return export_model(model, out_dir, export_metadata(meta), run_tokenizer(meta), replace=replace)

@@ -15,6 +15,9 @@ in it, so a save that fails (a full disk, a killed rank) leaves no COMPLETE mark
 step_* name and never removes an older complete checkpoint, not even one of the same step.
 Before writing, every rank checks the free space against the newest checkpoint's size plus a
 margin (`check_free_space`) and the run stops with one line naming the path and the numbers.
+Whoever reads a tag first checks it against its COMPLETE record (`checkpoint_problem`): a
+truncated, missing or replaced file or an unreadable meta.json makes it damaged, named in one
+line, and resume or export falls back to the newest intact tag (`find_checkpoint`).
 
 Loading never runs code from a file: DeepSpeed's `.pt` files are pickles, and a pickle can
 execute anything when loaded (people download checkpoints). Everything here is read with
@@ -41,7 +44,8 @@ from pathlib import Path
 import torch
 
 from data_pipeline.errors import UserError
-from data_pipeline.files import atomic_write
+from data_pipeline.files import atomic_write, contained
+from data_pipeline.resources import free_disk
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -87,15 +91,80 @@ def complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
     return sorted(p for p in checkpoint_dir.glob("step_*") if TAG.fullmatch(p.name) and p.is_dir() and is_complete(p))
 
 
-def find_checkpoint(path) -> Path | None:
-    """Newest complete checkpoint at `path`: a tag dir, a checkpoints/ dir or a run dir."""
+def file_sizes(tag_dir: Path) -> dict[str, int]:
+    """{path relative to tag_dir: bytes} of every file of a tag: what COMPLETE records."""
+    return {str(f.relative_to(tag_dir)): f.stat().st_size for f in sorted(Path(tag_dir).rglob("*")) if f.is_file()}
+
+
+def _legacy_problem(tag_dir: Path, world_size: int) -> str | None:
+    """For a tag saved before COMPLETE recorded its files: the files every tag has."""
+    names = [rank_file(tag_dir, r).name for r in range(world_size)]
+    if not any(tag_dir.glob("*model_states.pt")):
+        names.append("mp_rank_00_model_states.pt")
+    optimizer = list(tag_dir.glob("*optim_states.pt"))
+    if optimizer and len(optimizer) != world_size:
+        return f"it holds {len(optimizer)} optimizer state file(s) for {world_size} rank(s)"
+    missing = [name for name in names if not (tag_dir / name).is_file()]
+    return f"{missing[0]} is missing" if missing else None
+
+
+def checkpoint_problem(tag_dir) -> str | None:
+    """Why a complete tag cannot be read, in a few words, or None when it is intact: a file that
+    COMPLETE records is missing or has another size than when it was saved (truncated, replaced),
+    or meta.json does not parse. A few stats and one small read: cheap enough for every resume,
+    export and inference."""
+    tag_dir = Path(tag_dir)
+    try:
+        record = (tag_dir / COMPLETE).read_text()
+        files = json.loads(record)["files"] if record.strip() else None
+        if files is not None and not isinstance(files, dict):
+            raise TypeError(f"'files' is a {type(files).__name__}, not an object")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"its {COMPLETE} record is unreadable ({err})"
+    for name, size in (files or {}).items():
+        try:
+            actual = contained(tag_dir, name, f"its {COMPLETE} record's file").stat().st_size
+        except UserError as err:
+            return str(err)
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} is {actual} bytes but was {size} when saved (truncated or replaced)"
+    try:
+        meta = json.loads((tag_dir / META).read_text())
+        world_size, _, _ = int(meta["world_size"]), int(meta["progress"]["step"]), dict(meta["config"]["model"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{META} is unreadable ({type(err).__name__}: {err})"
+    return _legacy_problem(tag_dir, world_size) if files is None else None
+
+
+def find_checkpoint(path, warn: bool = True) -> Path | None:
+    """Newest intact complete checkpoint at `path`: a tag dir, a checkpoints/ dir or a run dir.
+    In a directory of tags a damaged one is skipped, with a one-line warning naming it and what
+    is wrong (unless warn=False); a damaged tag given by name is a CheckpointError, and so is a
+    directory whose complete tags are all damaged."""
     path = Path(path)
     if (path / META).is_file() or path.name.startswith("step_"):
-        return path if is_complete(path) else None
+        if not is_complete(path):
+            return None
+        problem = checkpoint_problem(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+        return path
     for candidate in (path / CHECKPOINTS, path):
         found = complete_checkpoints(candidate)
-        if found:
-            return found[-1]
+        damaged = []
+        for tag_dir in reversed(found):
+            problem = checkpoint_problem(tag_dir)
+            if problem is None:
+                if warn and damaged:
+                    log.warning("checkpoint %s is damaged (%s); using the newest intact one, %s",
+                                damaged[0][0], damaged[0][1], tag_dir.name)
+                return tag_dir
+            damaged.append((tag_dir, problem))
+        if damaged:
+            raise CheckpointError(f"every complete checkpoint in {candidate} is damaged: "
+                                  + "; ".join(f"{t.name} ({p})" for t, p in damaged))
     return None
 
 
@@ -171,13 +240,6 @@ def directory_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-def _existing_parent(path: Path) -> Path:
-    path = Path(path).absolute()
-    while not path.exists():
-        path = path.parent
-    return path
-
-
 def check_free_space(checkpoint_dir, estimate_bytes: int) -> None:
     """Collective: every rank checks the free space where it will write; if any rank lacks room
     for the newest complete checkpoint's size (`estimate_bytes` before the first save) plus the
@@ -186,7 +248,7 @@ def check_free_space(checkpoint_dir, estimate_bytes: int) -> None:
     previous = complete_checkpoints(checkpoint_dir)
     size = directory_bytes(previous[-1]) if previous else estimate_bytes
     needed = int(size * FREE_SPACE_FACTOR) + FREE_SPACE_SLACK
-    free = shutil.disk_usage(_existing_parent(checkpoint_dir)).free
+    free = free_disk(checkpoint_dir)
     spare = torch.tensor([free - needed, free, needed], dtype=torch.float64)
     if torch.distributed.is_initialized():  # the tightest rank decides, for everyone
         if torch.distributed.get_backend() == "nccl":  # NCCL gathers device tensors only
@@ -204,7 +266,7 @@ def check_free_space(checkpoint_dir, estimate_bytes: int) -> None:
 
 
 def _write_failed(path: Path, step: int, err: Exception) -> CheckpointError:
-    free = shutil.disk_usage(_existing_parent(path)).free
+    free = free_disk(path)
     reason = f"no space left on device ({free / 2**20:.1f} MiB free)" if free < FREE_SPACE_SLACK else \
         " ".join(str(err).split())[:300]
     return CheckpointError(f"saving the step-{step} checkpoint into {path} failed: {reason}; "
@@ -239,7 +301,7 @@ def save_checkpoint(engine, checkpoint_dir, step: int, meta: dict, rank_state: d
     if rank == 0:
         try:
             atomic_write(partial / META, json.dumps(meta, indent=2, sort_keys=True, default=str))
-            atomic_write(partial / COMPLETE, "")
+            atomic_write(partial / COMPLETE, json.dumps({"files": file_sizes(partial)}, indent=1))
             stale = checkpoint_dir / (STALE + tag_dir.name)
             if tag_dir.exists():
                 os.replace(tag_dir, stale)
@@ -268,6 +330,9 @@ def load_checkpoint(engine, tag_dir, universal_dir=None) -> tuple[dict, dict]:
     tag_dir = Path(tag_dir)
     if not is_complete(tag_dir):
         raise CheckpointError(f"{tag_dir} is not a complete checkpoint (no {COMPLETE} marker)")
+    problem = checkpoint_problem(tag_dir)
+    if problem:
+        raise CheckpointError(f"checkpoint {tag_dir} is damaged: {problem}")
     meta = json.loads((tag_dir / META).read_text())
     rank, world = _rank_and_world()
     saved_world = meta["world_size"]
@@ -284,6 +349,10 @@ def load_checkpoint(engine, tag_dir, universal_dir=None) -> tuple[dict, dict]:
             if load_path is None:
                 raise CheckpointError(f"DeepSpeed could not load {load_dir}")
             return meta, torch.load(rank_file(tag_dir, rank if rank < saved_world else 0))
+    except (RuntimeError, OSError, EOFError, KeyError, pickle.UnpicklingError) as err:
+        # Sizes matched what was saved, yet a file does not read back (damaged in place).
+        raise CheckpointError(f"checkpoint {tag_dir} cannot be loaded ({type(err).__name__}: "
+                              f"{' '.join(str(err).split())[:200]}); resume from an older one with resume=PATH") from err
     finally:
         engine._config.load_universal_checkpoint = False
 

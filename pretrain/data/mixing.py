@@ -44,10 +44,11 @@ class MixedStream:
             if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"data.sources[{i}].weight must be a finite number >= 0; got {weight!r}")
             weights.append(float(weight))
-        if sum(weights) <= 0:
+        if max(weights) <= 0:
             raise ValueError("data.sources: the weights must not all be zero")
         self.paths = [str(path) for path, _ in sources]
-        self.weights = np.array(weights) / sum(weights)
+        scaled = np.array(weights) / max(weights)  # first: a sum of weights near 1e308 would overflow to inf
+        self.weights = scaled / scaled.sum()
         self.streams = [BatchStream(path, split=split, seed=seed, **stream_args) for path, _ in sources]
         first = self.streams[0]
         for path, stream in zip(self.paths[1:], self.streams[1:]):

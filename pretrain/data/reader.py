@@ -14,13 +14,20 @@ from dataclasses import replace
 import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
-from data_pipeline.shards import decode_sample, shard_file, tar_members
+from data_pipeline.errors import UserError
+from data_pipeline.manifest import shard_file
+from data_pipeline.shards import decode_sample, tar_members
 
 from ..layout import TaskBatch, collate
 from .plan import (_SEED_BLOCK, _SEED_OBJECTIVE, Cursor, Piece, Position, ReaderContext, Tail, epoch_plan,
                    old_layout, rng)
 
 log = logging.getLogger(__name__)
+
+
+class UnreadableData(UserError):
+    """A reader has no readable sample left in its shards (deleted, truncated or damaged, possibly
+    while the run reads them): the run stops with a checkpoint and this one line."""
 
 
 def _sample_index(key: str) -> int | None:
@@ -134,8 +141,8 @@ def _blocks(ctx: ReaderContext, epoch: int, pieces: list[Piece], cursor: Cursor,
             block, position = block + 1, end
         if not found and position.piece == position.member == 0:
             shards = sorted({ctx.shards[p.shard]["path"] for p in pieces if isinstance(p, Piece)})
-            raise RuntimeError(f"reader {ctx.reader} of rank {ctx.rank} found no readable sample in its "
-                               f"{len(pieces)} pieces of shards {shards}")
+            raise UnreadableData(f"reader {ctx.reader} of rank {ctx.rank} found no readable sample in its "
+                                 f"{len(pieces)} pieces of shards {shards} (deleted, truncated or damaged)")
         counters["wraps"] += 1  # corrupt data left this reader short of its quota: read its pieces again
         position = Position(position.wrap + 1)
 

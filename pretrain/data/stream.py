@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from data_pipeline.shards import load_manifest
+from data_pipeline.manifest import load_manifest
 
 from ..objectives import ObjectiveSampler
 from .plan import ReaderContext, Resize, epoch_plan
-from .reader import ShardReader
+from .reader import ShardReader, UnreadableData
 
 STATE_VERSION = 2
 
@@ -35,10 +35,11 @@ PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 def _worker_init(worker_id: int) -> None:
     # The process that owns the loader decides when its workers stop (BatchStream.close, the
-    # loader's shutdown): a SIGTERM/SIGUSR1 sent to the whole process group (a pre-emption) must
-    # not kill them before the trainer has saved its checkpoint, and the trainer's own handlers,
-    # inherited through fork, must not run here. One that outlives the shutdown is killed by close().
-    for signum in (signal.SIGTERM, signal.SIGUSR1):
+    # loader's shutdown): a SIGTERM/SIGUSR1 sent to the whole process group (a pre-emption) or a
+    # Ctrl-C's SIGINT must not kill them before the trainer has saved its checkpoint, and the
+    # trainer's own handlers, inherited through fork, must not run here. One that outlives the
+    # shutdown is killed by close().
+    for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(signum, signal.SIG_IGN)
     # A worker whose parent dies (SIGKILL, the OOM killer) must go too. torch's worker watchdog
     # is not enough: it leaves its loop, but its exit then waits for the queue's feeder thread,
@@ -104,6 +105,16 @@ class StreamState:
         if missing:
             raise ValueError(f"data state lacks {missing}")
         return cls(**{**{k: v for k, v in state.items() if k in names}, "resize": Resize.from_dict(state["resize"])})
+
+
+def _reraised_in_one_line(items):
+    """`items`, with an UnreadableData re-raised by the loader from a worker (its message then
+    carries the worker's traceback) turned back into the worker's one-line message."""
+    try:
+        yield from items
+    except UnreadableData as err:
+        last = str(err).strip().splitlines()[-1]
+        raise UnreadableData(last.split(f"{UnreadableData.__name__}: ", 1)[-1]) from None
 
 
 class BatchStream:
@@ -262,7 +273,7 @@ class BatchStream:
             self.dataset.epoch = self._epoch  # workers get the dataset (and so the epoch) when the iterator starts
             self.loader.load_state_dict(self._loader_state or {})
             self._iterator = iter(self.loader)
-            for item in self._iterator:
+            for item in _reraised_in_one_line(self._iterator):
                 if generation != self._generation:
                     raise RuntimeError("this BatchStream was re-iterated or reloaded; use the newest iterator")
                 self._epoch_counters[item["reader"]] = item["counters"]

@@ -244,7 +244,8 @@ def _run(cfg: FinetuneConfig, tokenizer, on_cpu: bool, rank: int, world_size: in
         elif cfg.save_model:
             # The model directory carries its tokenizer: TextModel.load and `biglearn classify --model` need no other.
             export_model(engine.module.model, out / FINETUNED, {"tokenizer_sha256": tokenizer.sha256,
-                                                                "label_layout": asdict(layout)}, tokenizer)
+                                                                "label_layout": asdict(layout)}, tokenizer,
+                         replace=True)
     return {**result, "history": history}
 
 

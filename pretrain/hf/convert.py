@@ -19,10 +19,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from data_pipeline.errors import HelpFormatter, UserError, add_debug_flag, cli_main
+from data_pipeline.files import contained, staged_directory
 
 from ..checkpoint.card import model_card
-from ..checkpoint.export import copy_tokenizer, export_model, new_parameters, portable, staged_directory
+from ..checkpoint.export import copy_tokenizer, export_bytes, export_model, new_parameters, portable, refuse_non_finite
 from ..model import BigLearner, ModelConfig
+from ..model.weights import check_weights
 from ..model.rope import ROPE_SCALING_KEYS
 
 HF_CONFIG = "config.json"
@@ -36,16 +38,33 @@ _IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints store; rec
 
 def _hf_rope(cfg: dict, path: Path) -> tuple[float, dict]:
     """(rope base, scaling) from a transformers 5 `rope_parameters` or a 4.x `rope_theta` + `rope_scaling`."""
-    params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
     field = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
-    base = float(params.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+    params = cfg.get(field) or {}
+    if not isinstance(params, dict):
+        raise UserError(f"{path}: {field}={params!r} is not supported (expected an object with rope_type, ...)")
+    params = dict(params)
+    base = params.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+    if isinstance(base, bool) or not isinstance(base, (int, float)):
+        raise UserError(f"{path}: rope_theta={base!r} is not supported (expected a number)")
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
-        return base, {}
+        return float(base), {}
     if kind not in ROPE_SCALING_KEYS:
         raise UserError(f"{path}: {field}.rope_type={kind!r} is not supported (supported: default, "
                          f"{', '.join(ROPE_SCALING_KEYS)})")
-    return base, {"rope_type": kind, **{k: params[k] for k in ROPE_SCALING_KEYS[kind] if k in params}}
+    return float(base), {"rope_type": kind, **{k: params[k] for k in ROPE_SCALING_KEYS[kind] if k in params}}
+
+
+def read_json_object(path: Path) -> dict:
+    """A JSON object from `path`; a UserError naming the file when it is unreadable, not UTF-8, not
+    JSON or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"{path}: unreadable JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 IMPORT_MAX_SEQ_LEN = 8192  # default cap of max_seq_len: the single-stream offset table has 2 * max_seq_len + 1 rows
@@ -58,10 +77,20 @@ def config_from_hf(hf_dir, streams: int = 1, max_seq_len: int | None = None, bos
     path = Path(hf_dir) / HF_CONFIG
     if not path.is_file():
         raise UserError(f"{path} not found: {hf_dir} is not a Hugging Face model directory")
-    cfg = json.loads(path.read_text())
+    cfg = read_json_object(path)
 
     def refuse(field, why):
         raise UserError(f"{path}: {field}={cfg.get(field)!r} is not supported ({why})")
+
+    for field in ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "vocab_size"):
+        if field not in cfg:
+            raise UserError(f"{path}: field {field!r} missing")
+        if isinstance(cfg[field], bool) or not isinstance(cfg[field], int) or cfg[field] < 1:
+            refuse(field, "must be a positive integer")
+    for field in ("num_key_value_heads", "max_position_embeddings", "sliding_window", "head_dim"):
+        value = cfg.get(field)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            refuse(field, "must be a positive integer")
 
     if cfg.get("model_type") not in MODEL_TYPES:
         refuse("model_type", f"supported: {', '.join(MODEL_TYPES)}, the Llama block")
@@ -74,24 +103,30 @@ def config_from_hf(hf_dir, streams: int = 1, max_seq_len: int | None = None, bos
     if cfg.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "the MLP is SwiGLU")
     window = cfg.get("sliding_window")
-    if window is not None and window < cfg.get("max_position_embeddings", 0):
+    if window is not None and window < (cfg.get("max_position_embeddings") or 0):
         refuse("sliding_window", "attention is global; a window shorter than max_position_embeddings changes it")
+    if cfg["hidden_size"] % cfg["num_attention_heads"]:
+        refuse("num_attention_heads", f"must divide hidden_size={cfg['hidden_size']}")
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     if cfg.get("head_dim") not in (None, head_dim):
         refuse("head_dim", f"must be hidden_size / num_attention_heads = {head_dim}")
     base, scaling = _hf_rope(cfg, path)
     if bos_id is None:
         bos_id = cfg.get("bos_token_id") if isinstance(cfg.get("bos_token_id"), int) else 1
+    if max_seq_len is not None and max_seq_len < 1:
+        raise UserError(f"--max-seq-len must be a positive integer; got {max_seq_len}")
     try:
-        return ModelConfig(
+        config = ModelConfig(
             vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
             n_heads=cfg["num_attention_heads"], n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
             ffn_hidden=cfg["intermediate_size"], rope_base=base, rope_scaling=scaling,
             max_seq_len=max_seq_len or min(cfg.get("max_position_embeddings", 2048), IMPORT_MAX_SEQ_LEN),
-            norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6), tie_embeddings=cfg.get("tie_word_embeddings", False),
             streams=streams, bos_id=bos_id)
-    except KeyError as missing:
-        raise UserError(f"{path}: field {missing} missing") from None
+    except UserError as err:  # names the model key; say which file it came from
+        raise UserError(f"{path}: {err}") from None
+    config.require_memory(str(path))
+    return config
 
 
 def read_hf_tensors(hf_dir) -> tuple[dict[str, torch.Tensor], str]:
@@ -99,12 +134,12 @@ def read_hf_tensors(hf_dir) -> tuple[dict[str, torch.Tensor], str]:
     hf_dir = Path(hf_dir)
     index = hf_dir / HF_INDEX
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        weight_map = read_json_object(index).get("weight_map")
         if not isinstance(weight_map, dict):
             raise UserError(f"{index}: field weight_map missing")
-        files = sorted(set(weight_map.values()))
+        files = sorted(set(map(str, weight_map.values())))
         for name in files:
-            if not (hf_dir / name).is_file():
+            if not contained(hf_dir, name, f"{index}: weight_map shard").is_file():
                 raise UserError(f"{index}: shard {name} (weight_map) is missing from {hf_dir}")
         source = str(index.name)
     elif (hf_dir / HF_WEIGHTS).is_file():
@@ -115,9 +150,11 @@ def read_hf_tensors(hf_dir) -> tuple[dict[str, torch.Tensor], str]:
     tensors = {}
     for name in files:
         try:
-            tensors.update(load_file(str(hf_dir / name)))
+            shard = load_file(str(hf_dir / name))
         except (SafetensorError, OSError) as error:
             raise UserError(f"{hf_dir / name}: unreadable safetensors file ({error})") from None
+        check_weights(shard, {}, hf_dir / name)  # floating point and finite, before any conversion to fp32
+        tensors.update(shard)
     return tensors, source
 
 
@@ -169,11 +206,7 @@ def load_hf(hf_dir, streams: int = 1, max_seq_len: int | None = None, bos_id: in
         raise UserError(f"{Path(hf_dir) / source}: embed_tokens.weight has shape {tuple(embed.shape)} but "
                          f"config.json says vocab_size={config.vocab_size}, hidden_size={config.d_model}")
     model = BigLearner(config)
-    expected = model.state_dict()
-    for name, value in state.items():
-        if value.shape != expected[name].shape:
-            raise UserError(f"{Path(hf_dir) / source}: tensor for {name} has shape {tuple(value.shape)}, "
-                             f"config.json implies {tuple(expected[name].shape)}")
+    check_weights(state, model.state_dict(), Path(hf_dir) / source)
     model.load_state_dict({**state, **new_parameters(model, state)}, strict=False)
     return model.eval(), source
 
@@ -199,13 +232,11 @@ def from_hf(hf_dir, out_dir, streams: int = 1, max_seq_len: int | None = None, t
         if tokenizer.vocab_size > model.config.vocab_size:
             raise UserError(f"{tokenizer.files[tokenizer.defining_file]}: vocab_size {tokenizer.vocab_size} exceeds "
                              f"vocab_size={model.config.vocab_size} of {hf_dir / HF_CONFIG}")
-    cfg = json.loads((hf_dir / HF_CONFIG).read_text())
+    cfg = read_json_object(hf_dir / HF_CONFIG)
     meta = {"name": hf_dir.name, "progress": {"step": 0, "tokens_seen": 0},
             "source": {"format": "transformers", "model_type": cfg["model_type"], "directory": hf_dir.name,
-                       "architectures": ", ".join(cfg.get("architectures") or []), "weights": source}}
-    with staged_directory(out_dir) as staging:
-        export_model(model, staging, meta, tokenizer)
-    return out_dir
+                       "architectures": ", ".join(map(str, cfg.get("architectures") or [])), "weights": source}}
+    return export_model(model, out_dir, meta, tokenizer)
 
 
 # --------------------------------------------------------------------------- to Hugging Face
@@ -340,8 +371,6 @@ def find_tokenizer(path, meta: dict, vocab_size: int, tokenizer_path=None):
 
 def to_hf(path, out_dir, tokenizer_path=None, trust_checkpoint: bool = False) -> Path:
     """Write a LlamaForCausalLM directory (weights, config, generation config, tokenizer, card)."""
-    from transformers import GenerationConfig, LlamaForCausalLM
-
     from ..checkpoint.loading import export_metadata, load_for_inference
 
     path, out_dir = Path(path), Path(out_dir)
@@ -349,15 +378,19 @@ def to_hf(path, out_dir, tokenizer_path=None, trust_checkpoint: bool = False) ->
     tokenizer = find_tokenizer(path, meta, model.config.vocab_size, tokenizer_path)
     if "checkpoint" in meta:  # a training run: the card says what an export of it would say
         meta = portable({"model": model.config.to_dict(), **export_metadata(meta)})
+    state = hf_state(model)
+    refuse_non_finite(state, out_dir)  # the loader refuses them too; a writer checks what it writes
+    from transformers import GenerationConfig, LlamaForCausalLM  # seconds to import: after every check
+
     config = hf_config(model, tokenizer)
     with torch.device("meta"):
         hf_model = LlamaForCausalLM(config)
-    hf_model.load_state_dict(hf_state(model), strict=True, assign=True)
+    hf_model.load_state_dict(state, strict=True, assign=True)
     if config.tie_word_embeddings:
         hf_model.tie_weights()
     hf_model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    with staged_directory(out_dir) as staging:
+    with staged_directory(out_dir, export_bytes(sum(v.numel() for v in state.values()), tokenizer)) as staging:
         hf_model.save_pretrained(str(staging))
         write_hf_tokenizer(tokenizer, staging)
         (staging / "README.md").write_text(model_card(meta, model.num_parameters(), hf=True))

@@ -12,7 +12,8 @@ import sys
 import numpy as np
 import torch
 
-from data_pipeline.errors import HelpFormatter, UserError, add_debug_flag, cli_main
+from data_pipeline.errors import HelpFormatter, UserError, add_debug_flag, cli_main, one_line
+from data_pipeline.resources import require_memory
 
 from ..checkpoint.loading import load_with_tokenizer
 from .classification import LabelLayout, classify, read_examples
@@ -36,11 +37,60 @@ def parse_positions(spec: str | None, length: int) -> list[int]:
     return out
 
 
+def check_device(device: str) -> None:
+    """UserError for a --device torch does not know or this machine does not have."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: torch sees no CUDA device here; use --device cpu")
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device {device!r}: only cpu and cuda are supported")
+
+
+def parse_ids(spec: str, vocab_size: int) -> list[int]:
+    """'5 17 3' -> [5, 17, 3]; UserError unless each is a token id of the model."""
+    try:
+        ids = [int(t) for t in spec.split()]
+    except ValueError:
+        raise UserError(f"--ids must be space-separated token ids; got {spec!r}") from None
+    wrong = [i for i in ids if not 0 <= i < vocab_size]
+    if wrong:
+        raise UserError(f"--ids: {wrong[0]} is not a token id of the model (vocab_size={vocab_size})")
+    return ids
+
+
+def require_batch_memory(model, rows: int, length: int, what: str, device) -> None:
+    """UserError stating the estimate when `rows` samples of `length` tokens do not fit in memory."""
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        require_memory(model.config.inference_bytes(rows, length), what, free, "GPU memory")
+    else:
+        require_memory(model.config.inference_bytes(rows, length), what)
+
+
+def flag_non_finite(values: dict) -> None:
+    """A score that is NaN or infinite means the model computes garbage: say so (exit status 1)
+    after the result is printed, instead of passing it on as a number."""
+    bad = [k for k, v in values.items() if not np.all(np.isfinite(v))]
+    if bad:
+        raise NonFiniteResult(f"{', '.join(bad)} is not finite (NaN or inf): the model's outputs are not usable")
+
+
+class NonFiniteResult(RuntimeError):
+    """An inference result is NaN or infinite (exit status 1, one line)."""
+
+
 def _cmd_score(args, model, tokenizer):
-    ids = tokenizer.encode(args.text) if args.text is not None else [int(t) for t in args.ids.split()]
+    ids = tokenizer.encode(args.text) if args.text is not None else parse_ids(args.ids, model.config.vocab_size)
     if not ids:
         raise UserError("the text to score is empty")
     check_length(model, len(ids))
+    if args.orders < 0:
+        raise UserError(f"--orders must be >= 0; got {args.orders}")
+    require_batch_memory(model, max(1, args.orders), len(ids), f"--orders {args.orders} (one row per order)",
+                         args.device)
     source = parse_positions(args.source, len(ids))
     target = parse_positions(args.target, len(ids)) or [p for p in range(len(ids)) if p not in set(source)]
     total, steps = score(model, np.asarray(ids), source, target, return_steps=True)
@@ -50,14 +100,17 @@ def _cmd_score(args, model, tokenizer):
         per_order, lme, _ = score_orders(model, ids, source, target, args.orders, args.seed)
         result.update(per_order=[round(float(v), 6) for v in per_order], log_mean_exp=lme)
     print(json.dumps(result))
+    flag_non_finite({"log_prob": result["log_prob"], "log_mean_exp": result.get("log_mean_exp", 0.0)})
 
 
 def _cmd_complete(args, model, tokenizer):
     pad = tokenizer.pad_id
-    ids, gaps = gapped_ids(tokenizer, args.text, gap_len=args.gap_len, gaps=args.gaps, continue_n=args.continue_n)
+    ids, gaps = gapped_ids(tokenizer, args.text, gap_len=args.gap_len, gaps=args.gaps, continue_n=args.continue_n,
+                           max_len=model.config.max_seq_len)
     check_length(model, len(ids))
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1; got {args.num_samples}")
+    require_batch_memory(model, args.num_samples, len(ids), f"--num-samples {args.num_samples}", args.device)
     source = [p for p in range(len(ids)) if p not in set(gaps)]
     tokens = np.asarray([ids] * args.num_samples)
     result = complete(model, tokens, [source] * args.num_samples, [gaps] * args.num_samples,
@@ -72,6 +125,7 @@ def _cmd_complete(args, model, tokenizer):
         if result.accepted is not None:
             line.update(drafted=int(result.drafted[b]), accepted=int(result.accepted[b]))
         print(json.dumps(line))
+    flag_non_finite({"log_prob": np.asarray(result.log_probs, dtype=float)})
 
 
 def _cmd_classify(args, model, tokenizer, meta):
@@ -158,6 +212,7 @@ def _main(argv: list[str], prog: str = "python -m pretrain.infer") -> None:
                        formatter_class=HelpFormatter)
     p.add_argument("--input", required=True, help="JSONL ({text, [text_pair], [label]}) or TSV (text[, text_pair][, label])")
     args = parser.parse_args(argv)
+    check_device(args.device)
     torch.manual_seed(args.seed)
     model, meta, tokenizer = load_with_tokenizer(args.model, args.device, args.tokenizer, args.trust_checkpoint)
     if tokenizer is None and (args.command != "score" or args.text is not None):
@@ -178,4 +233,11 @@ def main(argv=None, prog: str = "python -m pretrain.infer") -> int:
     """`prog score|complete|classify ...`; errors name the subcommand as typed (`biglearn score: error: ...`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command_prog = f"{prog} {argv[0]}" if argv and argv[0] in COMMANDS else prog
-    return cli_main(lambda args: _main(args, prog), command_prog, argv)
+
+    def run(args):
+        try:
+            return _main(args, prog)
+        except NonFiniteResult as err:
+            print(f"{command_prog}: error: {one_line(err)}", file=sys.stderr, flush=True)
+            return 1
+    return cli_main(run, command_prog, argv)

@@ -25,15 +25,24 @@ from .scoring import check_length, score
 GAP = re.compile(r"\[_+(?::(\d+))?\]")
 
 
-def parse_gaps(text: str, encode, gap_len: int, pad_id: int = 0):
+def _check_room(length: int, n: int, max_len: int | None, what: str) -> None:
+    """UserError before `n` more positions are made when they would pass the model's max_len."""
+    if max_len is not None and length + n > max_len:
+        raise UserError(f"{what} makes the sequence at least {length + n} tokens long, longer than the model's "
+                        f"maximum length max_seq_len={max_len}")
+
+
+def parse_gaps(text: str, encode, gap_len: int, pad_id: int = 0, max_len: int | None = None):
     """Token ids and gap positions of `text` in which each `[___]` (or `[___:n]`) is a gap of
-    gap_len (or n) tokens. `encode` maps a string to token ids."""
+    gap_len (or n) tokens. `encode` maps a string to token ids. A text longer than `max_len`
+    tokens is refused before its gaps are laid out."""
     ids, gaps, start = [], [], 0
     for match in GAP.finditer(text):
         ids += encode(text[start:match.start()]) if text[start:match.start()].strip() else []
         n = int(match.group(1)) if match.group(1) else gap_len
         if n < 1:
             raise UserError(f"gap {match.group(0)!r} must have length >= 1")
+        _check_room(len(ids), n, max_len, f"gap {match.group(0)!r}")
         gaps += range(len(ids), len(ids) + n)
         ids += [pad_id] * n
         start = match.end()
@@ -41,7 +50,7 @@ def parse_gaps(text: str, encode, gap_len: int, pad_id: int = 0):
     return ids, gaps
 
 
-def insert_gaps(ids, spec: str, pad_id: int = 0):
+def insert_gaps(ids, spec: str, pad_id: int = 0, max_len: int | None = None):
     """Insert gaps given as 'POS:LEN,...' (token offsets into ids) -> (ids, gap positions)."""
     ids, gaps, shift = list(ids), [], 0
     try:
@@ -51,6 +60,7 @@ def insert_gaps(ids, spec: str, pad_id: int = 0):
     for pos, n in pairs:
         if not 0 <= pos <= len(ids) - shift or n < 1:
             raise UserError(f"--gaps {pos}:{n}: position must lie in [0, {len(ids) - shift}] and length be >= 1")
+        _check_room(len(ids), n, max_len, f"--gaps {pos}:{n}")
         at = pos + shift
         ids[at:at] = [pad_id] * n
         gaps += range(at, at + n)
@@ -64,18 +74,23 @@ def gap_runs(positions) -> list[list[int]]:
     return [run.tolist() for run in runs if len(run)]
 
 
-def gapped_ids(tokenizer, text: str, *, gap_len: int = 2, gaps: str | None = None, continue_n: int = 0):
+def gapped_ids(tokenizer, text: str, *, gap_len: int = 2, gaps: str | None = None, continue_n: int = 0,
+               max_len: int | None = None):
     """(token ids, positions to fill) for a text with `[___]` gaps, explicit `gaps` 'POS:LEN,...'
-    at token offsets, or `continue_n` tokens appended after it."""
+    at token offsets, or `continue_n` tokens appended after it; refused before anything is laid
+    out when it would pass `max_len` (the model's max_seq_len)."""
     pad = tokenizer.pad_id
+    if gap_len < 1 or continue_n < 0:
+        raise UserError(f"--gap-len must be >= 1 and --continue >= 0; got {gap_len}, {continue_n}")
     if continue_n:
         ids = tokenizer.encode(text) if text.strip() else []
+        _check_room(len(ids), continue_n, max_len, f"--continue {continue_n}")
         positions = list(range(len(ids), len(ids) + continue_n))
         ids += [pad] * continue_n
     elif gaps:
-        ids, positions = insert_gaps(tokenizer.encode(text), gaps, pad)
+        ids, positions = insert_gaps(tokenizer.encode(text), gaps, pad, max_len)
     else:
-        ids, positions = parse_gaps(text, tokenizer.encode, gap_len, pad)
+        ids, positions = parse_gaps(text, tokenizer.encode, gap_len, pad, max_len)
     if not positions:
         raise UserError("nothing to complete: mark gaps with [___] or [___:n], or pass --gaps / --continue")
     return ids, positions
@@ -128,7 +143,7 @@ class TextModel:
         """Fill every `[___]` / `[___:n]` gap of `text` given the rest (any strategy of
         pretrain.infer.STRATEGIES; temperature, top_k, top_p, seed ...). One Filled, or a list
         of num_samples."""
-        ids, positions = gapped_ids(self.tokenizer, text, gap_len=gap_len)
+        ids, positions = gapped_ids(self.tokenizer, text, gap_len=gap_len, max_len=self.model.config.max_seq_len)
         out = self._complete(ids, positions, num_samples, strategy=strategy, **sampling)
         return out[0] if num_samples == 1 else out
 
@@ -136,7 +151,8 @@ class TextModel:
         """The text that follows `prompt`, `max_new_tokens` tokens decoded left to right."""
         if max_new_tokens < 1:
             raise UserError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
-        ids, positions = gapped_ids(self.tokenizer, prompt, continue_n=max_new_tokens)
+        ids, positions = gapped_ids(self.tokenizer, prompt, continue_n=max_new_tokens,
+                                    max_len=self.model.config.max_seq_len)
         return self._complete(ids, positions, 1, strategy="left_to_right", **sampling)[0].gaps[0]
 
     def score(self, text: str, given: str | None = None) -> float:

@@ -151,6 +151,7 @@ NO_TARGET = -1  # decode_step target_positions entry of a content row that predi
 class BigLearner(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
+        config.require_memory()  # a UserError stating the estimate, before a config from a file allocates 1e12 floats
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.segment_embed = nn.Embedding(config.n_segment_types, config.d_model) if config.n_segment_types else None

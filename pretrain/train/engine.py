@@ -191,6 +191,42 @@ def engine_schedule(engine) -> WarmupCosine:
     return engine.lr_scheduler.lr_lambdas[0]
 
 
+# Optimiser and schedule keys a resumed run takes from its own config, not from the checkpoint
+# (docs/training.md, "Resume"): the checkpoint's optimizer state and LambdaLR restore the old
+# values, so `apply_hyperparameters` sets the changed ones again after the load.
+RESUMABLE_CHANGES = ("lr", "min_lr_ratio", "warmup_steps", "max_steps", "epochs", "weight_decay", "beta1", "beta2",
+                     "eps")
+
+
+def changed_hyperparameters(saved: dict, t: TrainerConfig) -> dict[str, tuple]:
+    """{key: (checkpoint's value, this run's)} of the RESUMABLE_CHANGES keys that differ."""
+    return {k: (saved[k], getattr(t, k)) for k in RESUMABLE_CHANGES if k in saved and saved[k] != getattr(t, k)}
+
+
+def apply_hyperparameters(engine, t: TrainerConfig, total_steps: int, changed: dict) -> None:
+    """After engine.load_checkpoint: the changed keys take this run's values. The schedule keeps
+    its place (steps taken) and continues with the new peak rate, warm-up, floor or length;
+    AdamW's betas, eps and weight decay (matrices only) are set in every parameter group."""
+    scheduler, schedule = engine.lr_scheduler, engine_schedule(engine)
+    if "warmup_steps" in changed:
+        schedule.warmup = t.warmup_steps
+    if "min_lr_ratio" in changed:
+        schedule.min_ratio = t.min_lr_ratio
+    if "max_steps" in changed or "epochs" in changed:
+        schedule.total = total_steps
+    if "lr" in changed:
+        scheduler.base_lrs = [t.lr for _ in scheduler.base_lrs]
+    groups = scheduler.optimizer.param_groups  # the optimizer the schedule steps (DeepSpeed's basic one)
+    for index, group in enumerate(groups):
+        group["betas"], group["eps"] = (t.beta1, t.beta2), t.eps
+        if index == 0:  # param_groups() puts the decayed matrices first
+            group["weight_decay"] = t.weight_decay
+    rates = [base * schedule(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, rate in zip(groups, rates):  # the next step's rate, as LambdaLR would have set it
+        group["lr"] = rate
+    scheduler._last_lr = rates
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: decay matrices only; norms, biases and the query-stream start vector keep theirs."""
     decay, no_decay = [], []

@@ -179,6 +179,8 @@ def _main(argv: list[str], prog: str) -> int:
     from ..checkpoint.loading import load_for_inference
 
     args = parse_args(argv, prog)
+    if args.device not in ("auto", "cpu") and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        raise UserError(f"device={args.device}: not a device torch sees here (cpu, auto, or cuda on a GPU machine)")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model, meta = load_for_inference(args.ckpt, device, trust_checkpoint=args.trust_checkpoint)
     run = meta.get("config", {})  # the run's TrainConfig as saved (an import from Hugging Face has none)
@@ -193,11 +195,16 @@ def _main(argv: list[str], prog: str) -> int:
     pad_id = int(load_manifest(manifest)["pad_id"])
     matrix = evaluate(model.loss, eval_batches(windows, config, pad_id), device)
     print(format_matrix(matrix))
+    broken = [task for task, row in matrix.items() if not math.isfinite(row["nll"])]
     if args.out:
         Path(args.out).write_text(json.dumps(matrix, indent=2))
     if args.plot:
         run_dir = Path(meta.get("run_dir", args.ckpt))
         print(f"plot: {plot_run(run_dir if run_dir.is_dir() else args.ckpt, matrix, out=Path(args.plot))}")
+    if broken:  # a number that is not one: the model's outputs are unusable, whatever the table says
+        print(f"{prog}: error: the NLL of {', '.join(broken)} is not finite (NaN or inf): the model's outputs are "
+              "not usable", file=sys.stderr)
+        return 1
     return 0
 
 

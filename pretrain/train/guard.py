@@ -5,8 +5,12 @@ or when the optimizer step was not applied or its global gradient norm is non-fi
 (DeepSpeed's "OVERFLOW! Skipping step" included). Under fp16 dynamic loss scaling, overflow
 skips before the first applied step while the scale can still shrink are the scaler's
 warm-up, not divergence. `max_bad_steps` bad steps in a row raise TrainingError naming the
-step. While a streak lasts, `protected` names the last checkpoint saved before its first bad
-step, which rotation must keep, and `healthy` is False, so nothing is exported from it.
+step. `healthy` is False while a streak lasts, so nothing is exported from it.
+
+The last good checkpoint is the newest one whose weights then gave a good step: a checkpoint
+saved right after the step that blew the weights up (finite, but every later loss NaN) is not
+one, and resuming from it would fail at any learning rate. `protected` names it, and rotation
+keeps it, so the advice "resume from it" always has something to resume.
 """
 from __future__ import annotations
 
@@ -17,7 +21,12 @@ log = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
-    """The run cannot continue (e.g. it diverged); the last good checkpoint is intact."""
+    """The run cannot continue (e.g. it diverged); the last good checkpoint (`last_good`, None
+    when none was saved) is intact."""
+
+    def __init__(self, message: str, last_good: str | None = None):
+        super().__init__(message)
+        self.last_good = last_good
 
 
 class BadStepGuard:
@@ -26,6 +35,7 @@ class BadStepGuard:
         self.bad_in_row = 0
         self.first_bad_step: int | None = None
         self.last_good_checkpoint = last_good_checkpoint
+        self.candidate: str | None = None  # saved while healthy; good once a good step follows it
         self.applied_any = False  # an optimizer step was applied since this process started
 
     @property
@@ -34,10 +44,11 @@ class BadStepGuard:
 
     @property
     def protected(self) -> str | None:
-        return None if self.healthy else self.last_good_checkpoint
+        return self.last_good_checkpoint
 
     def bad(self, step: int, reason: str) -> None:
         """Count a bad step; raise TrainingError at max_bad_steps in a row."""
+        self.candidate = None  # the checkpoint before this step gave a bad one: not good
         self.bad_in_row += 1
         if self.first_bad_step is None:
             self.first_bad_step = step
@@ -46,8 +57,8 @@ class BadStepGuard:
             raise TrainingError(
                 f"diverged: {self.bad_in_row} bad steps in a row (trainer.max_bad_steps={self.max_bad_steps}), from "
                 f"step {self.first_bad_step} to step {step}, the last one: {reason}. Stopping without saving or "
-                f"exporting; the last good checkpoint is {self.last_good_checkpoint or '(none saved)'}: lower "
-                "trainer.lr, check the data, or resume from it")
+                f"exporting; the last good checkpoint is {self.last_good_checkpoint or '(none saved)'}",
+                self.last_good_checkpoint)
 
     def optimizer_step(self, step: int, applied: bool, grad_norm, loss_scale: float | None = None,
                        min_loss_scale: float | None = None) -> None:
@@ -65,10 +76,13 @@ class BadStepGuard:
         else:
             self.applied_any = True
             self.bad_in_row, self.first_bad_step = 0, None
+            if self.candidate is not None:  # its weights gave this good step
+                self.last_good_checkpoint, self.candidate = self.candidate, None
 
     def saved(self, tag_dir) -> None:
+        """A checkpoint was saved (or resumed from): a candidate for the last good one when no streak lasts."""
         if self.healthy:
-            self.last_good_checkpoint = str(tag_dir)
+            self.candidate = str(tag_dir)
 
     def state_dict(self) -> dict:
         return {"bad_in_row": self.bad_in_row, "first_bad_step": self.first_bad_step,

@@ -40,12 +40,14 @@ from data_pipeline.errors import UserError, require
 from data_pipeline.progress import heartbeat
 
 from ..checkpoint import sharded as ckpt
+from ..checkpoint.rundir import refresh_lock
 from .console import console_around_bar
 from .guard import BadStepGuard, dynamic_loss_scale
 from .metrics import LOGGERS, MetricsLog
 
 log = logging.getLogger(__name__)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# SIGINT (Ctrl-C) as SIGTERM: a checkpoint, not a KeyboardInterrupt that loses the steps since the last save.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SAMPLE_KEYS = "sample_keys"  # run_dir/sample_keys/rank_NNNNN.jsonl with trainer.log_sample_keys
 # A time-limited run's schedule is sized to its budget when this many steps have run, from the pace
 # of all but the first: step 1 carries one-off costs (allocator warm-up, the data loader's first
@@ -63,6 +65,32 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True)
+
+
+class StopRequest:
+    """The stop signals (STOP_SIGNALS), recorded instead of acted on: the training loop reads
+    `signum` at its next micro-batch and every rank stops together with a checkpoint. Signals
+    after the first are only noted, so a supervisor that repeats SIGTERM, or a second Ctrl-C,
+    cannot kill a checkpoint or an export being written."""
+
+    def __init__(self):
+        self.signum = 0
+
+    def __call__(self, signum, frame) -> None:
+        if self.signum:
+            log.warning("%s received while stopping: finishing the checkpoint first", signal.Signals(signum).name)
+        else:
+            self.signum = signum
+
+    @contextlib.contextmanager
+    def installed(self):
+        """This object as the handler of STOP_SIGNALS (nested uses keep it), the previous ones after."""
+        previous = {sig: signal.signal(sig, self) for sig in STOP_SIGNALS}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class Stateful(Protocol):
@@ -205,7 +233,7 @@ class Trainer:
 
     def __init__(self, engine, stream, task: Task, config: TrainerConfig, run_dir: Path | None = None, *,
                  meta: dict | None = None, metrics: MetricsLog | None = None, evaluator=None, rank: int = 0,
-                 extra_record=None, first_save_bytes: int = 0, schedule=None):
+                 extra_record=None, first_save_bytes: int = 0, schedule=None, stop: StopRequest | None = None):
         self.engine, self.stream, self.task, self.config = engine, stream, task, config
         self.run_dir, self.meta, self.metrics, self.evaluator = Path(run_dir or "."), meta or {}, metrics, evaluator
         self.rank, self.extra_record, self.first_save_bytes = rank, extra_record, first_save_bytes
@@ -218,8 +246,11 @@ class Trainer:
         self.keys_log = self.run_dir / SAMPLE_KEYS / f"rank_{rank:05d}.jsonl" if config.log_sample_keys else None
         self.last_saved: Path | None = None
         self.stop_reason: str | None = None
-        self._signal = 0
+        self.stop = stop or StopRequest()  # the caller's, when it handles signals beyond the loop (pretrain.train.run)
         self._batches = None
+        self._last_batch = None  # forwarded again by a rank whose data failed, so that collectives still pair up
+        self._data_error: UserError | None = None
+        self._logged_step = 0
         self._window: dict[str, torch.Tensor] = {}
         self._window_start = self._started = time.perf_counter()
         self._timed_from: tuple[int, float] | None = None  # (step, time) the pace is measured from
@@ -235,14 +266,19 @@ class Trainer:
                                                self.config.keep_last, estimate_bytes=self.first_save_bytes,
                                                protect=self.guard.protected)
         self.guard.saved(self.last_saved)
+        refresh_lock(self.run_dir)
         log.info("saved %s", self.last_saved)
         return self.last_saved
 
-    def load(self, tag_dir: Path) -> None:
+    def load(self, tag_dir: Path) -> dict:
+        """Restore every part from a checkpoint; returns its meta.json."""
         meta, rank_state = ckpt.load_checkpoint(self.engine, tag_dir, self.checkpoint_dir / ckpt.UNIVERSAL)
         self.progress.load_state_dict(meta["progress"])
         if "guard" in meta:
             self.guard.load_state_dict(meta["guard"])
+            last_good = self.guard.last_good_checkpoint
+            if last_good and not ckpt.is_complete(Path(last_good)):  # rotated away since (or another machine's path)
+                self.guard.last_good_checkpoint = None
         self.guard.saved(tag_dir)
         for name, part in self.rank_states.items():
             try:
@@ -251,16 +287,15 @@ class Trainer:
                 raise UserError(f"cannot resume {tag_dir} ({name}): {err}. Start over with resume=never "
                                 "or use another run_dir") from None
         self.last_saved = Path(tag_dir)
+        self._logged_step = self.progress.step
         if self.keys_log is not None and self.keys_log.is_file():  # keys past the checkpoint were not trained on
             kept = [line for line in self.keys_log.read_text().splitlines(keepends=True)
                     if json.loads(line)["step"] <= self.progress.step]
             self.keys_log.write_text("".join(kept))
         log.info("resumed from %s (step %d)", tag_dir, self.progress.step)
+        return meta
 
     # ------------------------------------------------------------------ steps
-
-    def _on_signal(self, signum, frame) -> None:
-        self._signal = signum  # acted on at the next micro-batch, by every rank together
 
     def _accumulate(self, sums: dict[str, torch.Tensor]) -> None:
         for key, value in sums.items():
@@ -275,16 +310,28 @@ class Trainer:
             self._batches = iter(self.stream)
         micro = 0
         while micro < s.grad_accum:
-            batch = next(self._batches)
+            try:
+                batch = next(self._batches)
+                self._last_batch = batch
+            except UserError as err:  # the data ran out of readable samples (pretrain.data.reader)
+                if self._last_batch is None:
+                    raise
+                self._data_error, batch = err, self._last_batch
             keys_crc = zlib.crc32("\n".join(map(str, self.stream.last_keys)).encode())
             device_batch = batch.to_torch(engine.device)
             loss, output = engine(device_batch)
             over_time = s.max_minutes > 0 and self.rank == 0 and time.perf_counter() - self._started > 60 * s.max_minutes
-            flags = torch.tensor([0.0, float(self._signal != 0), float(over_time), float(keys_crc)],
-                                 dtype=torch.float64, device=engine.device)
+            flags = torch.tensor([0.0, float(self.stop.signum != 0), float(over_time), float(keys_crc),
+                                  float(self._data_error is not None)], dtype=torch.float64, device=engine.device)
             flags[0] = (~torch.isfinite(loss.detach())).double()
             _all_reduce(flags)
-            n_nonfinite, signalled, timed_out, crc_sum = flags.tolist()
+            n_nonfinite, signalled, timed_out, crc_sum, data_failed = flags.tolist()
+            if data_failed:  # nobody backpropagates; the step is not taken and the run stops with a checkpoint
+                self.stop_reason = "data"
+                if self._data_error is None:
+                    self._data_error = UserError(f"the training data of {int(data_failed)} other rank(s) ran out of "
+                                                 "readable samples (their log names the shards)")
+                return
             self.progress.data_digest = (self.progress.data_digest + int(crc_sum)) % (1 << 61)
             if signalled or timed_out:
                 self.stop_reason = "signal" if signalled else "time budget"
@@ -333,6 +380,8 @@ class Trainer:
             record.update(self.extra_record(totals, elapsed))
         if self.metrics is not None:
             self.metrics.write(record)
+        refresh_lock(self.run_dir)
+        self._logged_step = self.progress.step
         self._window = {}
         self._window_start = time.perf_counter()
         return record
@@ -381,14 +430,14 @@ class Trainer:
         A fresh run first evaluates its step-0 weights (the baseline a run's plot shows).
         Returns a summary."""
         s = self.config
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        console = contextlib.ExitStack()
+        console.enter_context(self.stop.installed())
         bar, start_step = None, self.progress.step
         if self.rank == 0 and s.progress:
             from tqdm import tqdm
             bar = tqdm(total=self.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
         self._started = self._window_start = time.perf_counter()
         self.engine.train()
-        console = contextlib.ExitStack()
         if bar is not None:
             console.enter_context(console_around_bar())
         try:
@@ -398,6 +447,10 @@ class Trainer:
                 self._started = self._window_start = time.perf_counter()  # the time budget is for training
             while self.progress.step < self.max_steps and self.stop_reason is None:
                 self.train_step()
+                if self.stop_reason == "data":  # the step was not taken: log the steps before it, then save
+                    if self._window and self._logged_step < self.progress.step:
+                        self.log_window()
+                    break
                 step = self.progress.step
                 if step == start_step + 1:
                     self._timed_from = (step, time.perf_counter())
@@ -426,6 +479,9 @@ class Trainer:
             here = self.checkpoint_dir / ckpt.tag_name(self.progress.step)
             if self.last_saved is None or self.last_saved.resolve() != here.resolve():
                 self.save()
+            if self.stop_reason == "data":
+                raise UserError(f"stopped at step {self.progress.step}: {self._data_error}; the checkpoint "
+                                f"{self.last_saved} holds every step before; fix or rebuild the data and resume")
             summary = {"run_dir": str(self.run_dir), "step": self.progress.step, "checkpoint": str(self.last_saved),
                        "tokens_seen": self.progress.tokens_seen, "stopped": self.stop_reason,
                        "healthy": self.guard.healthy,
@@ -436,8 +492,6 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            console.close()
             if self.metrics is not None:
                 self.metrics.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            console.close()

@@ -77,7 +77,7 @@ def test_shards_from_an_existing_tokenizer_decode_to_the_source(tmp_path, docume
 
 
 def test_tokenizer_json_beside_a_config_takes_its_special_tokens(tmp_path, documents):
-    path = hf_byte_level(tmp_path, documents)
+    hf_byte_level(tmp_path, documents)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<pad>"}, "bos_token": "<s>"}))
     tokenizer = Tokenizer.load(tmp_path)
     assert (tokenizer.bos_id, tokenizer.eos_id) == (0, 2)

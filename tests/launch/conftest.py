@@ -4,23 +4,24 @@ import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 
-from data_pipeline.shards import FORMAT, FORMAT_VERSION
+from data_pipeline.shards import FORMAT, FORMAT_VERSION, write_shard
 
 
 @pytest.fixture
 def dataset(tmp_path):
-    """manifest.json with three random shards and the sha256 of a random tokenizer.model."""
+    """manifest.json with three shards of random 8-token windows (ids < 16) and the sha256 of a
+    random tokenizer.model."""
     shards_dir, tok_dir = tmp_path / "shards", tmp_path / "tokenizer"
     shards_dir.mkdir()
     tok_dir.mkdir()
-    entries = []
+    entries, rng = [], np.random.default_rng()
     for i in range(3):
-        data = os.urandom(1000 + 37 * i)
-        (shards_dir / f"shard-{i:06d}.tar").write_bytes(data)
-        entries.append({"path": f"shard-{i:06d}.tar", "sha256": hashlib.sha256(data).hexdigest(),
-                        "bytes": len(data)})
+        windows = [rng.integers(0, 16, 8) for _ in range(5 + i)]
+        info = write_shard(shards_dir / f"shard-{i:06d}.tar", f"shard-{i:06d}", windows, np.dtype("<u2"))
+        entries.append({"path": f"shard-{i:06d}.tar", **{k: info[k] for k in ("sha256", "bytes", "samples")}})
     tok = os.urandom(512)
     (tok_dir / "tokenizer.model").write_bytes(tok)
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "seq_len": 8, "pad_id": 0, "vocab_size": 16,

@@ -162,7 +162,7 @@ def test_losing_a_node_fails_fast_and_both_nodes_resume_exactly(two_nodes, demo_
 
         started += launch(two_nodes, run_dir, demo_dir, 29503, logs)
         assert finish(started[-2:], logs) == [0, 0], f"resumed run failed; logs in {logs}"
-        assert f"resumed from {saved}" in (logs / f"interrupted-29503-node0.log").read_text()
+        assert f"resumed from {saved}" in (logs / "interrupted-29503-node0.log").read_text()
         assert train_losses(run_dir) == expected  # every step, before and after the loss of node 1
     finally:
         for proc in started:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from pretrain.checkpoint.loading import load_for_inference
-from pretrain.checkpoint.sharded import COMPLETE, META, complete_checkpoints, find_checkpoint
+from pretrain.checkpoint.sharded import COMPLETE, META, complete_checkpoints, file_sizes, find_checkpoint
 from pretrain.checkpoint.export import load_exported
 
 REPO = Path(__file__).resolve().parents[3]
@@ -28,11 +28,12 @@ def train(run_dir, manifest, *overrides, expect=0):
 
 
 def fake_tag(root: Path, step: int, complete: bool) -> Path:
+    """A tag directory as save_checkpoint leaves it (COMPLETE records its files' sizes), without weights."""
     tag = root / "checkpoints" / f"step_{step:08d}"
     tag.mkdir(parents=True)
-    (tag / META).write_text("{}")
+    (tag / META).write_text(json.dumps({"world_size": 1, "progress": {"step": step}, "config": {"model": {}}}))
     if complete:
-        (tag / COMPLETE).write_text("")
+        (tag / COMPLETE).write_text(json.dumps({"files": file_sizes(tag)}))
     return tag
 
 

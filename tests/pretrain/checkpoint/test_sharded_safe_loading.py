@@ -32,7 +32,7 @@ def crafted_run(root: Path, marker: Path) -> Path:
     """A run dir with one complete-looking ZeRO-1 checkpoint whose every .pt file is the payload."""
     tag = root / "checkpoints" / "step_00000001"
     tag.mkdir(parents=True)
-    model = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16).to_dict()
+    model = ModelConfig(vocab_size=512, d_model=32, n_layers=1, n_heads=2, max_seq_len=512).to_dict()  # resumable here
     (tag / "meta.json").write_text(json.dumps({"config": {"model": model}, "world_size": 1,
                                                "progress": {"step": 1}}))
     (tag / "COMPLETE").write_text("")

@@ -461,3 +461,11 @@ def test_weighted_mix_interleaves_the_sources_and_resumes_exactly(tmp_path):
     path_b.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="another tokenizer"):
         make()
+
+
+def test_weights_whose_sum_overflows_mix_as_their_ratios(tmp_path):
+    from pretrain.data.mixing import MixedStream
+    paths = [write_dataset(tmp_path / name, {"train": [6]}, seed=i)[0] for i, name in enumerate("ab")]
+    stream = MixedStream([(paths[0], 1.5e308), (paths[1], 0.5e308)], sampler=ObjectiveSampler("clm"), batch_size=2)
+    assert stream.weights.tolist() == [0.75, 0.25]  # 2e308 overflows to inf: dividing by the sum gave NaNs
+    assert {stream.source_of(i) for i in range(50)} == {0, 1}

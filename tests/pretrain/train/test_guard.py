@@ -1,6 +1,6 @@
 """The divergence guard. Unit: on random step outcomes it stops exactly where a brute-force scan
 finds max_bad_steps bad steps in a row, ignores the fp16 loss scaler's warm-up, and protects
-the last checkpoint saved before a streak. End to end: trainer.lr=1e6 on ZeRO-1 (DeepSpeed
+the newest checkpoint whose weights then gave a good step. End to end: trainer.lr=1e6 on ZeRO-1 (DeepSpeed
 skips every step from step 4 on with "OVERFLOW!") and model.init_std=1e30 stop the run with
 exit 1 naming the step; the checkpoint before the first bad step survives rotation and
 nothing is exported."""
@@ -59,18 +59,23 @@ def test_fp16_warm_up_is_not_divergence_and_protection_follows_the_streak():
     assert guard.healthy
     guard.optimizer_step(11, applied=True, grad_norm=0.5, loss_scale=64.0, min_loss_scale=1.0)
     guard.saved("step_11")
-    guard.optimizer_step(12, applied=False, grad_norm=None, loss_scale=32.0, min_loss_scale=1.0)  # after warm-up: bad
-    assert not guard.healthy and guard.protected == "step_11"
-    guard.saved("step_12")  # saved during the streak: not the one to protect
+    assert guard.protected is None  # no good step from its weights yet
+    guard.optimizer_step(12, applied=True, grad_norm=0.5, loss_scale=64.0, min_loss_scale=1.0)
+    assert guard.protected == "step_11"  # its weights gave a good step
+    guard.saved("step_12")
+    guard.optimizer_step(13, applied=False, grad_norm=None, loss_scale=32.0, min_loss_scale=1.0)  # after warm-up: bad
+    assert not guard.healthy and guard.protected == "step_11"  # step_12's weights gave only bad steps
+    guard.saved("step_13")  # saved during the streak: never the one to protect
     assert guard.protected == "step_11"
     state = guard.state_dict()
     resumed = BadStepGuard(3)
     resumed.load_state_dict(json.loads(json.dumps(state)))
-    resumed.optimizer_step(13, applied=True, grad_norm=math.nan)
-    with pytest.raises(TrainingError, match="from step 12 to step 14.*last good checkpoint is step_11"):
-        resumed.bad(14, "non-finite loss")
-    guard.optimizer_step(13, applied=True, grad_norm=0.4)
-    assert guard.healthy and guard.protected is None and guard.first_bad_step is None
+    resumed.optimizer_step(14, applied=True, grad_norm=math.nan)
+    with pytest.raises(TrainingError, match="from step 13 to step 15.*last good checkpoint is step_11") as stop:
+        resumed.bad(15, "non-finite loss")
+    assert stop.value.last_good == "step_11"
+    guard.optimizer_step(14, applied=True, grad_norm=0.4)
+    assert guard.healthy and guard.protected == "step_11" and guard.first_bad_step is None
     stuck = BadStepGuard(2)  # a scale already at its floor is no warm-up
     stuck.optimizer_step(1, applied=False, grad_norm=None, loss_scale=1.0, min_loss_scale=1.0)
     with pytest.raises(TrainingError):
@@ -104,8 +109,13 @@ def test_huge_learning_rate_stops_the_run_and_keeps_the_last_good_checkpoint(tmp
     assert all(math.isfinite(r["grad_norm"]) and math.isfinite(r["loss"]) for r in train_records if r["step"] < first_bad)
     assert all(not math.isfinite(r["grad_norm"]) for r in train_records if first_bad <= r["step"] <= last_bad)
     kept = [p.name for p in complete_checkpoints(run_dir / "checkpoints")]
-    last_good = f"step_{first_bad - 1:08d}"
-    assert last_good in kept and f"last good checkpoint is {run_dir / 'checkpoints' / last_good}" in result.stderr
+    # The last good checkpoint is the newest whose weights then gave a good step: step_{first_bad - 2}
+    # (step_{first_bad - 1}'s weights gave the first bad step), none when that is step 0.
+    if first_bad > 2:
+        last_good = f"step_{first_bad - 2:08d}"
+        assert last_good in kept and f"last good checkpoint is {run_dir / 'checkpoints' / last_good}" in result.stderr
+    else:
+        assert "last good checkpoint is (none saved)" in result.stderr
     assert len(kept) <= 3  # keep_last=2 newest + the protected last good one
     assert not (run_dir / "export").exists()
 
