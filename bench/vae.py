@@ -3,16 +3,20 @@
 "Big Learning Variational Auto-Encoders" in shape, on scikit-learn's 8x8 digits cut into 2x2
 patches (16 continuous tokens of dimension 4), configured by configs/vae_digits.yaml:
 
-- both models trained with the same optimiser, batch and number of steps;
-- test JointELBO (S empty, T = all; the paper's Fig. 2), nats per image;
+- both models trained with the same optimiser, batch and number of steps, or (train.cpu_minutes=M)
+  the same CPU time each;
+- test JointELBO (S empty, T = all; the paper's Fig. 2), nats per image, and its learning curves
+  against training CPU time (eval.curve_points points, one z draw per test image);
 - linear-probe accuracy of the mean of p(z | x_S) at several S-ratios (the paper's Fig. 4);
-- PNG grids: inference with incomplete data and arbitrary in-painting (the paper's Fig. 3).
+- PNG grids: inference with incomplete data and arbitrary in-painting (the paper's Fig. 3); the
+  learning curves (vae_curves.png).
 
 Prints tables; `--json PATH` writes joint_elbo / probe_accuracy / params (and more) as JSON.
 
     python bench/vae.py --out runs/vae --json runs/vae/metrics.json
     python bench/vae.py --quick                   # a smoke run in seconds
     python bench/vae.py train.steps=500           # any key of pretrain/experiments/vae/config.py
+    python bench/vae.py train.cpu_minutes=8 train.steps=100000   # equal CPU time, not equal steps
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ from pretrain.train.composition import load
 KINDS = ("vae", "biglearn_vae")
 NAMES = {"vae": "VAE (jointly trained, eq. 1)", "biglearn_vae": "BigLearn-VAE (universal, eq. 7)"}
 QUICK = ["model.d_model=32", "model.n_heads=2", "model.n_layers=2", "model.encoder_layers=1", "model.z_dim=8",
-         "train.steps=30", "train.batch_size=16", "train.warmup_steps=5", "eval.probe_draws=1", "eval.elbo_samples=1"]
+         "train.steps=30", "train.batch_size=16", "train.warmup_steps=5", "eval.probe_draws=1", "eval.elbo_samples=1",
+         "eval.curve_points=3"]
 FIGURE_RATIOS = (1.0, 0.8, 0.6, 0.4, 0.2, 0.1)
 MISSING_COLOUR = "#9ecae1"  # patches outside S
 
@@ -119,6 +124,24 @@ def draw_figures(model, test_x: torch.Tensor, shape, patch_size: int, out: Path,
                "arbitrary in-painting: x_T = mean of p(x_T | z, x_S), z ~ p(z | x_S)")
 
 
+def draw_curves(results: dict, out: Path) -> None:
+    """Test JointELBO (one z draw per image) and its terms against training CPU time, both models."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for kind, r in results.items():
+        cpu = [p["cpu_seconds"] for p in r["curve"]]
+        for ax, key in zip(axes, ("elbo", "log_lik", "kl")):
+            ax.plot(cpu, [p[key] for p in r["curve"]], "o-", ms=3, label=f"{NAMES[kind]} ({r['steps']} steps)")
+    for ax, label in zip(axes, ("test JointELBO (beta = train.kl_weight), nats", "E log p(x | z), nats", "KL, nats")):
+        ax.set(xlabel="training CPU seconds", ylabel=label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "vae_curves.png", dpi=90)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -133,6 +156,7 @@ def main(argv=None) -> None:
     add_debug_flag(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     try:  # the config and the data are the user's input: their errors are one line
         experiment = load([*(QUICK if args.quick else []), *args.overrides], cls=VAEExperiment, config_name="vae_digits")
         train_x, train_y, test_x, test_y, shape = load_data(experiment, args.quick)
@@ -141,28 +165,32 @@ def main(argv=None) -> None:
     t, e = experiment.train, experiment.eval
     results = {}
     for kind in KINDS:
-        start, cpu_start = time.perf_counter(), time.process_time()
-        model = vae_train.fit(kind, train_x, experiment)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        start = time.perf_counter()
+        curve_elbo = lambda m: vae_train.test_joint_elbo(m, test_x, t.kl_weight, 1, e.batch_size, t.seed)  # noqa: E731
+        model, curve = vae_train.fit(kind, train_x, experiment, evaluate=curve_elbo)
+        seconds, cpu_seconds = time.perf_counter() - start, curve[-1]["cpu_seconds"]
         elbo = vae_train.test_joint_elbo(model, test_x, t.kl_weight, e.elbo_samples, e.batch_size, t.seed)
         codes = lambda x, masks: vae_train.codes(model, x, masks, e.batch_size)  # noqa: E731
         probes = {} if train_y is None else {
             str(r): vae_train.linear_probe(codes, train_x, train_y, test_x, test_y, r, e.probe_draws, t.seed)
             for r in e.probe_ratios}
         results[kind] = {"model": model, "seconds": seconds, "cpu_seconds": cpu_seconds, "elbo": elbo, "probe": probes,
-                         "params": model.num_parameters()}
+                         "params": model.num_parameters(), "curve": curve, "steps": curve[-1]["step"]}
     pixels = {} if train_y is None else {
         str(r): vae_train.linear_probe(vae_train.masked_pixels, train_x, train_y, test_x, test_y, r, e.probe_draws,
                                        t.seed) for r in e.probe_ratios}
     if args.figures:
         args.out.mkdir(parents=True, exist_ok=True)
         draw_figures(results["biglearn_vae"]["model"], test_x, shape, experiment.data.patch_size, args.out, t.seed)
+        draw_curves(results, args.out)
 
-    print(f"\n| model ({len(test_x)} test images, {t.steps} steps x {t.batch_size}, beta {t.kl_weight}) | params "
-          f"| train s (CPU s) | test JointELBO | ELBO beta=1 | log p(x|z) | KL |\n|---|---|---|---|---|---|---|")
+    budget = f"{t.cpu_minutes:g} CPU min each" if t.cpu_minutes else f"{t.steps} steps each"
+    print(f"\n| model ({len(test_x)} test images, {budget}, batch {t.batch_size}, beta {t.kl_weight}) | params | steps "
+          f"| train s (CPU s) | test JointELBO | ELBO beta=1 | log p(x|z) | KL |\n|---|---|---|---|---|---|---|---|")
     for kind in KINDS:
         r = results[kind]
-        print(f"| {NAMES[kind]} | {r['params']:,} | {r['seconds']:.0f} ({r['cpu_seconds']:.0f}) | {r['elbo']['elbo']:.2f} | "
+        print(f"| {NAMES[kind]} | {r['params']:,} | {r['steps']} | {r['seconds']:.0f} ({r['cpu_seconds']:.0f}) | "
+              f"{r['elbo']['elbo']:.2f} | "
               f"{r['elbo']['elbo_beta1']:.2f} | {r['elbo']['log_lik']:.2f} | {r['elbo']['kl']:.2f} |")
     if train_y is not None:
         print("\n| S-ratio | linear probe on p(z|x_S), BigLearn-VAE | the same, VAE | supervised reference: "
@@ -179,7 +207,9 @@ def main(argv=None) -> None:
         "params": {kind: results[kind]["params"] for kind in KINDS},
         "train_seconds": {kind: results[kind]["seconds"] for kind in KINDS},
         "train_cpu_seconds": {kind: results[kind]["cpu_seconds"] for kind in KINDS},
-        "load_average": os.getloadavg()[0], "quick": args.quick, "overrides": args.overrides,
+        "train_steps": {kind: results[kind]["steps"] for kind in KINDS},
+        "curves": {kind: results[kind]["curve"] for kind in KINDS},
+        "load_average": [load_start, os.getloadavg()[0]], "quick": args.quick, "overrides": args.overrides,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +217,7 @@ def main(argv=None) -> None:
         partial.write_text(json.dumps(metrics, indent=2))
         partial.replace(args.json)
     if args.figures:
-        print(f"\nfigures: {args.out / 'vae_inference.png'}, {args.out / 'vae_inpainting.png'}")
+        print(f"\nfigures: {args.out / 'vae_inference.png'}, {args.out / 'vae_inpainting.png'}, {args.out / 'vae_curves.png'}")
 
 
 if __name__ == "__main__":

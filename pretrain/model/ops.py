@@ -7,11 +7,33 @@ forward computes exactly what the plain torch expressions compute (same operatio
 so outputs are bit-identical and imported Llama weights give transformers' logits), and the
 backward recomputes the cheap intermediates from the saved inputs instead of storing them.
 `tests/pretrain/test_ops.py` checks values and gradients against the plain expressions.
+
+Their backwards are once-differentiable (marked so: differentiating them again raises instead of
+silently dropping the terms through rstd). Code that differentiates a gradient, as a gradient
+penalty does, runs its forward inside `twice_differentiable()`, where both are the plain
+expressions.
 """
 from __future__ import annotations
 
+import contextvars
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+_PLAIN_GRAPH = contextvars.ContextVar("plain_graph", default=False)
+
+
+@contextmanager
+def twice_differentiable():
+    """rms_norm and swiglu_down record the plain torch expressions inside (more saved tensors,
+    every derivative of every order); e.g. the R1 penalty of pretrain/experiments/gan."""
+    token = _PLAIN_GRAPH.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_GRAPH.reset(token)
 
 
 def _rms_forward(x, weight, eps: float):
@@ -32,6 +54,7 @@ class _RMSNorm(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         x, weight, rstd = ctx.saved_tensors
         wide = x.float() if x.element_size() < 4 else x
@@ -47,8 +70,9 @@ class _RMSNorm(torch.autograd.Function):
 
 def rms_norm(x, weight, eps: float):
     """x / sqrt(mean(x^2) + eps) * weight, normalised in at least fp32; saves x and 1/rms only."""
-    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad) or _PLAIN_GRAPH.get():
         # No graph to build (decoding calls this every step): skip the Function's bookkeeping.
+        # Under twice_differentiable the same expression is recorded by autograd op by op.
         return _rms_forward(x, weight, eps)[0]
     return _RMSNorm.apply(x, weight, eps)
 
@@ -61,6 +85,7 @@ class _SwiGLUDown(torch.autograd.Function):
         return F.linear(F.silu(gate) * up, weight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
         gate_up, weight = ctx.saved_tensors
         gate, up = gate_up.chunk(2, dim=-1)
@@ -82,7 +107,7 @@ class _SwiGLUDown(torch.autograd.Function):
 def swiglu_down(gate_up, weight):
     """(silu(gate) * up) @ weight.T for gate_up = [gate | up] ("GLU Variants Improve
     Transformer", eq. 6); saves gate_up and the weight, recomputing the product in backward."""
-    if not torch.is_grad_enabled() or not (gate_up.requires_grad or weight.requires_grad):
+    if not torch.is_grad_enabled() or not (gate_up.requires_grad or weight.requires_grad) or _PLAIN_GRAPH.get():
         gate, up = gate_up.chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, weight)
     return _SwiGLUDown.apply(gate_up, weight)

@@ -28,6 +28,7 @@ class VAEConfig:
     # perfect reconstruction worth ~2 nats per 8x8 image: the universal model then left z unused
     # (KL 0.01 nats, docs/capabilities.md); 0.1 makes z worth using for both models.
     decoder_std: float = 0.1
+    learn_decoder_std: bool = False  # one learned variance for every pixel, starting at decoder_std
     attention_backend: str = "auto"
 
     def __post_init__(self):
@@ -62,6 +63,10 @@ class VAETrainConfig:
     beta2: float = 0.999
     kl_weight: float = 0.01  # beta of eqs. (1), (6), (7); 0.01 as in Appendix A
     kl_warmup_steps: int = 0  # beta rises linearly from 0 over these steps (KL annealing, Bowman et al.)
+    # > 0: train each model for this much process CPU time (steps becomes an upper bound; the warm-up
+    # and cosine decay are sized to the steps the pace measured after 10 steps fits in), so both
+    # compared models get equal CPU time rather than equal steps.
+    cpu_minutes: float = 0.0
     seed: int = 0
 
 
@@ -70,6 +75,7 @@ class VAEEvalConfig:
     probe_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
     probe_draws: int = 4  # random x_S draws per TRAINING image for the probe's training codes
     elbo_samples: int = 4  # z draws per test image for the test JointELBO
+    curve_points: int = 10  # test JointELBO (one z draw per image) this many times during training: the learning curves
     batch_size: int = 256
 
 
@@ -90,7 +96,7 @@ class VAEExperiment:
                 require(math.isfinite(value) and value > 0, f"objective.{side}_{key}", "must be a positive number", value)
         for key in ("steps", "batch_size"):
             require(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
-        for key in ("warmup_steps", "kl_warmup_steps", "weight_decay", "kl_weight"):
+        for key in ("warmup_steps", "kl_warmup_steps", "weight_decay", "kl_weight", "cpu_minutes"):
             value = getattr(t, key)
             require(math.isfinite(value) and value >= 0, f"train.{key}", "must be a number >= 0", value)
         require(math.isfinite(t.lr) and t.lr > 0, "train.lr", "must be a positive number", t.lr)
@@ -101,5 +107,5 @@ class VAEExperiment:
         require(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", d.test_fraction)
         require(bool(e.probe_ratios) and all(0 < r <= 1 for r in e.probe_ratios), "eval.probe_ratios",
                 "must be ratios in (0, 1]", list(e.probe_ratios))
-        for key in ("probe_draws", "elbo_samples", "batch_size"):
+        for key in ("probe_draws", "elbo_samples", "batch_size", "curve_points"):
             require(getattr(e, key) >= 1, f"eval.{key}", "must be >= 1", getattr(e, key))

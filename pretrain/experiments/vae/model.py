@@ -50,6 +50,9 @@ class PatchTransformer(nn.Module):
         self.z_in = nn.Linear(config.z_dim, d) if reads_z else None
         self.z_query = nn.Parameter(torch.randn(d) * std) if writes_z else None
         self.patch_query = nn.Parameter(torch.randn(d) * std) if writes_patches else None
+        # One learned log-variance shared by every pixel (config.learn_decoder_std), from decoder_std.
+        self.decoder_logvar = nn.Parameter(torch.tensor(2 * math.log(config.decoder_std))) \
+            if writes_patches and config.learn_decoder_std else None
         self.blocks = nn.ModuleList(Block(self.blocks_config) for _ in range(n_layers))
         # One final norm per head: the two kinds of query rows are read by different heads.
         self.z_head = nn.Sequential(RMSNorm(d, self.blocks_config.norm_eps), nn.Linear(d, 2 * config.z_dim)) \
@@ -116,9 +119,12 @@ class PatchTransformer(nn.Module):
         g = self.patch_query.to(h.dtype) + torch.cat([angles.cos(), angles.sin()], dim=-1).to(h.dtype)
         g = self._run(h, positions_all, groups_all, g, query_positions + 1, query_groups.to(torch.int32))
         mean = self.patch_head(g)
-        # A fixed variance (config.decoder_std), as the paper's N(mu(z), I): a learned one lets
-        # the decoder explain every pixel as noise early on (it scales the mean's gradient by
-        # 1 / variance), and both models then left z almost unused within this CPU budget.
+        # A fixed variance (config.decoder_std) by default, as the paper's N(mu(z), I): a variance
+        # written by the head per pixel let the decoder explain every pixel as noise early on (it
+        # scales the mean's gradient by 1 / variance), and both models then left z almost unused
+        # within this CPU budget. learn_decoder_std: one learned scalar instead.
+        if self.decoder_logvar is not None:
+            return mean, self.decoder_logvar.to(mean.dtype).expand_as(mean)
         return mean, torch.full_like(mean, 2 * math.log(self.config.decoder_std))
 
 

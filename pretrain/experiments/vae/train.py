@@ -1,39 +1,49 @@
 """Training of both VAEs through the project's one training step, and their evaluation.
 
 The universal BigLearn-VAE maximises BigLearnELBO_U (eq. 7) over (S, T) draws; the jointly
-trained VAE maximises JointELBO (eq. 1) on every step. Same optimiser, schedule, batch and
-number of steps for both, so the comparison is at equal budget. Every update is the Trainer's
-step (LocalEngine.train_batch, gradients clipped to norm 1) on objective.ELBOLoss: the negative
-ELBO per patch dimension (nats), which keeps that clipping independent of the image size.
+trained VAE maximises JointELBO (eq. 1) on every step. Same optimiser, schedule and batch for
+both, and the same budget: the same number of steps, or (train.cpu_minutes) the same CPU time.
+Every update is the Trainer's step (LocalEngine.train_batch, gradients clipped to norm 1) on
+objective.ELBOLoss: the negative ELBO per patch dimension (nats), which keeps that clipping
+independent of the image size.
 """
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import torch
 
 from ...train.engine import LocalEngine, WarmupCosine
+from ...train.trainer import FIT_AFTER_STEPS, step_horizon
 from . import objective
 from .config import VAEExperiment
 from .model import MODELS
 
 
-def fit(kind: str, train_x: torch.Tensor, experiment: VAEExperiment, progress: bool = True):
-    """A fresh model of `kind` ("biglearn_vae" or "vae") trained on patches train_x [N, L, D]."""
+def fit(kind: str, train_x: torch.Tensor, experiment: VAEExperiment, progress: bool = True, evaluate=None):
+    """(model, curve): a fresh model of `kind` ("biglearn_vae" or "vae") trained on patches train_x
+    [N, L, D] for train.steps, or for train.cpu_minutes of process CPU time (the training steps'
+    own: evaluations are not counted). With `evaluate(model) -> dict`, curve holds
+    {"step", "cpu_seconds", **evaluate(model)} at eval.curve_points evenly spaced points of the
+    budget (CPU time, or steps) and at the end; else it is empty."""
     t = experiment.train
     torch.manual_seed(t.seed)
     rng = np.random.default_rng(t.seed)
     n_images, n_patches, patch_dim = train_x.shape
     model = MODELS[kind](experiment.model, patch_dim)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(t.steps, t.warmup_steps, t.min_lr_ratio))
-    steps = range(t.steps)
+    cosine = WarmupCosine(t.steps, t.warmup_steps, t.min_lr_ratio)
+    engine = LocalEngine(objective.ELBOLoss(model), optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine))
+    budget_s, points = 60 * t.cpu_minutes, experiment.eval.curve_points
+    bar = None
     if progress:
         from tqdm import tqdm
-        steps = tqdm(steps, desc=f"train {kind}", unit="step", mininterval=2, file=sys.stderr)
-    engine = LocalEngine(objective.ELBOLoss(model), optimizer, schedule)
-    for step in steps:
+        bar = tqdm(total=t.steps, desc=f"train {kind}", unit="step", mininterval=2, file=sys.stderr)
+    curve, step, cpu_seconds, first_step_s = [], 0, 0.0, 0.0
+    while step < t.steps and not (budget_s and cpu_seconds >= budget_s):
+        start = time.process_time()
         kl_weight = t.kl_weight * min(1.0, (step + 1) / t.kl_warmup_steps) if t.kl_warmup_steps else t.kl_weight
         x = train_x[torch.from_numpy(rng.integers(n_images, size=t.batch_size))]
         specs = objective.biglearn_specs(n_patches, t.batch_size, rng, experiment.objective) \
@@ -41,9 +51,26 @@ def fit(kind: str, train_x: torch.Tensor, experiment: VAEExperiment, progress: b
         loss = engine.train_batch(objective.PatchBatch(x, objective.patch_batch(specs, n_patches), kl_weight))
         if not torch.isfinite(loss):
             raise FloatingPointError(f"train {kind}: non-finite loss {loss.item()} (lower train.lr?)")
-        if progress:
-            steps.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-    return model.eval()
+        cpu_seconds += time.process_time() - start
+        step += 1
+        if step == 1:
+            first_step_s = cpu_seconds  # one-off costs, left out of the pace as the Trainer does
+        if budget_s and step == FIT_AFTER_STEPS:  # size the schedule to the steps the budget fits
+            horizon = step_horizon(t.steps, t.cpu_minutes, step, cpu_seconds, step - 1, cpu_seconds - first_step_s)
+            cosine.fit(horizon, t.steps, step)
+            if bar is not None:
+                bar.total = horizon
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+        fraction = cpu_seconds / budget_s if budget_s else step / t.steps
+        done = step == t.steps or (budget_s and cpu_seconds >= budget_s)
+        if evaluate is not None and (done or fraction * points >= len(curve) + 1):
+            curve.append({"step": step, "cpu_seconds": cpu_seconds, **evaluate(model.eval())})
+            model.train()
+    if bar is not None:
+        bar.close()
+    return model.eval(), curve
 
 
 @torch.no_grad()

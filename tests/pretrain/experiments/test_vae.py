@@ -175,3 +175,33 @@ def test_the_experiment_config_composes_its_own_entry_config():
     assert experiment.train.steps == 7 and experiment.model.decoder_std == 0.1 and experiment.data.patch_size == 2
     with pytest.raises(ValueError, match="trainer"):
         load_experiment(["trainer.max_steps=3"])
+
+
+def test_a_cpu_time_budget_stops_training_and_sizes_the_schedule():
+    """train.cpu_minutes: both models train for the same CPU time (steps is only an upper bound),
+    the cosine decay ends near the budget, and the learning curve spans it."""
+    from pretrain.experiments.vae import train
+    experiment = load_experiment(["model.d_model=16", "model.n_heads=2", "model.n_layers=2", "model.encoder_layers=1",
+                                  "model.z_dim=4", "train.batch_size=8", "train.steps=100000", "train.warmup_steps=2",
+                                  "train.cpu_minutes=0.01", "eval.curve_points=3"])
+    x = torch.rand(20, L, D)
+    calls = []
+    model, curve = train.fit("vae", x, experiment, progress=False,
+                             evaluate=lambda m: calls.append(m.training) or {"elbo": 0.0})
+    assert 0.6 <= curve[-1]["cpu_seconds"] < 0.6 + 5  # stops at the first step past 0.6 CPU seconds
+    assert 10 < curve[-1]["step"] < 100000 and not calls[0]  # evaluated in eval mode
+    assert len(curve) in (3, 4) and [p["step"] for p in curve] == sorted({p["step"] for p in curve})
+
+
+def test_a_learned_decoder_variance_is_one_shared_parameter():
+    for cls in (BigLearnVAE, JointVAE):
+        fixed, learned = _model(cls, 0), _model(cls, 0, learn_decoder_std=True)
+        assert learned.num_parameters() == fixed.num_parameters() + 1
+        x, z = torch.rand(3, L, D), torch.randn(3, 6)
+        positions = torch.arange(L).expand(3, L)
+        nothing = torch.full((3, L), INVALID_GROUP, dtype=torch.int32)
+        _, logvar = learned.decode(z, x, positions, nothing, positions, torch.ones(3, L, dtype=torch.int32))
+        owner = learned.net if cls is BigLearnVAE else learned.decoder
+        assert torch.equal(logvar, owner.decoder_logvar.expand_as(logvar)) and logvar.requires_grad
+    assert BigLearnVAE(VAEConfig(learn_decoder_std=True), D).num_parameters() == \
+        JointVAE(VAEConfig(learn_decoder_std=True), D).num_parameters()

@@ -71,6 +71,22 @@ def test_fused_pieces_save_less_than_the_plain_expressions():
         assert saved_bytes(fused, *made, *constants) < saved_bytes(plain, *made, *constants), fused.__name__
 
 
+@pytest.mark.parametrize("index", range(2), ids=["rms_norm", "swiglu_down"])
+def test_second_derivatives_raise_outside_and_are_exact_inside_twice_differentiable(index):
+    """A gradient penalty differentiates a gradient: the memory-lean backward refuses that (its
+    rstd / product are constants to autograd), twice_differentiable() gives exact second
+    derivatives (gradgradcheck, float64)."""
+    seed = int(torch.randint(0, 2**31 - 1, (1,)))
+    fused, _, inputs, constants = cases(seed)[index]
+    leaves = [t.double().requires_grad_() for t in inputs]
+    first = torch.autograd.grad(fused(*leaves, *constants).pow(2).sum(), leaves[0], create_graph=True)[0]
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.sum().backward()
+    with ops.twice_differentiable():
+        assert torch.autograd.gradgradcheck(lambda *a: fused(*a, *constants), leaves)
+    assert not ops._PLAIN_GRAPH.get()  # the context restores the memory-lean path
+
+
 def test_bf16_autocast_and_no_grad_paths():
     fused, plain, (gate_up, weight), _ = cases(3)[1]
     with torch.no_grad():
