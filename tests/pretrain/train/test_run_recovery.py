@@ -70,7 +70,8 @@ def test_resume_from_a_run_dir_in_a_bad_state(cli, tmp_path, trained_run, manife
     lr = {r["step"]: r["lr"] for r in records(run)}
     assert math.isclose(lr[3], 3e-4 * schedule.factor(4), rel_tol=1e-6) and math.isclose(lr[5], 3e-5, rel_tol=1e-6)
     assert not stale.exists() and not (run / "LOCK").exists()
-    assert not records(run, "eval")
+    # the copied run's evaluations up to the step resumed from (its step-0 baseline), and no new one
+    assert records(run, "eval") == [r for r in records(trained_run, "eval") if r["step"] <= 2]
     assert json.loads((run / "checkpoints" / "step_00000005" / "COMPLETE").read_text())["files"]
 
 
