@@ -180,3 +180,24 @@ def trained_run(cli, manifest, tmp_path_factory):
     cli(f"biglearn train {TINY_TRAIN} data.manifest={manifest} run_dir={run_dir} trainer.max_steps=3 "
         "trainer.save_every=1 trainer.keep_last=5 trainer.export_at_end=false").succeeded()
     return run_dir
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size) -> a fresh tmpfs of that size (e.g. '2m') under tmp_path, unmounted after the
+    test: a small disk to fill up. Mounting needs root; the test is skipped with the reason otherwise."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        point = tmp_path / ("fs" if not mounted else f"fs{len(mounted)}")
+        point.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a {size} tmpfs (needs root): {done.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], check=True)

@@ -5,7 +5,6 @@ files outside its dataset or has fields of the wrong kind is one `error:` line n
 one line, with no temporary file left (docs/reliability.md)."""
 import json
 import shutil
-import subprocess
 
 import pytest
 
@@ -93,18 +92,9 @@ def test_one_document_says_why_there_is_no_validation_split(cli, tmp_path, manif
 
 
 @pytest.fixture
-def tiny_fs(tmp_path):
-    """A 600 KiB tmpfs (mounting needs root; skipped with the reason otherwise)."""
-    mount_point = tmp_path / "fs"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+def tiny_fs(tmpfs):
+    """A 600 KiB tmpfs (tests/conftest.py)."""
+    return tmpfs("600k")
 
 
 def test_shards_on_a_full_disk_is_one_line_and_leaves_no_temporary_file(cli, tmp_path, tiny_fs, manifest,

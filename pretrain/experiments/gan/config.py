@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from data_pipeline.errors import require
 
 from ...objectives import BigLearnConfig
-from ..vae.config import VAEDataConfig  # the same patch tokens of the same data as the BigLearn-VAE
+from ..vae.config import VAEDataConfig, check_ratio_betas  # the same patch tokens of the same data as the BigLearn-VAE
 
 ARMS = ("gan", "biglearn_gan")  # the joint GAN (S always empty) and the universal BigLearn-GAN
 
@@ -74,11 +74,8 @@ class GANExperiment:
 
     def __post_init__(self):
         """UserError naming the first bad key (<section>.<key>)."""
-        t, d, e = self.train, self.data, self.eval
-        for key in ("alpha", "beta"):
-            for side in ("source", "target"):
-                value = getattr(self.objective, f"{side}_{key}")
-                require(math.isfinite(value) and value > 0, f"objective.{side}_{key}", "must be a positive number", value)
+        t, e = self.train, self.eval
+        check_ratio_betas(self.objective)
         for key in ("steps", "batch_size", "eval_every", "r1_every"):
             require(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
         for key in ("generator_lr", "discriminator_lr"):
@@ -89,8 +86,6 @@ class GANExperiment:
                     getattr(t, key))
         for key in ("beta1", "beta2", "ema_decay"):
             require(0 <= getattr(t, key) < 1, f"train.{key}", "must be in [0, 1)", getattr(t, key))
-        require(d.patch_size >= 1, "data.patch_size", "must be >= 1", d.patch_size)
-        require(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", d.test_fraction)
         require(bool(e.completion_ratios) and all(0 <= r <= 1 for r in e.completion_ratios), "eval.completion_ratios",
                 "must be S-ratios in [0, 1]", list(e.completion_ratios))
         for key in ("joint_samples", "curve_samples", "completion_images", "classifier_hidden", "batch_size"):

@@ -50,6 +50,19 @@ class VAEDataConfig:
     test_fraction: float = 0.3  # digits only: the fixed stratified split
     split_seed: int = 0
 
+    def __post_init__(self):
+        require(self.patch_size >= 1, "data.patch_size", "must be >= 1", self.patch_size)
+        require(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
+
+
+def check_ratio_betas(objective: BigLearnConfig) -> None:
+    """UserError naming the first S- or T-ratio Beta parameter that is not a positive number (the
+    experiments on patch tokens, which draw their splits from these alone)."""
+    for key in ("alpha", "beta"):
+        for side in ("source", "target"):
+            value = getattr(objective, f"{side}_{key}")
+            require(math.isfinite(value) and value > 0, f"objective.{side}_{key}", "must be a positive number", value)
+
 
 @dataclass
 class VAETrainConfig:
@@ -89,11 +102,8 @@ class VAEExperiment:
 
     def __post_init__(self):
         """UserError naming the first bad key (<section>.<key>)."""
-        t, d, e = self.train, self.data, self.eval
-        for key in ("alpha", "beta"):
-            for side in ("source", "target"):
-                value = getattr(self.objective, f"{side}_{key}")
-                require(math.isfinite(value) and value > 0, f"objective.{side}_{key}", "must be a positive number", value)
+        t, e = self.train, self.eval
+        check_ratio_betas(self.objective)
         for key in ("steps", "batch_size"):
             require(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
         for key in ("warmup_steps", "kl_warmup_steps", "weight_decay", "kl_weight", "cpu_minutes"):
@@ -103,8 +113,6 @@ class VAEExperiment:
         require(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]", t.min_lr_ratio)
         for key in ("beta1", "beta2"):
             require(0 <= getattr(t, key) < 1, f"train.{key}", "must be in [0, 1)", getattr(t, key))
-        require(d.patch_size >= 1, "data.patch_size", "must be >= 1", d.patch_size)
-        require(0 < d.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", d.test_fraction)
         require(bool(e.probe_ratios) and all(0 < r <= 1 for r in e.probe_ratios), "eval.probe_ratios",
                 "must be ratios in (0, 1]", list(e.probe_ratios))
         for key in ("probe_draws", "elbo_samples", "batch_size", "curve_points"):

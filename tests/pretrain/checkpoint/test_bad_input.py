@@ -4,7 +4,6 @@ the size of the model is allocated; a damaged newest checkpoint is named in one 
 newest intact one is used; an explicitly named damaged checkpoint is refused (docs/reliability.md)."""
 import json
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -157,18 +156,9 @@ def test_a_checkpoint_holding_nan_is_not_exported(cli, tmp_path, trained_run, no
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    """A 2 MiB tmpfs (mounting needs root; skipped with the reason otherwise)."""
-    mount_point = tmp_path / "fs"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+def small_fs(tmpfs):
+    """A 2 MiB tmpfs (tests/conftest.py)."""
+    return tmpfs("2m")
 
 
 FULL_DISK = [

@@ -18,17 +18,9 @@ TINY = ["deepspeed=cpu", "model.d_model=64", "model.n_layers=2", "model.n_heads=
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    mount_point = tmp_path / "fs"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=20m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a 20 MB tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+def small_fs(tmpfs):
+    """A 20 MB tmpfs (tests/conftest.py)."""
+    return tmpfs("20m")
 
 
 def fill(path: Path, leave: int = 0) -> None:

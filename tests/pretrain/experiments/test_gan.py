@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pretrain.experiments.gan import metrics, objective
 from pretrain.experiments.gan.config import GANConfig, GANExperiment

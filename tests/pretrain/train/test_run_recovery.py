@@ -137,17 +137,9 @@ def test_shards_deleted_under_a_running_run(tmp_path, manifest, tiny_train):
 
 
 @pytest.fixture
-def small_fs(tmp_path):
-    mount_point = tmp_path / "fs"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
+def small_fs(tmpfs):
+    """An 8 MB tmpfs (tests/conftest.py)."""
+    return tmpfs("8m")
 
 
 def fill(path: Path, leave: int) -> None:
