@@ -74,7 +74,9 @@ def test_causal_yardstick_scores_what_llama_computes(shootout):
 
 def test_bad_flags_name_the_flag(shootout, tmp_path, capsys):
     for argv, flag in ((["--models", "gpt"], "--models"), (["--data", "images"], "--data"),
-                       (["--seconds", "0"], "--seconds"), (["--manifest", str(tmp_path / "none.json")], "--manifest")):
+                       (["--seconds", "0"], "--seconds"), (["--manifest", str(tmp_path / "none.json")], "--manifest"),
+                       (["--ladder", "--budgets", "10", "0"], "--budgets"), (["--causal-grid", "0.1"], "--causal-grid"),
+                       (["--causal-grid", "1.5:0.1"], "--causal-grid"), (["--train-windows", "0"], "--train-windows")):
         with pytest.raises(SystemExit):
             shootout["parse_args"](argv)
         assert flag in capsys.readouterr().err.splitlines()[-1]
