@@ -3,7 +3,6 @@ yardstick scores exactly what transformers' Llama computes; two briefly trained 
 win on their own task."""
 import json
 import math
-import runpy
 from pathlib import Path
 
 import numpy as np
@@ -13,12 +12,11 @@ import torch
 from pretrain.model import ModelConfig
 from pretrain.objectives import EVAL_TASKS, ObjectiveSampler, eval_split
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "shootout.py"
 
 
-@pytest.fixture(scope="module")
-def shootout():
-    return runpy.run_path(str(BENCH))
+@pytest.fixture
+def shootout(bench_script):
+    return bench_script("shootout")
 
 
 def test_quick_run_prints_every_row_and_column(shootout, manifest, tmp_path, capsys):
