@@ -157,10 +157,13 @@ def collate(windows, specs: list[SplitSpec], pad_id: int, segments=None) -> Task
 
 
 def single_stream_predictors(target_groups: np.ndarray, target_mask: np.ndarray, n_source: np.ndarray) -> np.ndarray:
-    """TaskBatch.predictor: a target of a singleton group whose previous group is a singleton
-    (or that is the first group) is predicted by that group's content row (or the START row):
-    that row sees exactly the groups below the target's, what a predictor of it may see. Every
-    other target gets a query row. Groups are sorted, so a singleton differs from both neighbours."""
+    """TaskBatch.predictor: a target of a singleton group whose previous group is a singleton is
+    predicted by that group's content row, and a singleton first group of a sample with an empty
+    S by the START row: that row sees exactly the groups below the target's, what a predictor of
+    it may see. Every other target gets a query row, the first one after a non-empty S included:
+    START carried that case for every split of a sample and learned it worse than a query row
+    (docs/model.md, "Single stream"). Groups are sorted, so a singleton differs from both
+    neighbours."""
     n_targets = target_groups.shape[1]
     changes = target_groups[:, 1:] != target_groups[:, :-1]
     singleton = target_mask.copy()
@@ -170,6 +173,7 @@ def single_stream_predictors(target_groups: np.ndarray, target_mask: np.ndarray,
     singleton[:, -1] &= target_groups[:, -1] != INVALID_GROUP  # the group after the last is padding's
     predicted_by_row = singleton.copy()
     predicted_by_row[:, 1:] &= singleton[:, :-1]
+    predicted_by_row[:, 0] &= n_source == 0
     row = n_source[:, None] + np.arange(-1, n_targets - 1)
     row[:, 0] = START_PREDICTOR
     return np.where(predicted_by_row, row, QUERY_PREDICTOR)

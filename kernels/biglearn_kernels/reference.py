@@ -117,10 +117,12 @@ class _Plan:
             return None
         plan = object.__new__(_Plan)
         plan.causal_skip, plan.prefix_causal, plan.dtype, plan._masks, plan.chunks = None, None, self.dtype, {}, []
-        for start, stop, bound, rows_visible, keep in self.chunks:
+        for index, (start, stop, bound, rows_visible, keep) in enumerate(self.chunks):
             if stop <= first:
                 continue
             cut = max(start, first) - start  # rows of this chunk before `first`
+            if index in self._masks:  # a mask already built: its rows from `first` on
+                plan._masks[len(plan.chunks)] = self._masks[index][:, :, cut:]
             plan.chunks.append((start + cut - first, stop - first, bound,
                                 None if rows_visible is None else rows_visible[:, cut:],
                                 None if keep is None else keep[:, :, cut:]))
@@ -129,7 +131,8 @@ class _Plan:
     def mask(self, index: int):
         """Chunk `index`'s additive float mask [B, 1, c, bound], or None. With autograd on, every
         chunk's mask is saved for backward anyway, so it is built once and shared by the layers;
-        without it, one chunk's mask at a time (memory O(chunk x Nk) however long the sequence)."""
+        without it, one chunk's mask at a time (memory O(chunk x Nk) however long the sequence),
+        kept when the plan has one chunk (a decoding step's rows: built once, not once per layer)."""
         _, _, bound, rows_visible, _ = self.chunks[index]
         if rows_visible is None:
             return None
@@ -138,7 +141,7 @@ class _Plan:
         hidden = torch.arange(bound, device=rows_visible.device) >= rows_visible
         mask = torch.zeros(hidden.shape, dtype=self.dtype, device=hidden.device).masked_fill_(
             hidden, float("-inf"))[:, None]
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or len(self.chunks) == 1:
             self._masks[index] = mask
         return mask
 

@@ -70,11 +70,15 @@ def _cmd_complete(args, model, tokenizer):
     tokens = np.asarray([ids] * args.num_samples)
     result = complete(model, tokens, [source] * args.num_samples, [gaps] * args.num_samples,
                       strategy=args.strategy, group_size=args.group_size, schedule=args.schedule, steps=args.steps,
-                      block_size=args.block_size, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                      seed=args.seed, use_cache=not args.no_cache, pad_id=pad)
-    for row, lp in zip(result.tokens, result.log_probs):
-        print(json.dumps({"text": tokenizer.decode(row), "filled": tokenizer.decode(row[gaps]), "log_prob": float(lp),
-                          "ids": row.tolist(), "gaps": gaps}))
+                      block_size=args.block_size, draft=args.draft, adaptive_draft=args.adaptive_draft,
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                      use_cache=not args.no_cache, pad_id=pad)
+    for b, (row, lp) in enumerate(zip(result.tokens, result.log_probs)):
+        line = {"text": tokenizer.decode(row), "filled": tokenizer.decode(row[gaps]), "log_prob": float(lp),
+                "ids": row.tolist(), "gaps": gaps, "passes": int(result.passes[b])}
+        if result.accepted is not None:
+            line.update(drafted=int(result.drafted[b]), accepted=int(result.accepted[b]))
+        print(json.dumps(line))
 
 
 def _cmd_classify(args, model, tokenizer, meta):
@@ -126,12 +130,21 @@ def _main(argv: list[str], prog: str = "python -m pretrain.infer") -> None:
     p.add_argument("--continue", dest="continue_n", type=int, default=0, help="plain continuation of n tokens")
     p.add_argument("--strategy", choices=STRATEGIES, default="left_to_right",
                    help=f"decoding order; with the key/value cache: {', '.join(CACHED)}; a full forward pass per "
-                        "step (masked diffusion, as LLaDA): remask_low_confidence, remask_random, block")
+                        "step (masked diffusion, as LLaDA): remask_low_confidence, remask_random, block. "
+                        "speculative samples exactly what sequential decoding of its order samples, in fewer passes")
     p.add_argument("--group-size", type=int, default=4,
-                   help="group_parallel: tokens decided per step, sampled independently and cached as one group")
-    p.add_argument("--schedule", choices=SCHEDULES, default="strided",
-                   help="group_parallel: which tokens each step decides (strided: the targets cut into k runs "
-                        "decoded left to right side by side; or the most confident; or the next of a fixed order)")
+                   help="group_parallel: tokens decided per step, sampled independently and cached as one group; "
+                        "with --schedule strided (group_parallel, speculative): the runs of the order")
+    p.add_argument("--schedule", choices=SCHEDULES,
+                   help="group_parallel (default strided): which tokens each step decides (strided: the targets cut "
+                        "into --group-size runs decoded left to right side by side; or the most confident; or the next "
+                        "of a fixed order); speculative (default left_to_right): the order, one of the fixed ones")
+    p.add_argument("--draft", type=int,
+                   help="speculative: targets drafted per model pass, judged under the chain rule (default 4); the "
+                        "samples follow sequential decoding's law exactly")
+    p.add_argument("--adaptive-draft", action="store_true",
+                   help="speculative: grow the draft by one after a pass that accepts it all, shrink it by one after "
+                        "one that rejects its first token, within [1, 2 x --draft]")
     p.add_argument("--steps", type=int, help="remask_*, block: denoising steps, 1..tokens to fill (default: one per token)")
     p.add_argument("--block-size", type=int, help="block: tokens per semi-autoregressive block; must divide the tokens to fill")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")

@@ -10,6 +10,7 @@ Every strategy decides targets step by step; the targets decided at step k form 
 | group_parallel | k targets, by confidence or a fixed schedule (left_to_right, random, strided), written as ONE next group | yes |
 | remask_low_confidence, remask_random | every masked target predicted, n_k kept (masked diffusion) | no |
 | block | semi-autoregressive blocks, remask_low_confidence inside each | no |
+| speculative | up to k next targets of a fixed order drafted in parallel, judged under the chain rule: exactly sequential decoding's law (pretrain/infer/speculative.py) | yes |
 
 The cached strategies let a decided target join as the next EARLIER TARGET GROUP (never as a
 source token), so step k computes exactly the k-th term of `score` for the grouping it produced,
@@ -29,7 +30,6 @@ decided tokens join S, where every row sees every other, so each step is a full 
 """
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
@@ -40,56 +40,17 @@ from data_pipeline.errors import UserError
 
 from ..layout import INVALID_GROUP, QUERY_PREDICTOR, collate, make_split
 from ..model import NO_TARGET, START_POSITION
+from .sampling import Sampling
+from .speculative import speculative_decode
 from .scoring import check_length, eval_forward, split_spec
 
 SEQUENTIAL = ("left_to_right", "random", "confident")
 SCHEDULES = ("confidence", "left_to_right", "random", "strided")
 REMASKING = ("remask_low_confidence", "remask_random", "block")
-STRATEGIES = SEQUENTIAL + ("group_parallel",) + REMASKING
-CACHED = SEQUENTIAL + ("group_parallel",)
-
-
-def sample_from_logits(logits, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                       generator: torch.Generator | None = None):
-    """One token per row of logits [..., V]: greedy when temperature == 0, else softmax(logits /
-    temperature) restricted to the top_k tokens (0 = all) and the smallest set of mass >= top_p."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise UserError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
-    if temperature == 0:
-        return logits.argmax(-1)
-    # Shifted so that the top logit is 0 BEFORE dividing: a tiny temperature then sends the others
-    # to -inf and leaves the top one at 0, where (logits / T) - max overflowed to -inf - (-inf) = NaN.
-    # T is held above the smallest normal number of the dtype, where it would round to 0 (0 / 0).
-    logits = _at_least_float32(logits)
-    logits = logits - logits.amax(-1, keepdim=True)
-    if temperature != 1:
-        logits.div_(max(temperature, torch.finfo(logits.dtype).tiny))  # in place: the shift made a copy
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1:
-        sorted_logits, index = logits.sort(-1, descending=True)
-        before = sorted_logits.softmax(-1).cumsum(-1) - sorted_logits.softmax(-1)
-        sorted_logits = sorted_logits.masked_fill(before >= top_p, -math.inf)  # keeps the top token
-        logits = torch.full_like(logits, -math.inf).scatter(-1, index, sorted_logits)
-    return _inverse_cdf(logits.exp(), generator)
-
-
-def _inverse_cdf(weights, generator):
-    """One token per row of unnormalised probabilities weights [..., V], by inverse-CDF sampling with
-    one uniform per row: the same distribution as torch.multinomial, which took ~25x longer on CPU
-    over an 8000-token vocabulary (bench/decode.py). u < total, so the clamp only guards rounding;
-    a zero-probability token adds no width to the CDF."""
-    cdf = weights.reshape(-1, weights.shape[-1]).cumsum(-1)
-    u = torch.rand(len(cdf), 1, generator=generator, dtype=cdf.dtype).to(cdf.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).reshape(weights.shape[:-1])
-
-
-def _at_least_float32(x):
-    """Softmax work in the model's own precision, fp16/bf16 widened: float64 exp/log over a
-    vocabulary of 8000 took 8x as long as float32 on CPU, a quarter of a decoding step
-    (bench/decode.py), for differences far below sampling noise."""
-    return x.float() if x.element_size() < 4 else x
+STRATEGIES = SEQUENTIAL + ("group_parallel", "speculative") + REMASKING
+CACHED = SEQUENTIAL + ("group_parallel", "speculative")
+DEFAULT_SCHEDULE = {"group_parallel": "strided", "speculative": "left_to_right"}
+DEFAULT_DRAFT = 4
 
 
 @dataclass
@@ -98,6 +59,15 @@ class Completion:
     orders: list[np.ndarray]    # per sample: target positions in the order they were decided
     log_probs: np.ndarray       # [B] sum of log p(chosen token), untempered (renormalised over allowed_tokens)
     groups: list[np.ndarray] | None = None  # per sample, aligned with orders: the step that decided each target
+    # (speculative: one group per target, the chain rule it samples, whichever pass decided it)
+    passes: np.ndarray | None = None    # [B] model passes (steps) that decided each sample's targets
+    drafted: np.ndarray | None = None   # [B] speculative: drafted tokens judged
+    accepted: np.ndarray | None = None  # [B] speculative: drafted tokens accepted
+
+    @property
+    def tokens_per_pass(self) -> np.ndarray:
+        """[B] targets decided per model pass: 1 for sequential decoding, k for group_parallel."""
+        return np.array([len(o) for o in self.orders]) / self.passes
 
 
 def _pad_rows(rows: list, fill: int) -> torch.Tensor:
@@ -126,39 +96,15 @@ def target_logits(model, tokens, sources, targets, groups, pad_id, all_query: bo
     return out
 
 
-@dataclass
-class Sampling:
-    """How one token is drawn from a row of logits, shared by every strategy."""
-    temperature: float
-    top_k: int
-    top_p: float
-    generator: torch.Generator
-    allowed: torch.Tensor | None  # bool [V] or None
-
-    def log_probs(self, logits):
-        """The model's log-probabilities (float32 or wider), renormalised over the allowed tokens."""
-        logits = _at_least_float32(logits)
-        if self.allowed is not None:
-            logits = logits.masked_fill(~self.allowed, -math.inf)
-        return logits.log_softmax(-1)
-
-    def draw(self, log_probs):
-        """One token per row of `log_probs` (log_probs' result)."""
-        if self.temperature == 1 and not self.top_k and self.top_p == 1:  # already normalised: exp is safe
-            return _inverse_cdf(log_probs.exp(), self.generator)
-        return sample_from_logits(log_probs, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                  generator=self.generator)
-
-
 class _Cache:
     """The key/value cache of a batch decoded group by group (BigLearner.decode_step).
 
     Each call writes the rows decided at the previous step (first: S, and in single-stream mode
     the START row) and predicts the candidates of this step. With a fixed order, predictor rows
     follow the model's rule (docs/model.md): with model.streams=1 a candidate that forms a
-    singleton group after a singleton group (or as the first group) is read from the content
-    row just written (the START row first), as a GPT with a cache; every other candidate gets a
-    query row. An adaptive order (`query_only`) learns which candidate it decides only after
+    singleton group after a singleton group (or as the first group when S is empty) is read from
+    the content row just written (the START row first), as a GPT with a cache; every other
+    candidate gets a query row. An adaptive order (`query_only`) learns which candidate it decides only after
     the rows were written, so its rows predict nothing and every candidate gets a query row."""
 
     def __init__(self, model, tokens, sources, targets, group_size, query_only: bool):
@@ -181,7 +127,9 @@ class _Cache:
 
     def logits(self, candidates, step):
         """Logits [B, C, V] of each sample's candidates, all in group `step`."""
-        by_row = [self.by_rows and len(c) == 1 and (step == 1 or len(r[0]) == 1) for c, r in zip(candidates, self.rows)]
+        # A single candidate is read from the one row just written: START alone (step 1, S empty) or
+        # the previous singleton group's target; after a non-empty S it gets a query row.
+        by_row = [self.by_rows and len(c) == 1 and len(r[0]) == 1 for c, r in zip(candidates, self.rows)]
         tokens, positions, groups = (self._tensor([r[i] for r in self.rows], fill) for i, fill in ((0, 0), (1, 0), (2, -1)))
         groups = torch.where(groups >= 0, groups, INVALID_GROUP)
         query = self._tensor([[] if row else c for c, row in zip(candidates, by_row)], -1)
@@ -340,7 +288,8 @@ def _is_count(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
-def _check_options(strategy, targets, group_size, schedule, steps, block_size, temperature, top_k, top_p):
+def _check_options(strategy, targets, group_size, schedule, steps, block_size, temperature, top_k, top_p, draft,
+                   adaptive_draft, use_cache):
     """One-line errors that name the command-line flag of each bad option."""
     if not temperature >= 0:  # NaN too
         raise UserError(f"--temperature must be >= 0 (0 = greedy); got {temperature!r}")
@@ -355,6 +304,10 @@ def _check_options(strategy, targets, group_size, schedule, steps, block_size, t
             raise UserError(f"--group-size must be an integer >= 1; got {group_size!r}")
         if schedule not in SCHEDULES:
             raise UserError(f"--schedule must be one of {SCHEDULES}; got {schedule!r}")
+    if strategy != "speculative" and (draft is not None or adaptive_draft):
+        raise UserError(f"--draft and --adaptive-draft apply to --strategy speculative; got --strategy {strategy}")
+    if strategy == "speculative":
+        _check_speculative(group_size, schedule, steps, block_size, draft, use_cache)
     if strategy not in REMASKING:
         return
     if steps is not None:
@@ -374,11 +327,28 @@ def _check_options(strategy, targets, group_size, schedule, steps, block_size, t
                                  f"(--block-size {block_size}): each block needs a step")
 
 
+def _check_speculative(group_size, schedule, steps, block_size, draft, use_cache):
+    if not _is_count(draft):
+        raise UserError(f"--draft must be an integer >= 1 (targets drafted per pass); got {draft!r}")
+    fixed = tuple(s for s in SCHEDULES if s != "confidence")
+    if schedule not in fixed:
+        raise UserError(f"--strategy speculative decodes a fixed order: --schedule must be one of {fixed}; got "
+                         f"{schedule!r}")
+    if schedule == "strided" and not _is_count(group_size):
+        raise UserError(f"--group-size must be an integer >= 1 (the strided order's runs); got {group_size!r}")
+    if steps is not None or block_size is not None:
+        raise UserError("--steps and --block-size belong to the remasking strategies, not --strategy speculative")
+    if not use_cache:
+        raise UserError("--no-cache: --strategy speculative runs on the key/value cache (it takes back the rows of "
+                         "rejected drafts)")
+
+
 @torch.inference_mode()  # no autograd bookkeeping at all: ~14% of a small model's decoding step
 def complete(model, tokens, source_positions, target_positions, *, strategy: str = "left_to_right",
-             group_size: int = 4, schedule: str = "strided", steps: int | None = None,
-             block_size: int | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int | None = None, allowed_tokens=None, use_cache: bool = True, pad_id: int = 0) -> Completion:
+             group_size: int = 4, schedule: str | None = None, steps: int | None = None,
+             block_size: int | None = None, draft: int | None = None, adaptive_draft: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             allowed_tokens=None, use_cache: bool = True, pad_id: int = 0) -> Completion:
     """Sample x_T ~ p(x_T | x_S) for a batch of samples, with one of STRATEGIES (module docstring).
 
     tokens [B, L] (values at target positions are ignored); per sample, source positions and the
@@ -388,7 +358,11 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
     `schedule` ("strided": the sorted targets cut into `group_size` chunks decoded left to right
     side by side, the default, whose samples are closest to left-to-right decoding's on a known
     source (docs/benchmarks.md); "confidence"; or the fixed "left_to_right" / "random" orders),
-    sampled independently and cached as one group. "remask_low_confidence" / "remask_random": `steps`
+    sampled independently and cached as one group. "speculative": the fixed order of `schedule`
+    ("left_to_right", the default, "random" or "strided") sampled EXACTLY as sequential decoding
+    samples it, up to `draft` (default 4) drafted targets judged per model pass
+    (`adaptive_draft`: the length moves within [1, 2 * draft] with the acceptance);
+    Completion.passes / accepted report the passes saved. "remask_low_confidence" / "remask_random": `steps`
     steps (default: one per target) that each predict every masked target and keep the most
     confident (or random) share of them. "block": targets cut left to right into blocks of
     `block_size`, decoded one after the other with remask_low_confidence (the steps shared out
@@ -407,7 +381,10 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
         split_spec(length, source_positions[b], target_positions[b])  # validates positions
     sources = [np.sort(np.asarray(s, dtype=np.int64).reshape(-1)) for s in source_positions]
     targets = [np.asarray(t, dtype=np.int64).reshape(-1) for t in target_positions]
-    _check_options(strategy, targets, group_size, schedule, steps, block_size, temperature, top_k, top_p)
+    schedule = DEFAULT_SCHEDULE.get(strategy) if schedule is None else schedule
+    draft = DEFAULT_DRAFT if strategy == "speculative" and draft is None else draft
+    _check_options(strategy, targets, group_size, schedule, steps, block_size, temperature, top_k, top_p, draft,
+                   adaptive_draft, use_cache)
     device = next(model.parameters()).device
     allowed = None if allowed_tokens is None else torch.as_tensor(allowed_tokens, dtype=torch.bool, device=device)
     if allowed is not None and not allowed.any():
@@ -427,8 +404,12 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
 
     was_training = model.training
     model.eval()
+    counts = None
     try:
-        if strategy in REMASKING:
+        if strategy == "speculative":
+            log_probs, counts = speculative_decode(model, tokens, sources, plans, draft, adaptive_draft, sampling)
+            orders, groups = plans, [np.arange(1, len(p) + 1) for p in plans]
+        elif strategy in REMASKING:
             orders, groups, log_probs = _remask(
                 model, tokens, sources, targets, steps, block_size if strategy == "block" else None,
                 order_rng=rng if strategy == "remask_random" else None, sampling=sampling, pad_id=pad_id)
@@ -437,5 +418,8 @@ def complete(model, tokens, source_positions, target_positions, *, strategy: str
                                                        sampling, use_cache, pad_id)
     finally:
         model.train(was_training)
+    groups = [np.array(g, dtype=np.int64) for g in groups]
     return Completion(tokens=tokens, orders=[np.array(o, dtype=np.int64) for o in orders], log_probs=log_probs,
-                      groups=[np.array(g, dtype=np.int64) for g in groups])
+                      groups=groups, passes=np.array([g.max() for g in groups]) if counts is None else counts.passes,
+                      drafted=None if counts is None else counts.drafted,
+                      accepted=None if counts is None else counts.accepted)

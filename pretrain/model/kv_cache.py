@@ -51,3 +51,14 @@ class KVCache:
         self.groups.scatter_(1, write_index, groups)
         self.length += (groups != INVALID_GROUP).sum(1)
         return write_index
+
+    def truncate(self, length: torch.Tensor, check: bool = True) -> None:
+        """Forget each sample's columns from `length` [B] on (no more than it holds): their groups
+        become INVALID, so no row sees them and later appends overwrite them. What speculative
+        decoding needs to take back the content rows of drafted tokens it rejected
+        (pretrain/infer/speculative.py); the keys and values stay as they are, unseen.
+        check=False skips the bounds check (a host sync) for callers correct by construction."""
+        if check and ((length > self.length) | (length < 0)).any():
+            raise ValueError(f"KVCache.truncate: lengths {length.tolist()} must lie in [0, {self.length.tolist()}]")
+        self.groups.masked_fill_(torch.arange(self.capacity, device=length.device) >= length[:, None], INVALID_GROUP)
+        self.length.copy_(length)

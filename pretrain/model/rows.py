@@ -1,5 +1,7 @@
 """What every layer of one pass shares: which rows there are, where their keys and values come
-from, which keys each row sees, and the rows' rotary tables (docs/design.md, "Stream modes").
+from, which keys each row sees, and the rows' rotary tables (docs/design.md, "Stream modes"):
+one for the content rows' keys (at their own positions) and one for every row's queries (in
+single-stream mode a predicting row attends from one left of its target, docs/model.md).
 
 A pass holds n_content CONTENT rows (they give the keys and values) followed by QUERY rows.
 Block.forward takes either kind of pass, so training and decoding run the same blocks:
@@ -28,9 +30,14 @@ class BatchRows:
     single-stream mode). weights None: the blocks multiply by their own nn.Linear weights."""
     groups: torch.Tensor               # [B, n_content] int32, sorted
     query_groups: torch.Tensor | None  # [B, n_query] int32
-    rope: RotaryRows                   # tables of the content rows, then the query rows
+    rope: RotaryRows                   # tables of the content rows (their keys), then the query rows
     backend: str = "auto"
+    query_rope: RotaryRows | None = None  # every row's queries where they differ from `rope` (single stream)
     weights = None
+
+    def __post_init__(self):
+        if self.query_rope is None:
+            self.query_rope = self.rope
 
     @property
     def n_content(self) -> int:
@@ -60,9 +67,14 @@ class DecodeStep:
     write_index: torch.Tensor | None  # [B, Hkv, n_content, head_dim]: their cache columns
     row_groups: torch.Tensor          # [B, rows] int32: the content-rule group of each row
     cache: KVCache
-    rope: RotaryRows
+    rope: RotaryRows                  # the rows' tables (the new content rows' keys)
     weights: list                     # BigLearner.decoding_weights: per block, [in, out] matrices
+    query_rope: RotaryRows | None = None  # every row's queries where they differ from `rope` (single stream)
     plans: dict = field(default_factory=dict)  # first row -> attention_plan of rows first:
+
+    def __post_init__(self):
+        if self.query_rope is None:
+            self.query_rope = self.rope
 
     def keys_values(self, layer: int, k, v):
         """The cache of this layer, with the new content rows' keys and values written BEFORE

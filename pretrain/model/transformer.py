@@ -129,7 +129,7 @@ class Block(nn.Module):
         if first == x.shape[1]:
             return x[:, first:]
         x, normed = x[:, first:], normed[:, first:]
-        q = rows.rope(self._heads(self.wq(normed) if w is None else _rows_times(normed, w.wq), c.n_heads), first)
+        q = rows.query_rope(self._heads(self.wq(normed) if w is None else _rows_times(normed, w.wq), c.n_heads), first)
         o = rows.attend(q, k, v, first).transpose(1, 2).flatten(2)
         x = x + self._dropout(self.wo(o) if w is None else _rows_times(o, w.wo))
         normed = self.mlp_norm(x)
@@ -140,6 +140,11 @@ class Block(nn.Module):
 
 
 START_POSITION = -1  # RoPE position of the START row: one left of the window (windows start at 0)
+# streams=1: every predictor row's QUERIES are rotated at pos(target) - PREDICTOR_SHIFT, where a
+# causal LM's predictor of that target sits; a content row's keys stay at its own position. Two
+# streams learned the query pathway better than a single stream whose rows attended from
+# wherever they stood (docs/model.md, "Single stream": measured on 14 chains).
+PREDICTOR_SHIFT = 1
 NO_TARGET = -1  # decode_step target_positions entry of a content row that predicts nothing
 
 
@@ -297,26 +302,29 @@ class BigLearner(nn.Module):
                 batch, is_query, tokens, positions, groups, segments, target_positions)
             slot = torch.argsort((~is_query).to(torch.int32), dim=1, stable=True)[:, :n_query]  # query rows, packed
             query_groups = torch.where(is_query.gather(1, slot), batch.target_groups.gather(1, slot), INVALID_GROUP)
-            query_positions = target_positions.gather(1, slot)
+            query_positions = target_positions.gather(1, slot) - PREDICTOR_SHIFT
+            attend_positions = torch.where(row_targets != NO_TARGET, row_targets - PREDICTOR_SHIFT, positions)
         else:
             row_targets, query_groups, query_positions = None, batch.target_groups, target_positions
+            attend_positions = positions
         x = self._content_rows(tokens, positions, segments, row_targets)
         if n_query:
             x = torch.cat([x, self._query_rows(batch_size, n_query, x.dtype)], dim=1)
-        rows = BatchRows(groups, query_groups if n_query else None,
-                         self._rope(torch.cat([positions, query_positions], 1) if n_query else positions, x.dtype),
-                         c.attention_backend)
+        query_rope = self._rope(torch.cat([attend_positions, query_positions], 1) if n_query else attend_positions,
+                                x.dtype)
+        key_rope = query_rope if c.streams == 2 else self._rope(positions, x.dtype)
+        rows = BatchRows(groups, query_groups if n_query else None, key_rope, c.attention_backend, query_rope)
         for i, block in enumerate(self.blocks[:-1]):
             x = self._block(block, x, rows, i, True)
         if c.streams == 1:
             # Last layer: every target's predictor row, under the strict rule at the target's group
-            # (a content row of group g-1 sees exactly the groups below g).
+            # (a content row of group g-1 sees exactly the groups below g), attending from one left
+            # of its target whichever row it is.
             n = groups.shape[1]
             h, readout = x[:, :n], x.gather(1, predictor[..., None].expand(-1, -1, x.shape[-1]))
-            readout_positions = torch.cat([positions, query_positions], 1).gather(1, predictor)
             x = torch.cat([h, readout], dim=1)
-            rows = BatchRows(groups, batch.target_groups,
-                             self._rope(torch.cat([positions, readout_positions], 1), x.dtype), c.attention_backend)
+            rows = BatchRows(groups, batch.target_groups, key_rope, c.attention_backend,
+                             self._rope(torch.cat([attend_positions, target_positions - PREDICTOR_SHIFT], 1), x.dtype))
         x = self._block(self.blocks[-1], x, rows, len(self.blocks) - 1, False)
         return self.norm(x)
 
@@ -375,24 +383,26 @@ class BigLearner(nn.Module):
     @torch.no_grad()
     def decode_step(self, cache: KVCache, tokens=None, positions=None, groups=None,
                     query_positions=None, query_groups=None, segments=None, target_positions=None,
-                    check_groups: bool = True, weights=None):
+                    check_groups: bool = True, weights=None, head: bool = True):
         """Append content rows to `cache`, then predict from them or from query rows.
 
         tokens, positions, groups [B, m]: new content rows (groups INVALID for a sample's unused
         trailing rows; valid groups must not be below any group already cached). In
         single-stream mode the START row is written like any other: token bos_id at
-        START_POSITION in group 0. target_positions [B, m] (streams=1 only): the position each
-        new row predicts, or NO_TARGET; then the rows' logits [B, m, vocab] are returned (one row
-        per step for a fixed order, as a GPT with a cache). Otherwise query_positions,
-        query_groups [B, nq] are rows to predict (INVALID for unused ones) and their logits
-        [B, nq, vocab] are returned, or None without query rows. Equals `forward` on the batch
+        START_POSITION in group 0. query_positions, query_groups [B, nq]: query rows to predict
+        (INVALID for unused ones); their logits [B, nq, vocab] are returned, or None without
+        query rows. target_positions [B, m] (streams=1 only): the position each new row
+        predicts, or NO_TARGET; then the new rows' logits come first, [B, m + nq, vocab] (one row
+        per step for a fixed order, as a GPT with a cache; speculative decoding reads drafted
+        tokens' rows and drafts from query rows in one step). Equals `forward` on the batch
         that holds the cached rows as S and earlier target groups, with m + nq rows of work:
         the same blocks run (Block.forward over a DecodeStep).
         check_groups=False skips the check that the new groups keep the cache sorted (~4% of a
         step of a small model), for callers whose rows are sorted by construction (complete).
         weights: decoding_weights()'s result, fetched once by a caller that decodes many steps
         while the weights cannot change (complete; checking them costs ~0.1 ms a step); None:
-        fetched here.
+        fetched here. head=False returns the rows' final (normalised) states instead of logits,
+        for a caller that projects only some of them onto the vocabulary.
         """
         c = self.config
         readout = target_positions is not None
@@ -400,10 +410,9 @@ class BigLearner(nn.Module):
         if readout and c.streams != 1:
             raise ValueError(f"decode_step(target_positions=...) needs model.streams=1; this model has "
                              f"model.streams={c.streams}")
-        if readout and (has_queries or tokens is None):
-            raise ValueError("decode_step: target_positions predicts from new content rows; pass tokens and no "
-                             "query_positions")
-        rows, row_positions, row_groups = [], [], []
+        if readout and tokens is None:
+            raise ValueError("decode_step: target_positions predicts from new content rows; pass tokens")
+        rows, row_positions, attend_positions, row_groups = [], [], [], []
         n_new, write_index = 0, None
         if tokens is not None and tokens.shape[1] > 0:
             groups = groups.to(torch.int32)
@@ -412,22 +421,28 @@ class BigLearner(nn.Module):
             write_index = write_index[:, None, :, None].expand(-1, c.n_kv_heads, -1, c.head_dim)
             rows.append(self._content_rows(tokens, positions, segments, target_positions))
             row_positions.append(positions)
+            attend_positions.append(positions if not readout else
+                                    torch.where(target_positions != NO_TARGET, target_positions - PREDICTOR_SHIFT,
+                                                positions))
             row_groups.append(groups)
         if has_queries:
             rows.append(self._query_rows(query_positions.shape[0], query_positions.shape[1], self.query_start.dtype))
-            row_positions.append(query_positions)
+            attend_positions.append(query_positions - PREDICTOR_SHIFT if c.streams == 1 else query_positions)
             query_groups = query_groups.to(torch.int32)
             # strictly below g = at most g - 1, for integer groups (INVALID stays INVALID)
             row_groups.append(torch.where(query_groups == INVALID_GROUP, query_groups, query_groups - 1))
         if not rows:
             return None
         x = torch.cat(rows, 1) if len(rows) > 1 else rows[0]
-        weights, head = self.decoding_weights() if weights is None else weights
-        step = DecodeStep(n_new, write_index, torch.cat(row_groups, 1), cache,
-                          RotaryRows(torch.cat(row_positions, 1), cache.inv_freq, x.dtype), weights)
+        weights, head_weight = self.decoding_weights() if weights is None else weights
+        query_rope = RotaryRows(torch.cat(attend_positions, 1), cache.inv_freq, x.dtype)
+        key_rope = RotaryRows(row_positions[0], cache.inv_freq, x.dtype) if c.streams == 1 and n_new else query_rope
+        step = DecodeStep(n_new, write_index, torch.cat(row_groups, 1), cache, key_rope, weights, query_rope)
         for i, block in enumerate(self.blocks):
             x = block(x, step, i, readout or i < len(self.blocks) - 1)
-        return _rows_times(self.norm(x), head) if x.shape[1] else None
+        if not x.shape[1]:
+            return None
+        return _rows_times(self.norm(x), head_weight) if head else self.norm(x)
 
     def forward(self, batch: TaskBatch) -> torch.Tensor:
         """Logits [B, Nt, vocab] for every target row (padding rows included)."""

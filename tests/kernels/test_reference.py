@@ -123,8 +123,9 @@ def test_plans_are_shared_by_layers_and_follow_in_place_changes():
 
 
 def test_without_autograd_masks_are_built_per_chunk_and_not_kept(monkeypatch):
-    """Inference keeps the reference's memory bound (one chunk's mask at a time); training keeps
-    every chunk's mask in the plan, which autograd saves for backward anyway."""
+    """Inference keeps the reference's memory bound (one chunk's mask at a time, kept only when
+    the plan has one chunk); training keeps every chunk's mask in the plan, which autograd saves
+    for backward anyway."""
     import biglearn_kernels.reference as reference
     rng = np.random.default_rng()
     q, k, v = (torch.randn(2, 2, 37, 8, dtype=torch.float64) for _ in range(3))
@@ -138,6 +139,11 @@ def test_without_autograd_masks_are_built_per_chunk_and_not_kept(monkeypatch):
     reference_attention(q.requires_grad_(), k, v, groups, groups, strict=False)
     plan = reference._plans[-1][2]
     assert len(plan._masks) == sum(rows is not None for _, _, _, rows, _ in plan.chunks) > 0
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 1 << 26)  # one chunk: its mask is kept for the next layer
+    with torch.no_grad():
+        again = reference_attention(q.detach(), k, v, groups.clone(), groups.clone(), strict=False)
+    assert len(reference._plans[-1][2]._masks) == 1
+    torch.testing.assert_close(again, got)
 
 
 def test_a_plan_and_its_masks_go_with_the_groups_that_made_it():

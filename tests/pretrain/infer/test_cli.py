@@ -1,6 +1,9 @@
 """`biglearn score / complete / classify`: outputs against the API, and one-line errors for bad input."""
 import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,7 +95,9 @@ def test_cli_complete_fills_only_the_gaps(text_model, capsys):
 
 @pytest.mark.parametrize("options", [["--strategy", "group_parallel", "--group-size", "2", "--schedule", "random"],
                                      ["--strategy", "remask_random", "--steps", "3"],
-                                     ["--strategy", "block", "--block-size", "2", "--steps", "2"]])
+                                     ["--strategy", "block", "--block-size", "2", "--steps", "2"],
+                                     ["--strategy", "speculative", "--draft", "2", "--schedule", "random"],
+                                     ["--strategy", "speculative", "--adaptive-draft", "--top-p", "0.9"]])
 def test_cli_parallel_and_masked_diffusion_strategies_fill_only_the_gaps(text_model, capsys, options):
     directory, tokenizer = text_model
     base = ["--model", str(directory / "model"), "--tokenizer", str(directory / "tok"), "--device", "cpu"]
@@ -101,6 +106,21 @@ def test_cli_parallel_and_masked_diffusion_strategies_fill_only_the_gaps(text_mo
     for line in map(json.loads, capsys.readouterr().out.splitlines()):
         assert line["gaps"] == gaps and [t for p, t in enumerate(line["ids"]) if p not in gaps] == \
             [t for p, t in enumerate(ids) if p not in gaps]
+
+
+def test_speculative_complete_as_typed_is_greedy_left_to_right(text_model, capsys):
+    """`python -m pretrain complete --strategy speculative --draft 4` from the repository root, as a
+    user types it: with --temperature 0 the tokens of left-to-right decoding, and the passes it took."""
+    directory, _ = text_model
+    options = ["complete", "--model", str(directory / "model"), "--tokenizer", str(directory / "tok"), "--device",
+               "cpu", "--text", "the cat [___:6] on the mat", "--temperature", "0"]
+    typed = subprocess.run([sys.executable, "-m", "pretrain", *options, "--strategy", "speculative", "--draft", "4"],
+                           capture_output=True, text=True, cwd=Path(__file__).resolve().parents[3], timeout=300)
+    assert typed.returncode == 0, typed.stderr
+    assert main(options) == 0
+    fast, slow = json.loads(typed.stdout), json.loads(capsys.readouterr().out)
+    assert fast["ids"] == slow["ids"] and slow["passes"] == 6 and 1 <= fast["passes"] <= 6
+    assert 0 <= fast["accepted"] <= fast["drafted"]
 
 
 def test_cli_sampler_flags_out_of_range_name_the_flag(text_model, capsys):
@@ -119,6 +139,13 @@ def test_cli_sampler_flags_out_of_range_name_the_flag(text_model, capsys):
     assert "--temperature must be >= 0" in user_error(capsys, [*base, "--temperature", "-1"])
     assert "--top-p must lie in (0, 1]" in user_error(capsys, [*base, "--temperature", "0", "--top-p", "0"])
     assert "--num-samples must be >= 1" in user_error(capsys, [*base, "--num-samples", "0"])
+    speculative = [*base, "--strategy", "speculative"]
+    assert "--draft must be an integer >= 1" in user_error(capsys, [*speculative, "--draft", "0"])
+    assert "decodes a fixed order: --schedule must be one of" in user_error(
+        capsys, [*speculative, "--schedule", "confidence"])
+    assert "--steps and --block-size belong to the remasking" in user_error(capsys, [*speculative, "--steps", "2"])
+    assert "--no-cache" in user_error(capsys, [*speculative, "--no-cache"])
+    assert "apply to --strategy speculative" in user_error(capsys, [*base, "--draft", "2"])
 
 
 def test_cli_errors_name_the_problem(text_model, capsys):

@@ -75,6 +75,49 @@ def test_decode_step_equals_full_forward_on_the_same_layout(tiny_model):
     assert int(cache.length[0]) == n_source + 6 and (cache.groups[0, n_source + 6:] == INVALID_GROUP).all()
 
 
+def test_truncated_cache_rows_are_forgotten(tiny_model):
+    """Rows written and then truncated away (speculative decoding's rejected drafts) change
+    nothing: the next steps equal those of a cache that never held them; a length beyond what a
+    sample holds is refused."""
+    rng = np.random.default_rng()
+    model = tiny_model()
+    as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+    tokens = as_t(rng.integers(0, VOCAB, (2, 12)))
+    kept, dropped = model.new_cache(2, 16), model.new_cache(2, 16)
+    model.decode_step(kept, tokens[:, :4], as_t([[0, 1, 2, 3]] * 2), as_t([[0, 1, 2, 3]] * 2))
+    model.decode_step(dropped, tokens[:, :6], as_t([[0, 1, 2, 3, 4, 5]] * 2), as_t([[0, 1, 2, 3, 4, 5]] * 2))
+    dropped.truncate(as_t([4, 4]))
+    assert torch.equal(dropped.groups, kept.groups) and torch.equal(dropped.length, kept.length)
+    query = dict(query_positions=as_t([[9, 10], [8, 11]]), query_groups=as_t([[6, 7], [6, 6]]))
+    for cache in (kept, dropped):  # new rows land where the forgotten ones were
+        model.decode_step(cache, tokens[:, 6:9], as_t([[6, 7, 5]] * 2), as_t([[4, 5, 5]] * 2))
+    torch.testing.assert_close(model.decode_step(dropped, **query), model.decode_step(kept, **query),
+                               rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="KVCache.truncate: lengths"):
+        kept.truncate(as_t([8, 12]))
+
+
+def test_single_stream_step_reads_content_rows_and_query_rows_together(tiny_model):
+    """One decode_step with readers on its new content rows and query rows gives the logits of
+    the two kinds of step apart: the rows' first, then the queries' (speculative decoding's pass)."""
+    rng = np.random.default_rng()
+    model = tiny_model(streams=1, bos_id=1)
+    torch.nn.init.normal_(model.offset_embed.weight, std=0.5)
+    as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.int64))  # noqa: E731
+    tokens = as_t(rng.integers(0, VOCAB, (1, 10)))
+    step = dict(tokens=tokens[:, :3], positions=as_t([[2, 5, 3]]), groups=as_t([[1, 2, 3]]),
+                target_positions=as_t([[5, 3, 7]]))
+    query = dict(query_positions=as_t([[3, 7, 8]]), query_groups=as_t([[2, 3, 4]]))
+    caches = [model.new_cache(1, 8) for _ in range(3)]
+    for cache in caches:
+        model.decode_step(cache, as_t([[1, tokens[0, 0]]]), as_t([[-1, 0]]), as_t([[0, 0]]))
+    both = model.decode_step(caches[0], **step, **query)
+    rows = model.decode_step(caches[1], **step)
+    model.decode_step(caches[2], **step)  # the rows' offset terms are part of their keys and values
+    queries = model.decode_step(caches[2], **query)
+    torch.testing.assert_close(both, torch.cat([rows, queries], 1), rtol=1e-12, atol=1e-12)
+
+
 def test_decode_step_refuses_groups_that_would_unsort_the_cache(tiny_model):
     """The cache must stay sorted by group: a write below a cached group, or decreasing within
     the call, is refused in one line naming the sample; the cache is left as it was."""

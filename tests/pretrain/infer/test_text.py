@@ -75,6 +75,8 @@ def test_fill_keeps_the_text_and_reports_the_exact_log_prob(exported):
     expected_log_prob = float(score(lm.model, np.asarray(chosen), source, gaps + second))
     assert greedy.gaps == [tokenizer.decode([chosen[p] for p in gaps]), tokenizer.decode([chosen[p] for p in second])]
     assert greedy.log_prob == pytest.approx(expected_log_prob, abs=1e-4)
+    speculative = lm.fill("the [___] sat on the [___:3]", strategy="speculative", draft=3, temperature=0)
+    assert speculative.gaps == greedy.gaps and speculative.log_prob == pytest.approx(expected_log_prob, abs=1e-4)
 
 
 def test_score_is_the_sum_of_left_to_right_full_pass_terms(exported):

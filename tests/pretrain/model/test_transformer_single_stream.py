@@ -3,10 +3,13 @@
 The reference below is written from the definition (docs/design.md, single stream), one sample
 at a time, with dense masks and F.scaled_dot_product_attention over ALL rows (nothing dropped):
 content rows [START (streams=1), S, T in prediction order] see rows of groups <= their own; a
-target of a singleton group after a singleton group (or first) is read from the content row of
-that previous target (or START), with the offset term added to that row's input; every other
-target gets a query row (learned start vector at the target's position) seeing groups below its
-own. With singleton groups only, the content rows are one sequence with a mask that is
+target of a singleton group after a singleton group is read from the content row of that
+previous target, a singleton first group of a sample with an empty S from START, with the offset
+term added to that row's input; every other target gets a query row (learned start vector, no
+token) seeing groups below its own. In single-stream mode every predictor row attends from one
+left of its target: its queries are rotated at the target's position - 1 in every layer (a
+content row's keys stay at its own position); two-stream query rows sit at the target's
+position. With singleton groups only, the content rows are one sequence with a mask that is
 bidirectional over START and S and causal after, and row k predicts target k+1.
 """
 import numpy as np
@@ -36,13 +39,15 @@ def tiny_model(streams, random_offsets=False, **overrides):
     return model
 
 
-def singleton_predictors(groups):
+def singleton_predictors(groups, n_source):
     """Brute force: per target, 'start', the index of the previous target, or 'query'."""
     out = []
     for k, g in enumerate(groups):
         alone = (groups == g).sum() == 1
-        previous_alone = k == 0 or (groups == groups[k - 1]).sum() == 1
-        out.append(("start" if k == 0 else k - 1) if alone and previous_alone else "query")
+        if k == 0:
+            out.append("start" if alone and n_source == 0 else "query")
+        else:
+            out.append(k - 1 if alone and (groups == groups[k - 1]).sum() == 1 else "query")
     return out
 
 
@@ -80,19 +85,21 @@ def dense_reference(model, window, spec):
     tokens = torch.as_tensor(np.concatenate([start, window[source], window[targets]]).astype(np.int64))
     pos = np.concatenate([[-1] * len(start), source, targets])
     row_group = np.concatenate([[0] * len(start), np.zeros(ns), groups])
-    kinds = singleton_predictors(groups) if c.streams == 1 else ["query"] * nt
+    kinds = singleton_predictors(groups, ns) if c.streams == 1 else ["query"] * nt
     row_of = {k: (0 if kind == "start" else len(start) + ns + kind) for k, kind in enumerate(kinds) if kind != "query"}
     x = model.embed(tokens)[None]
+    query_pos = pos.copy()
     for k, row in row_of.items():
         offset = int(np.clip(targets[k] - pos[row], -c.max_seq_len, c.max_seq_len)) + c.max_seq_len
         x[0, row] = x[0, row] + model.offset_embed.weight[offset]
+        query_pos[row] = targets[k] - 1
     queries = [k for k in range(nt) if kinds[k] == "query"]
     g = model.query_start.expand(1, len(queries), -1)
     content_mask = row_group[None, :] <= row_group[:, None]
     query_mask = row_group[None, :] < groups[queries][:, None]
     for block in model.blocks:
-        x, g = (attend(block, x, x, pos, pos, content_mask),
-                attend(block, g, x, targets[queries], pos, query_mask) if queries else g)
+        x, g = (attend(block, x, x, query_pos, pos, content_mask),
+                attend(block, g, x, targets[queries] - (c.streams == 1), pos, query_mask) if queries else g)
     states = torch.stack([x[0, row_of[k]] if k in row_of else g[0, queries.index(k)] for k in range(nt)])
     return model.head(model.norm(states))
 
@@ -108,20 +115,22 @@ def test_collate_predictor_matches_brute_force():
     batch = collate(windows, specs, pad_id=0)
     for b, spec in enumerate(specs):
         expected = [START_PREDICTOR if kind == "start" else QUERY_PREDICTOR if kind == "query"
-                    else spec.n_source + kind for kind in singleton_predictors(spec.target_groups)]
+                    else spec.n_source + kind for kind in singleton_predictors(spec.target_groups, spec.n_source)]
         assert batch.predictor[b, :spec.n_target].tolist() == expected
         assert (batch.predictor[b, spec.n_target:] == QUERY_PREDICTOR).all()
 
 
 @pytest.mark.parametrize("objective", ["clm", "biglearn", "plm", "prefix_lm", "span"])
 def test_singleton_groups_equal_one_causal_sequence(objective):
-    """streams=1, offset term zero (as initialised): the logits of the dense single sequence."""
+    """streams=1, offset term zero (as initialised): the logits of the dense single sequence; the
+    only query row is the first target's after a non-empty S."""
     rng = np.random.default_rng()
     model = tiny_model(1)
     windows, specs = draw(rng, 3, 16, ObjectiveSampler(objective))
     logits = model(collate(windows, specs, pad_id=0).to_torch())
     for b, spec in enumerate(specs):
-        assert all(kind != "query" for kind in singleton_predictors(spec.target_groups))
+        kinds = singleton_predictors(spec.target_groups, spec.n_source)
+        assert [kind == "query" for kind in kinds] == [k == 0 and spec.n_source > 0 for k in range(spec.n_target)]
         torch.testing.assert_close(logits[b, :spec.n_target], dense_reference(model, windows[b], spec))
 
 
