@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import shootout as base
 from pretrain.layout import collate
+import shootout as base
 
 TASKS = ("left_to_right", "mlm", "infill")  # the goals' tasks, scored at every evaluation
 SINGLE_STREAM_GENERALISTS = ("biglearn_1stream", "mixture_1stream", "near_causal_1stream")
@@ -171,13 +171,15 @@ def goals(rows: list, data: str) -> list[dict]:
     out = []
     for g in (g for g in SINGLE_STREAM_GENERALISTS if g in mine):
         rung = mine[g]["rungs"][top]
-        checks = [(f"left_to_right within {GOAL_ONE_EPOCH:.1%} of the best causal row at ~1 epoch "
-                   f"({anchor['evaluations'][one]['epochs']:.2f} epochs of {anchor['model']}, "
-                   f"{anchor['evaluations'][one]['due']:.1f} CPU s)",
+        at_one = anchor["evaluations"][one]
+        one_epoch = (f"left_to_right within {GOAL_ONE_EPOCH:.1%} of the best causal row at ~1 epoch "
+                     f"({at_one['epochs']:.2f} epochs of {anchor['model']}, {at_one['due']:.1f} CPU s)")
+        repeated = (f"left_to_right better than every causal row by >= {-GOAL_REPEATED:.0%} after "
+                    f"{rung['epochs']:.0f} epochs (best causal: {best_causal}, "
+                    f"{mine[best_causal]['rungs'][top]['epochs']:.0f} epochs)")
+        checks = [(one_epoch,
                    best_so_far(mine[g], "left_to_right")[one] / causal_at_one - 1, GOAL_ONE_EPOCH),
-                  (f"left_to_right better than every causal row by >= {-GOAL_REPEATED:.0%} after "
-                   f"{rung['epochs']:.0f} epochs (best causal: {best_causal}, "
-                   f"{mine[best_causal]['rungs'][top]['epochs']:.0f} epochs)",
+                  (repeated,
                    rung["best"]["left_to_right"] / mine[best_causal]["rungs"][top]["best"]["left_to_right"] - 1,
                    GOAL_REPEATED)]
         if "mlm" in mine:

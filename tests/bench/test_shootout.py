@@ -3,7 +3,6 @@ yardstick scores exactly what transformers' Llama computes; two briefly trained 
 win on their own task."""
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
