@@ -217,6 +217,28 @@ def table(rows: list, data: str, rung_index: int) -> str:
     return "\n".join(lines)
 
 
+def summary(rows: list, data: str) -> str:
+    """Markdown: per row, the best-so-far left-to-right NLL at every rung with the epochs read
+    there, then the best-so-far MLM and infilling NLL at the largest rung (HMM: ratio to exact)."""
+    mine = trained(rows, data)
+    if not mine:
+        return ""
+    first = next(iter(mine.values()))
+    exact = first["exact_nll"] or {}
+    budgets = [r["budget"] for r in first["rungs"]]
+    lines = [f"**{data} | best so far, {'ratio to exact NLL' if exact else 'NLL per token'} "
+             f"(epochs read at the rung)**", "",
+             "| trained on | " + " | ".join(f"left_to_right @ {b:g} s" for b in budgets)
+             + f" | mlm @ {budgets[-1]:g} s | infill @ {budgets[-1]:g} s |", "|---" + "|---:" * (len(budgets) + 2) + "|"]
+    for name, row in mine.items():
+        cells = [f"{r['best']['left_to_right'] / exact.get('left_to_right', 1.0):.4f} ({r['epochs']:.0f})"
+                 for r in row["rungs"]]
+        top = row["rungs"][-1]["best"]
+        cells += [f"{top[t] / exact.get(t, 1.0):.4f}" if t in top else "n/a" for t in ("mlm", "infill")]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(rows: list, datasets: list[str], path: Path) -> None:
     """Per data set: each row's best-so-far gap to the best causal row's on left-to-right, and
     to mlm's on MLM, at every evaluation of the shared schedule."""
@@ -265,7 +287,8 @@ def run_ladder(args) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = [row for data_rows in base.map_datasets(run_data, args) for row in data_rows]
     checks = [g for data in args.data for g in goals(rows, data)]
-    tables = [table(rows, data, i) for data in args.data for i in range(len(args.budgets))]
+    tables = [summary(rows, data) for data in args.data]
+    tables += [table(rows, data, i) for data in args.data for i in range(len(args.budgets))]
     summary = "\n".join(f"- {'met' if g['met'] else 'MISSED'}: {g['data']}, {g['model']}: {g['goal']}: {g['gap']:+.1%}"
                         for g in checks)
     print("\n\n".join(tables) + "\n\ngoals at the largest rung (best so far):\n" + summary)

@@ -462,7 +462,7 @@ def parse_args(argv):
         args.seconds, args.length, args.batch_size, args.eval_samples = 0.3, 16, 8, 16
         args.curve_points, args.curve_samples, args.warmup, args.text_vocab = 2, 8, 2, 512
         args.stdlib_limit = args.stdlib_limit or 40
-        args.budgets, args.train_windows, args.first_eval = [0.15, 0.3], 8, 0.05
+        args.budgets, args.train_windows, args.first_eval = [0.15, 0.3], 8, 0.1
     args.data = [d for d in args.data.split(",") if d]
     args.models = [m for m in args.models.split(",") if m]
     try:

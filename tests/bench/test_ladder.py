@@ -51,7 +51,7 @@ def test_quick_ladder_reports_every_rung_as_documented(manifest, tmp_path):
         assert {g["model"] for g in goals} == {"biglearn_1stream", "mixture_1stream", "near_causal_1stream"}
         assert all(g["met"] == (g["gap"] < 0 if g["limit"] == 0 else g["gap"] <= g["limit"]) for g in goals)
     assert (tmp_path / "ladder.png").stat().st_size > 10_000
-    assert "goals at the largest rung" in done.stdout
+    assert "goals at the largest rung" in done.stdout and f"left_to_right @ {budgets[-1]:g} s" in done.stdout
 
 
 def test_each_epoch_reads_every_window_once(bench_script):
