@@ -97,7 +97,7 @@ def train_row(contestant, data, corpus: np.ndarray, specs: dict, args, bar) -> l
             if not np.isfinite(loss.item()):
                 raise FloatingPointError(f"{contestant.name} on {data.name}: loss {loss.item()} at step {steps}")
             clock, steps, tokens = clock + spent, steps + 1, tokens + batch.batch_size * corpus.shape[1]
-            bar.update(spent)
+            bar.update(min(spent, bar.total - bar.n))  # the last step overshoots the rung: keep n <= total
             bar.set_postfix_str(f"{data.name} {contestant.name} step {steps} epoch {tokens / corpus.size:.1f}")
         evaluations.append({"due": due, "seconds": clock, "steps": steps, "tokens": tokens,
                             "epochs": tokens / corpus.size, "nll": base.score(model, data, specs, TASKS)})
