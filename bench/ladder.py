@@ -287,16 +287,16 @@ def run_ladder(args) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     rows = [row for data_rows in base.map_datasets(run_data, args) for row in data_rows]
     checks = [g for data in args.data for g in goals(rows, data)]
-    tables = [summary(rows, data) for data in args.data]
-    tables += [table(rows, data, i) for data in args.data for i in range(len(args.budgets))]
-    summary = "\n".join(f"- {'met' if g['met'] else 'MISSED'}: {g['data']}, {g['model']}: {g['goal']}: {g['gap']:+.1%}"
-                        for g in checks)
-    print("\n\n".join(tables) + "\n\ngoals at the largest rung (best so far):\n" + summary)
-    plot(rows, args.data, out / "ladder.png")
     record = {"args": vars(args), "rows": rows, "goals": checks,
               "load_average": {"start": load_at_start, "end": os.getloadavg()}}
-    (out / "ladder.json").write_text(json.dumps(record, indent=1))
-    (out / "ladder.md").write_text("\n\n".join(tables) + "\n\n" + summary + "\n")
+    (out / "ladder.json").write_text(json.dumps(record, indent=1))  # first: the tables are derived from it
+    tables = [summary(rows, data) for data in args.data]
+    tables += [table(rows, data, i) for data in args.data for i in range(len(args.budgets))]
+    goal_lines = "\n".join(f"- {'met' if g['met'] else 'MISSED'}: {g['data']}, {g['model']}: {g['goal']}: "
+                           f"{g['gap']:+.1%}" for g in checks)
+    print("\n\n".join(tables) + "\n\ngoals at the largest rung (best so far):\n" + goal_lines)
+    (out / "ladder.md").write_text("\n\n".join(tables) + "\n\n" + goal_lines + "\n")
+    plot(rows, args.data, out / "ladder.png")
     print(f"\nwrote {out}/ladder.json, ladder.md, ladder.png")
     return rows
 
