@@ -73,6 +73,7 @@ class Contestant:
     objective: str  # configs/objective/<objective>.yaml
     model: dict = field(default_factory=dict)  # ModelConfig overrides
     llama: bool = False
+    weight_decay: float = 0.01  # AdamW's
 
     def unavailable(self) -> str | None:
         """Why this row cannot run on this checkout, or None."""
@@ -165,6 +166,7 @@ class Dataset:
     windows: list            # evaluation windows (1-D token arrays)
     train_batches: object    # (sampler, seed) -> iterator of numpy TaskBatch
     exact: object = None     # (windows, specs) -> exact per-target log-probs, or None
+    corpus: object = None    # n -> (n, length) array: a fixed training set of n windows (the ladder's)
 
 
 def hmm_dataset(args) -> Dataset:
@@ -178,7 +180,8 @@ def hmm_dataset(args) -> Dataset:
             yield collate(x, [sampler(args.length, rng) for _ in range(args.batch_size)], pad_id=0)
 
     return Dataset("hmm", source.vocab_size, args.length, windows, train_batches,
-                   exact=lambda w, specs: source.target_log_probs(np.stack(w), specs))
+                   exact=lambda w, specs: source.target_log_probs(np.stack(w), specs),
+                   corpus=lambda n: source.sample(n, args.length, np.random.default_rng([args.seed, 4])))
 
 
 def text_dataset(args) -> Dataset:
@@ -195,7 +198,15 @@ def text_dataset(args) -> Dataset:
     def train_batches(sampler, seed):
         yield from BatchStream(manifest, split="train", sampler=sampler, batch_size=args.batch_size, seed=seed)
 
-    return Dataset("text", int(meta["vocab_size"]), int(meta["seq_len"]), windows[:args.eval_samples], train_batches)
+    def corpus(n):  # the first n windows of the training split, in file order
+        first = [w for batch in validation_windows(manifest, math.ceil(n / args.batch_size), args.batch_size,
+                                                   split="train") for w in batch][:n]
+        if len(first) < n:
+            raise SystemExit(f"--train-windows {n}: {manifest} has only {len(first)} training windows")
+        return np.stack(first)
+
+    return Dataset("text", int(meta["vocab_size"]), int(meta["seq_len"]), windows[:args.eval_samples], train_batches,
+                   corpus=corpus)
 
 
 def eval_specs(data: Dataset, seed: int) -> dict:
@@ -223,13 +234,18 @@ class Run:
     curve: list = field(default_factory=list)      # {"seconds", "tokens", task: NLL}
 
 
+def make_engine(contestant: Contestant, vocab_size: int, args) -> tuple:
+    """(model, engine): a fresh model seeded by --seed, AdamW with linear warmup then a constant rate."""
+    torch.manual_seed(args.seed)
+    model = build_model(contestant, vocab_size, args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=contestant.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
+    return model, LocalEngine(LossModel(model), optimizer, schedule)
+
+
 def train(contestant: Contestant, data: Dataset, args, token_budget: int | None, curve_specs: dict, bar) -> tuple:
     """Train one model until both budgets are spent; returns (model, Run)."""
-    torch.manual_seed(args.seed)
-    model = build_model(contestant, data.vocab_size, args)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / args.warmup))
-    engine = LocalEngine(LossModel(model), optimizer, schedule)
+    model, engine = make_engine(contestant, data.vocab_size, args)
     batches = data.train_batches(objective_sampler(contestant.objective), args.seed)
     run, clock, tokens, steps, next_point = Run(), 0.0, 0, 0, 0.0
     curve_tasks = [OWN_TASK[contestant.name]] if contestant.name in OWN_TASK else sorted(set(OWN_TASK.values()))
@@ -430,14 +446,36 @@ def parse_args(argv):
     parser.add_argument("--out", default="runs/shootout", help="output directory")
     parser.add_argument("--jobs", type=int, default=1, help="data sets trained in parallel processes (1 thread each)")
     parser.add_argument("--quick", action="store_true", help="tiny run (seconds) to check the script works")
+    ladder = parser.add_argument_group("budget ladder (bench/ladder.py): the data-constrained regime")
+    ladder.add_argument("--ladder", action="store_true",
+                        help="train the ladder's rows once each to the largest of --budgets on a fixed corpus of "
+                             "--train-windows windows, evaluated along the way (instead of --seconds)")
+    ladder.add_argument("--budgets", type=float, nargs="+", default=[30.0, 120.0, 480.0],
+                        help="the rungs: CPU seconds per model")
+    ladder.add_argument("--train-windows", type=int, default=512, help="training windows in the corpus (repeated)")
+    ladder.add_argument("--first-eval", type=float, default=1.0,
+                        help="evaluations at first-eval * 2^(k/3) CPU s and at every rung")
+    ladder.add_argument("--causal-grid", default="0.1:0.1,0.3:0.5",
+                        help="the tuned causal rows: comma-separated dropout:weight_decay pairs")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.length, args.batch_size, args.eval_samples = 0.3, 16, 8, 16
         args.curve_points, args.curve_samples, args.warmup, args.text_vocab = 2, 8, 2, 512
         args.stdlib_limit = args.stdlib_limit or 40
+        args.budgets, args.train_windows, args.first_eval = [0.15, 0.3], 8, 0.1
     args.data = [d for d in args.data.split(",") if d]
     args.models = [m for m in args.models.split(",") if m]
-    names = [c.name for c in contestants(args.mixture, args.mixture_streams)]
+    try:
+        args.causal_grid = [tuple(float(v) for v in pair.split(":")) for pair in args.causal_grid.split(",") if pair]
+        assert all(len(pair) == 2 and 0 <= pair[0] < 1 and pair[1] >= 0 for pair in args.causal_grid)
+    except (ValueError, AssertionError):
+        parser.error(f"--causal-grid: expected dropout:weight_decay pairs such as 0.1:0.1,0.3:0.5 "
+                     f"(dropout in [0, 1)); got {args.causal_grid!r}")
+    if args.ladder:
+        from ladder import ladder_contestants
+        names = [c.name for c in ladder_contestants(args.mixture, args.causal_grid)]
+    else:
+        names = [c.name for c in contestants(args.mixture, args.mixture_streams)]
     for flag, values, allowed in (("--data", args.data, ("hmm", "text")), ("--models", args.models, names)):
         for value in values:
             if value not in allowed:
@@ -446,6 +484,10 @@ def parse_args(argv):
         parser.error(f"--seconds must be > 0; got {args.seconds}")
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1; got {args.jobs}")
+    if min(args.budgets) <= 0 or args.first_eval <= 0:
+        parser.error(f"--budgets and --first-eval must be > 0; got {args.budgets} and {args.first_eval}")
+    if args.train_windows < 1:
+        parser.error(f"--train-windows must be >= 1; got {args.train_windows}")
     if args.manifest and not Path(args.manifest).is_file():
         parser.error(f"--manifest {args.manifest}: no such file")
     return args
@@ -465,20 +507,27 @@ def run_data(args, name: str, position: int = 0) -> tuple[list, dict]:
     return rows, curves
 
 
-def main(argv=None) -> list[dict]:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    load_at_start = os.getloadavg()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def map_datasets(worker, args) -> list:
+    """[worker(args, name, position) for each data set], in --jobs single-threaded processes."""
     positions = range(len(args.data))
     if args.jobs > 1 and len(args.data) > 1:
         # Forked before any training: one single-threaded process per data set.
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(min(args.jobs, len(args.data)), mp_context=multiprocessing.get_context("fork")) as pool:
-            results = list(pool.map(run_data, [args] * len(args.data), args.data, positions))
-    else:
-        results = [run_data(args, name, position) for name, position in zip(args.data, positions)]
+            return list(pool.map(worker, [args] * len(args.data), args.data, positions))
+    return [worker(args, name, position) for name, position in zip(args.data, positions)]
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.ladder:
+        from ladder import run_ladder
+        return run_ladder(args)
+    load_at_start = os.getloadavg()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = map_datasets(run_data, args)
     rows = [row for data_rows, _ in results for row in data_rows]
     curves = {key: points for _, data_curves in results for key, points in data_curves.items()}
     for data in args.data:

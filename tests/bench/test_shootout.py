@@ -3,8 +3,6 @@ yardstick scores exactly what transformers' Llama computes; two briefly trained 
 win on their own task."""
 import json
 import math
-import runpy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +11,11 @@ import torch
 from pretrain.model import ModelConfig
 from pretrain.objectives import EVAL_TASKS, ObjectiveSampler, eval_split
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "shootout.py"
 
 
-@pytest.fixture(scope="module")
-def shootout():
-    return runpy.run_path(str(BENCH))
+@pytest.fixture
+def shootout(bench_script):
+    return bench_script("shootout")
 
 
 def test_quick_run_prints_every_row_and_column(shootout, manifest, tmp_path, capsys):
@@ -74,7 +71,9 @@ def test_causal_yardstick_scores_what_llama_computes(shootout):
 
 def test_bad_flags_name_the_flag(shootout, tmp_path, capsys):
     for argv, flag in ((["--models", "gpt"], "--models"), (["--data", "images"], "--data"),
-                       (["--seconds", "0"], "--seconds"), (["--manifest", str(tmp_path / "none.json")], "--manifest")):
+                       (["--seconds", "0"], "--seconds"), (["--manifest", str(tmp_path / "none.json")], "--manifest"),
+                       (["--ladder", "--budgets", "10", "0"], "--budgets"), (["--causal-grid", "0.1"], "--causal-grid"),
+                       (["--causal-grid", "1.5:0.1"], "--causal-grid"), (["--train-windows", "0"], "--train-windows")):
         with pytest.raises(SystemExit):
             shootout["parse_args"](argv)
         assert flag in capsys.readouterr().err.splitlines()[-1]
