@@ -327,6 +327,11 @@ class BigLearner(nn.Module):
             rows = BatchRows(groups, batch.target_groups, key_rope, c.attention_backend,
                              self._rope(torch.cat([attend_positions, target_positions - PREDICTOR_SHIFT], 1), x.dtype))
         x = self._block(self.blocks[-1], x, rows, len(self.blocks) - 1, False)
+        if not n_query and torch.is_grad_enabled():
+            # No query row in this batch (single stream, e.g. causal orders): query_start still gets
+            # a (zero) gradient, so that every rank of a data-parallel step reduces the same
+            # parameters; a rank without one sent a gradient bucket of another size (gloo aborted).
+            x = x + 0 * self.query_start.to(x.dtype)
         return self.norm(x)
 
     def _single_stream_rows(self, batch, is_query, tokens, positions, groups, segments, target_positions):

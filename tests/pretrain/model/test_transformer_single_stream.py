@@ -333,3 +333,17 @@ def test_predictors_single_stream_rows_cannot_express_are_refused():
                 else:
                     with pytest.raises(ValueError, match="batch.predictor"):
                         model.check_batch(batch)
+
+
+def test_every_parameter_gets_a_gradient_without_query_rows():
+    """A single-stream batch with no query row (causal orders) still gives every parameter a
+    gradient (query_start's is zero), so data-parallel ranks reduce the same parameters."""
+    rng = np.random.default_rng()
+    model = tiny_model(1).train()
+    windows, specs = draw(rng, 3, 12, ObjectiveSampler("clm"))
+    batch = collate(windows, specs, pad_id=0).to_torch()
+    assert not ((batch.predictor == QUERY_PREDICTOR) & batch.target_mask).any()
+    model.loss(batch)[0].backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None]
+    assert not missing, missing
+    assert model.query_start.grad.abs().max() == 0
