@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -179,6 +180,16 @@ def test_training_reports_every_5_s_and_the_command_ends_with_a_summary(tmp_path
     from data_pipeline.__main__ import main
 
     monkeypatch.setattr(progress_module, "EVERY_S", 0.01)
+    # sentencepiece trains inside C++ holding the GIL, and on an idle machine in under 10 ms: the
+    # heartbeat thread gets its turn only if the call lasts, so it lasts 0.1 s more, in Python.
+    import sentencepiece as spm
+    train = spm.SentencePieceTrainer.train
+
+    def slow_train(*args, **kwargs):
+        time.sleep(0.1)
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(spm.SentencePieceTrainer, "train", slow_train)
     corpus = _corpus(tmp_path / "corpus.txt")
     assert main(["tokenizer", "--input", str(corpus), "--output", str(tmp_path / "tok"), "--vocab-size", "288",
                  "--sentinels", "2", "--threads", "1"]) == 0
