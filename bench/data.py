@@ -30,7 +30,7 @@ import numpy as np
 
 from data_pipeline import ShardConfig, SourceConfig, Tokenizer, build_demo, build_shards
 from data_pipeline.manifest import load_manifest, shard_file
-from data_pipeline.shards import read_shard
+from data_pipeline.shard_format import read_shard
 from pretrain.layout import collate
 from pretrain.data import BatchStream
 from pretrain.objectives import ObjectiveSampler

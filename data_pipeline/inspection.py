@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from .manifest import load_manifest, shard_file
-from .shards import ShardError, read_shard
+from .shard_format import ShardError, read_shard
 from .files import file_sha256
 from .tokenizer import Tokenizer
 

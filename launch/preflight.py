@@ -48,7 +48,7 @@ from tqdm import tqdm
 from data_pipeline.files import contained, file_sha256
 from data_pipeline.manifest import MANIFEST, load_manifest, shard_file
 from data_pipeline.resources import require_memory
-from data_pipeline.shards import ShardError, count_samples, read_shard
+from data_pipeline.shard_format import ShardError, count_samples, read_shard
 from data_pipeline.errors import HelpFormatter, add_debug_flag, cli_main
 
 MAX_LISTED = 10  # failures listed per check and node before "... and N more"

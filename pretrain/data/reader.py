@@ -2,7 +2,7 @@
 
 Each reader is a loader worker of torchdata's StatefulDataLoader (what torchtitan uses)
 iterating a ShardReader (an IterableDataset) whose samples come from a memory-mapped tar
-expansion (data_pipeline.shards.tar_members) and webdataset's `group_by_keys`; the objective
+expansion (data_pipeline.shard_format.tar_members) and webdataset's `group_by_keys`; the objective
 sampler and the collator run in the worker. A reader that comes up short because of corrupt data
 re-reads its pieces (counted as `wraps`). Which parts are not webdataset's and why: docs/data.md.
 """
@@ -16,7 +16,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.errors import UserError
 from data_pipeline.manifest import shard_file
-from data_pipeline.shards import decode_sample, tar_members
+from data_pipeline.shard_format import decode_sample, tar_members
 
 from ..layout import TaskBatch, collate
 from .plan import (_SEED_BLOCK, _SEED_OBJECTIVE, Cursor, Piece, Position, ReaderContext, Tail, epoch_plan,
@@ -38,7 +38,7 @@ def _sample_index(key: str) -> int | None:
 
 def _piece_samples(ctx: ReaderContext, piece: Piece, start: int, counters: dict):
     """Samples of one piece from sample index `start` on, read with our tar expansion
-    (data_pipeline.shards.tar_members, for speed) and webdataset's grouping by key: yields
+    (data_pipeline.shard_format.tar_members, for speed) and webdataset's grouping by key: yields
     (index, key, tokens, segment ids or None). Bad samples and shards are logged and
     counted; so are samples lost behind a damaged tar header (where the expansion, like
     tarfile, ends the archive quietly): the count falls short of the manifest's."""

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from data_pipeline import build_shards, load_manifest
-from data_pipeline.shards import ShardConfig, ShardError, make_windows, read_shard, split_of, tar_members, write_shard
+from data_pipeline.shards import ShardConfig, make_windows, split_of
+from data_pipeline.shard_format import ShardError, read_shard, tar_members, write_shard
 from data_pipeline.sources import SourceConfig, iter_documents
 from data_pipeline.tokenizer import Tokenizer
 

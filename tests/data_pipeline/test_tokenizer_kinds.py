@@ -9,7 +9,8 @@ import sentencepiece as spm
 
 from data_pipeline import build_shards, load_manifest
 from data_pipeline.inspection import inspect_dataset
-from data_pipeline.shards import ShardConfig, read_shard, token_dtype
+from data_pipeline.shards import ShardConfig
+from data_pipeline.shard_format import read_shard, token_dtype
 from data_pipeline.sources import SourceConfig
 from data_pipeline.tokenizer import Tokenizer
 

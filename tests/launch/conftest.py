@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from data_pipeline.shards import FORMAT, FORMAT_VERSION, write_shard
+from data_pipeline.manifest import FORMAT, FORMAT_VERSION
+from data_pipeline.shard_format import write_shard
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from data_pipeline.shards import write_shard
+from data_pipeline.shard_format import write_shard
 
 PREFLIGHT = ("biglearn preflight --manifest {manifest} --output-dir {out} --min-free-gb 0.001 --allreduce-mb 0.5 "
              "--iters 2 --timeout-s 60")

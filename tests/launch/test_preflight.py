@@ -113,7 +113,7 @@ def test_unparsable_manifest(dataset, capsys):
 
 @pytest.mark.parametrize("outside", ["absolute", "dotdot", "symlink"])
 def test_shard_outside_the_dataset_directory(dataset, capsys, outside):
-    """The check training applies (data_pipeline.shards.load_manifest): a shard path that leads
+    """The check training applies (data_pipeline.manifest.load_manifest): a shard path that leads
     out of the dataset directory is refused, naming the manifest and the entry, unless opted in."""
     shards, tok, out = dataset
     moved = shards.parent / "elsewhere.tar"

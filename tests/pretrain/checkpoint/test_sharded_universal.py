@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipeline.shards import FORMAT, FORMAT_VERSION, write_shard
+from data_pipeline.manifest import FORMAT, FORMAT_VERSION
+from data_pipeline.shard_format import write_shard
 from pretrain.checkpoint.sharded import consolidated_state_dict, universal_copy, weights_only_loading
 
 REPO = Path(__file__).resolve().parents[3]

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from data_pipeline import build_demo, load_manifest
-from data_pipeline.shards import SPLITS, split_of, write_shard
+from data_pipeline.shards import SPLITS, split_of
+from data_pipeline.shard_format import write_shard
 from data_pipeline.sources import SourceConfig, iter_documents
 from data_pipeline.tokenizer import Tokenizer
 from pretrain.data import BatchStream
