@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -90,13 +89,8 @@ def train_row(contestant, data, corpus: np.ndarray, specs: dict, args, bar) -> l
     evaluations, clock, steps, tokens = [], 0.0, 0, 0
     for due in evaluation_times(args.budgets, args.first_eval):
         while clock < due:
-            start = time.process_time()
-            batch = next(batches)
-            loss = engine.train_batch(batch.to_torch())
-            spent = time.process_time() - start
-            if not np.isfinite(loss.item()):
-                raise FloatingPointError(f"{contestant.name} on {data.name}: loss {loss.item()} at step {steps}")
-            clock, steps, tokens = clock + spent, steps + 1, tokens + batch.batch_size * corpus.shape[1]
+            spent, windows, _ = base.timed_step(engine, batches, contestant, data.name, steps)
+            clock, steps, tokens = clock + spent, steps + 1, tokens + windows * corpus.shape[1]
             bar.update(min(spent, bar.total - bar.n))  # the last step overshoots the rung: keep n <= total
             bar.set_postfix_str(f"{data.name} {contestant.name} step {steps} epoch {tokens / corpus.size:.1f}")
         evaluations.append({"due": due, "seconds": clock, "steps": steps, "tokens": tokens,

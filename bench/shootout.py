@@ -243,6 +243,18 @@ def make_engine(contestant: Contestant, vocab_size: int, args) -> tuple:
     return model, LocalEngine(LossModel(model), optimizer, schedule)
 
 
+def timed_step(engine, batches, contestant: Contestant, data_name: str, step: int) -> tuple[float, int, float]:
+    """One training step on the next batch: (its process CPU seconds, its windows, its loss). A
+    non-finite loss stops the row with the contestant, dataset and step named."""
+    start = time.process_time()
+    batch = next(batches)
+    loss = engine.train_batch(batch.to_torch())
+    spent = time.process_time() - start
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"{contestant.name} on {data_name}: loss {loss.item()} at step {step}")
+    return spent, batch.batch_size, loss.item()
+
+
 def train(contestant: Contestant, data: Dataset, args, token_budget: int | None, curve_specs: dict, bar) -> tuple:
     """Train one model until both budgets are spent; returns (model, Run)."""
     model, engine = make_engine(contestant, data.vocab_size, args)
@@ -260,15 +272,10 @@ def train(contestant: Contestant, data: Dataset, args, token_budget: int | None,
                                          "tokens": tokens, "seconds": clock}
         if "time" in run.snapshots and (token_budget is None or "tokens" in run.snapshots):
             break
-        start = time.process_time()
-        batch = next(batches)
-        loss = engine.train_batch(batch.to_torch())
-        spent = time.process_time() - start
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{contestant.name} on {data.name}: loss {loss.item()} at step {steps}")
-        clock, steps, tokens = clock + spent, steps + 1, tokens + batch.batch_size * data.length
+        spent, windows, loss = timed_step(engine, batches, contestant, data.name, steps)
+        clock, steps, tokens = clock + spent, steps + 1, tokens + windows * data.length
         bar.update(min(spent, max(0.0, args.seconds - (clock - spent))))
-        bar.set_postfix_str(f"{data.name} {contestant.name} step {steps} loss {loss.item():.3f}")
+        bar.set_postfix_str(f"{data.name} {contestant.name} step {steps} loss {loss:.3f}")
     if token_budget is None:
         run.snapshots["tokens"] = run.snapshots["time"]
     return model, run
