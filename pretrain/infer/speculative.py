@@ -114,8 +114,8 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
     decoding_weights = model.decoding_weights()  # complete() never changes them between passes
     head = decoding_weights[1]
 
-    def tensor(x):
-        return None if x is None else torch.as_tensor(x, device=device)
+    def tensor(x):  # from_numpy: a third of as_tensor's cost on CPU, where it shares the memory
+        return None if x is None else torch.from_numpy(x).to(device)
 
     every_index = tensor(every)
 
@@ -142,7 +142,7 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         offsets = np.arange(lead, next_length.max() + 1)
         group = committed[:, None] + outcomes + 1
         index = group[:, :, None] - 1 + offsets  # order index a+j+r
-        query_positions = plan[every[:, None], index.reshape(batch_size, -1)]
+        query_positions = np.take_along_axis(plan, index.reshape(batch_size, -1), 1)
         query_groups = np.where((offsets <= next_length[:, :, None]) & (index < n[:, None, None]), group[:, :, None],
                                 INVALID_GROUP).reshape(batch_size, -1)
         states = model.decode_step(cache, *map(tensor, content[:3]), tensor(query_positions), tensor(query_groups),
@@ -185,13 +185,12 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         if (at < committed + written).any():  # rejected drafts' rows leave the cache
             cache.truncate(tensor(base + at), check=False)
         committed, decided, active = at, active & (at < n), active & (at < n - 1)
-        weights = tensor(next_probs)[:, None]
+        weights = next_probs[:, None]
         if active.any():  # next drafts: outcome j's query rows past its predictor, filtered as p is
             draft_states = grid[every_index, tensor(n_accepted), 1 - lead:]
-            draft_probs = sampling.probs(sampling.log_probs(draft_states @ head))
-            q = draft_probs.cpu().numpy()
-            weights = torch.cat([weights, draft_probs], 1)
-        drawn = inverse_cdf(weights, sampling.generator).cpu().numpy()  # one draw for the whole pass
+            q = sampling.probs(sampling.log_probs(draft_states @ head)).cpu().numpy()
+            weights = np.concatenate([weights, q], 1)
+        drawn = inverse_cdf(tensor(weights), sampling.generator).cpu().numpy()  # one draw for the whole pass
         token = drawn[:, 0]
         log_probs += np.where(decided, log_p[every, n_accepted, token], 0)
         filled[every, np.where(decided, plan[every, at], length)] = token
