@@ -48,7 +48,7 @@ import torch
 
 from ..layout import INVALID_GROUP
 from ..model import NO_TARGET, START_POSITION
-from .sampling import Sampling, inverse_cdf
+from .sampling import Sampling
 
 
 @dataclass
@@ -77,11 +77,11 @@ class _DraftLength:
         self.current = np.full(batch_size, draft)
 
     def after(self, n_drafts: np.ndarray, n_outcomes: int) -> np.ndarray:
-        """[B, J] the length of the next draft if c = 0..J-1 of this step's n_drafts [B] drafts
-        are accepted."""
+        """[B, J] (fixed: [B, 1], the same for every c) the length of the next draft if c =
+        0..J-1 of this step's n_drafts [B] drafts are accepted."""
         current = self.current[:, None]
         if not self.adaptive:
-            return np.repeat(current, n_outcomes, 1)
+            return current
         accepted, n_drafts = np.arange(n_outcomes), n_drafts[:, None]
         full = (accepted == n_drafts) & (n_drafts == current)
         early = (accepted == 0) & (n_drafts > 0)
@@ -132,8 +132,8 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         n_outcomes = max(1, written.max())
         outcomes = np.arange(first_outcome, first_outcome + n_outcomes)  # j: z_1..z_j accepted
         n_drafts = np.maximum(written - 1, 0)
-        next_length = lengths.after(n_drafts, n_outcomes)  # [B, J]; -1: an outcome that cannot happen
-        next_length[outcomes > written[:, None]] = -1
+        # [B, J]; -1: an outcome that cannot happen
+        next_length = np.where(outcomes > written[:, None], -1, lengths.after(n_drafts, n_outcomes))
         # Query rows [B, J, R] of group a+j+1: outcome j's predictor (r = 0, two streams) and drafts (r >= 1).
         # Single stream: the content rows predict, except order index 0 after a non-empty S (a
         # query row, as in training: pretrain.layout.single_stream_predictors), so the first pass
@@ -161,14 +161,16 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         # The judging is numpy on the few numbers it reads (on CPU .numpy() is a view, no copy).
         log_p = target_log_probs.cpu().numpy()
         p = sampling.probs(target_log_probs).cpu().numpy()
+        # Every uniform of the pass in one call: the judging of the drafts, then the draws.
+        n_draws = 1 + max(next_length.max(), 0)  # the next token and the next drafts
+        u = torch.rand((batch_size, n_outcomes - 1 + n_draws), generator=sampling.generator, dtype=torch.float64).numpy()
 
         # Judge drafts z_2..z_m (content rows 1..m-1): draft i by outcome i's predictor, grid row i - 1.
         n_accepted = np.zeros(batch_size, dtype=np.int64)
         if n_outcomes > 1:
             column = np.arange(n_outcomes - 1)
             drafts = every[:, None], column, content[0][:, 1:n_outcomes]
-            u = torch.rand((batch_size, n_outcomes - 1), generator=sampling.generator, dtype=torch.float64).numpy()
-            kept = np.cumprod((u * q[drafts] < p[drafts]) & (column < n_drafts[:, None]), 1).astype(bool)
+            kept = np.logical_and.accumulate((u[:, :n_outcomes - 1] * q[drafts] < p[drafts]) & (column < n_drafts[:, None]), 1)
             n_accepted = kept.sum(1)
             log_probs += np.where(kept, log_p[drafts], 0).sum(1)
         drafted += n_drafts
@@ -190,7 +192,7 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
             draft_states = grid[every_index, tensor(n_accepted), 1 - lead:]
             q = sampling.probs(sampling.log_probs(draft_states @ head)).cpu().numpy()
             weights = np.concatenate([weights, q], 1)
-        drawn = inverse_cdf(tensor(weights), sampling.generator).cpu().numpy()  # one draw for the whole pass
+        drawn = inverse_cdf(weights, u[:, n_outcomes - 1:n_outcomes - 1 + weights.shape[1]])
         token = drawn[:, 0]
         log_probs += np.where(decided, log_p[every, n_accepted, token], 0)
         filled[every, np.where(decided, plan[every, at], length)] = token
@@ -207,6 +209,15 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         content = _target_rows(plan, filled, n, committed, written, single)
     tokens[:] = filled[:, :length]
     return log_probs, SpeculativeCounts(passes, drafted, accepted)
+
+
+def inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
+    """sampling.inverse_cdf on the host, with the uniforms [...] given: one token per row of
+    unnormalised probabilities weights [..., V], the first whose cumulative weight exceeds
+    uniform x total (a zero-probability token adds no width). The pass's draws are a few rows
+    that the bookkeeping reads as numpy: here they cost 5 numpy calls, there 10 torch calls."""
+    cdf = weights.cumsum(-1)
+    return np.minimum((cdf <= uniforms[..., None] * cdf[..., -1:]).sum(-1), weights.shape[-1] - 1)
 
 
 def _source_rows(model, tokens, sources, plan):
