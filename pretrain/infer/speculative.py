@@ -114,7 +114,7 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
     decoding_weights = model.decoding_weights()  # complete() never changes them between passes
     head = decoding_weights[1]
 
-    def tensor(x):  # from_numpy: a third of as_tensor's cost on CPU, where it shares the memory
+    def tensor(x):  # from_numpy: about a third of as_tensor's cost on CPU (it shares the memory)
         return None if x is None else torch.from_numpy(x).to(device)
 
     every_index = tensor(every)
@@ -214,10 +214,12 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
 def inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """sampling.inverse_cdf on the host, with the uniforms [...] given: one token per row of
     unnormalised probabilities weights [..., V], the first whose cumulative weight exceeds
-    uniform x total (a zero-probability token adds no width). The pass's draws are a few rows
-    that the bookkeeping reads as numpy: here they cost 5 numpy calls, there 10 torch calls."""
+    uniform x total (a zero-probability token adds no width; the clamp only guards rounding). A
+    pass's draws are a few rows that its bookkeeping reads as numpy anyway: 5 numpy calls here
+    against 10 torch calls and two conversions there."""
     cdf = weights.cumsum(-1)
-    return np.minimum((cdf <= uniforms[..., None] * cdf[..., -1:]).sum(-1), weights.shape[-1] - 1)
+    threshold = (uniforms[..., None] * cdf[..., -1:]).astype(cdf.dtype)  # compared in the weights' precision
+    return np.minimum((cdf <= threshold).sum(-1), weights.shape[-1] - 1)
 
 
 def _source_rows(model, tokens, sources, plan):
