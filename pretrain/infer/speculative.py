@@ -214,12 +214,14 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
 def inverse_cdf(weights: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
     """sampling.inverse_cdf on the host, with the uniforms [...] given: one token per row of
     unnormalised probabilities weights [..., V], the first whose cumulative weight exceeds
-    uniform x total (a zero-probability token adds no width; the clamp only guards rounding). A
-    pass's draws are a few rows that its bookkeeping reads as numpy anyway: 5 numpy calls here
-    against 10 torch calls and two conversions there."""
-    cdf = weights.cumsum(-1)
-    threshold = (uniforms[..., None] * cdf[..., -1:]).astype(cdf.dtype)  # compared in the weights' precision
-    return np.minimum((cdf <= threshold).sum(-1), weights.shape[-1] - 1)
+    uniform x total (a zero-probability token adds no width). A pass's draws are a few rows that
+    its bookkeeping reads as numpy anyway: at V = 8 this took a third of sampling.inverse_cdf's
+    time, at V = 8000 the same (the cumulative sum by torch: numpy's took twice as long there,
+    and the first exceeding token by argmax, which stops at it, where counting did not)."""
+    cdf = torch.from_numpy(weights).cumsum(-1).numpy()
+    above = cdf > (uniforms[..., None] * cdf[..., -1:]).astype(cdf.dtype)  # compared in the weights' precision
+    above[..., -1] = True  # where rounding puts u x total at the total: the last token, as sampling's clamp
+    return above.argmax(-1)
 
 
 def _source_rows(model, tokens, sources, plan):
