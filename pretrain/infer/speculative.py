@@ -163,14 +163,16 @@ def speculative_decode(model, tokens: np.ndarray, sources: list[np.ndarray], pla
         p = sampling.probs(target_log_probs).cpu().numpy()
         # Every uniform of the pass in one call: the judging of the drafts, then the draws.
         n_draws = 1 + max(next_length.max(), 0)  # the next token and the next drafts
-        u = torch.rand((batch_size, n_outcomes - 1 + n_draws), generator=sampling.generator, dtype=torch.float64).numpy()
+        u = torch.rand((batch_size, n_outcomes - 1 + n_draws), generator=sampling.generator,
+                       dtype=torch.float64).numpy()
 
         # Judge drafts z_2..z_m (content rows 1..m-1): draft i by outcome i's predictor, grid row i - 1.
         n_accepted = np.zeros(batch_size, dtype=np.int64)
         if n_outcomes > 1:
             column = np.arange(n_outcomes - 1)
             drafts = every[:, None], column, content[0][:, 1:n_outcomes]
-            kept = np.logical_and.accumulate((u[:, :n_outcomes - 1] * q[drafts] < p[drafts]) & (column < n_drafts[:, None]), 1)
+            keeps = (u[:, :n_outcomes - 1] * q[drafts] < p[drafts]) & (column < n_drafts[:, None])
+            kept = np.logical_and.accumulate(keeps, 1)  # up to the first rejection
             n_accepted = kept.sum(1)
             log_probs += np.where(kept, log_p[drafts], 0).sum(1)
         drafted += n_drafts
