@@ -49,7 +49,8 @@ def inverse_cdf(weights, generator):
     """One token per row of unnormalised probabilities weights [..., V], by inverse-CDF sampling with
     one uniform per row: the same distribution as torch.multinomial, which took ~25x longer on CPU
     over an 8000-token vocabulary (bench/decode.py). u < total, so the clamp only guards rounding;
-    a zero-probability token adds no width to the CDF."""
+    a zero-probability token adds no width to the CDF. Speculative decoding draws by the same rule
+    on the host (speculative.inverse_cdf)."""
     cdf = weights.reshape(-1, weights.shape[-1]).cumsum(-1)
     u = torch.rand(len(cdf), 1, generator=generator, dtype=cdf.dtype).to(cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[-1] - 1).reshape(weights.shape[:-1])

@@ -17,6 +17,7 @@ from scipy.stats import chi2
 
 from pretrain.layout import SplitSpec, collate
 from pretrain.infer import complete, score
+from pretrain.infer.speculative import inverse_cdf
 from pretrain.model import BigLearner, ModelConfig
 
 VOCAB = 3
@@ -245,6 +246,21 @@ def test_drafts_equal_to_the_conditionals_are_all_accepted(streams, adaptive):
     assert result.passes.tolist() == [passes] * 2
     np.testing.assert_array_equal(result.accepted, result.drafted)
     np.testing.assert_allclose(result.log_probs, n_targets * -math.log(23))
+
+
+def test_host_inverse_cdf_takes_the_first_token_whose_cumulative_weight_exceeds_the_uniform():
+    """Against its definition, written as a loop: the smallest i with u x total < w_0 + ... + w_i;
+    zero-weight tokens (the filtered ones) are never drawn, whatever the uniform."""
+    rng = np.random.default_rng()
+    weights = rng.random((3, 4, 50)) * (rng.random((3, 4, 50)) < 0.3)
+    weights[..., 0] = 0  # a zero-weight first token
+    weights[..., -1] += 0.1  # every row has mass
+    uniforms = rng.random((3, 4))
+    drawn = inverse_cdf(weights, uniforms)
+    for index in np.ndindex(uniforms.shape):
+        running, threshold = 0.0, uniforms[index] * weights[index].sum()
+        expected = next(i for i, w in enumerate(weights[index]) if (running := running + w) > threshold)
+        assert drawn[index] == expected and weights[index][drawn[index]] > 0
 
 
 @pytest.mark.parametrize("options, message", [
