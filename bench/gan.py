@@ -14,7 +14,9 @@ Metrics, all from one digits classifier (scikit-learn MLP) trained once on the t
                         joint samples; class_min_share: the rarest label's share
     class_consistency   BigLearn-GAN completions at each S-ratio (round(ratio x 16) patches of a test
                         image given): the classifier's label of the completed image = the image's label;
-                        class_consistency_reference: the same with T copied from another random test image
+                        class_consistency_reference: the same with T copied from another random test image;
+                        class_consistency_nearest: T copied from the training image nearest on x_S (a
+                        memorising model's completion: what x_S alone can tell)
     completion_diversity  mean pairwise Euclidean pixel distance of 8 completions of one x_S
 Figures under --out: gan_joint.png (joint samples of both arms), gan_completion.png (the paper's
 Fig. 13 in shape: S-ratio 0 to 0.9 left to right, one noise per row, the real x last), gan_curves.png
@@ -99,6 +101,8 @@ class Bench:
         completed = self.images(gan_train.complete(generator, x, source, z, e.batch_size))
         other = x[torch.from_numpy((np.arange(n) + rng.integers(1, n, size=n)) % n)]  # never the image itself
         pasted = self.images(torch.where(torch.from_numpy(source)[..., None], x, other))
+        nearest = self.train_x[torch.from_numpy(metrics.nearest_on_source(x.numpy(), source, self.train_x.numpy()))]
+        memorised = self.images(torch.where(torch.from_numpy(source)[..., None], x, nearest))
         k, m = e.diversity_draws, min(e.diversity_images, n)
         repeated = x[:m].repeat_interleave(k, 0)
         draws = gan_train.complete(generator, repeated, np.repeat(source[:m], k, 0),
@@ -106,6 +110,7 @@ class Bench:
         draws = self.images(draws).reshape(m, k, -1)
         return {"consistency": float((self.classifier.predict(completed) == labels).mean()),
                 "reference": float((self.classifier.predict(pasted) == labels).mean()),
+                "nearest": float((self.classifier.predict(memorised) == labels).mean()),
                 "diversity": float(np.mean([metrics.mean_pairwise_distance(d) for d in draws]))}
 
 
@@ -250,9 +255,11 @@ def main(argv=None) -> None:
               f"({r['train_cpu_seconds']:.0f}) | {r['frechet']:.2f} | {r['class_coverage']:.3f} | "
               f"{100 * r['class_min_share']:.1f}% |")
     if completion:
-        print("\n| S-ratio | class consistency | reference: T from another image | diversity (8 draws) |\n|---|---|---|---|")
+        print("\n| S-ratio | class consistency | reference: T from another image | reference: T from the nearest "
+              "training image on S | diversity (8 draws) |\n|---|---|---|---|---|")
         for ratio, c in completion.items():
-            print(f"| {ratio} | {100 * c['consistency']:.1f}% | {100 * c['reference']:.1f}% | {c['diversity']:.3f} |")
+            print(f"| {ratio} | {100 * c['consistency']:.1f}% | {100 * c['reference']:.1f}% | {100 * c['nearest']:.1f}% "
+                  f"| {c['diversity']:.3f} |")
     wall, load_end = time.time() - start, os.getloadavg()[0]
     print(f"\nwall {wall:.0f} s; load average {load_start:.2f} at start, {load_end:.2f} at end")
     if args.json:
@@ -262,6 +269,7 @@ def main(argv=None) -> None:
             "class_min_share": per_arm("class_min_share"),
             "class_consistency": {r: c["consistency"] for r, c in completion.items()},
             "class_consistency_reference": {r: c["reference"] for r, c in completion.items()},
+            "class_consistency_nearest": {r: c["nearest"] for r, c in completion.items()},
             "completion_diversity": {r: c["diversity"] for r, c in completion.items()},
             "params": {arm: results[arm]["params_generator"] + results[arm]["params_discriminator"] for arm in args.arms},
             "params_generator": per_arm("params_generator"), "params_discriminator": per_arm("params_discriminator"),

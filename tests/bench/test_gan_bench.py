@@ -23,11 +23,12 @@ def test_quick_run_writes_every_key(tmp_path):
     metrics = json.loads(out.read_text())
     arms = {"gan", "biglearn_gan"}
     assert set(metrics["frechet"]) == set(metrics["class_coverage"]) == set(metrics["params"]) == arms
-    assert set(metrics["class_consistency"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
+    assert set(metrics["class_consistency"]) == set(metrics["class_consistency_nearest"]) == {"0.1", "0.3", "0.5", "0.7", "0.9"}
     assert metrics["params"]["gan"] == metrics["params"]["biglearn_gan"]
     assert all(math.isfinite(v) and v >= 0 for v in metrics["frechet"].values())
     assert all(0 <= v <= math.log(10) + 1e-9 for v in metrics["class_coverage"].values())
-    assert all(0 <= v <= 1 for v in [*metrics["class_consistency"].values(), metrics["classifier_accuracy"]])
+    assert all(0 <= v <= 1 for v in [*metrics["class_consistency"].values(), *metrics["class_consistency_nearest"].values(),
+                                     metrics["classifier_accuracy"]])
     assert metrics["classifier_accuracy"] > 0.8
     assert all(len(curve) >= 2 for curve in metrics["curves"].values())
     for name in ("gan_joint.png", "gan_completion.png", "gan_curves.png"):

@@ -236,6 +236,15 @@ def test_class_coverage_and_pairwise_distance_against_direct_definitions():
     assert metrics.mean_pairwise_distance(samples) == pytest.approx(np.mean(pairs))
 
 
+def test_nearest_on_source_against_a_loop():
+    rng = np.random.default_rng()
+    x, pool = rng.random((7, L, D)), rng.random((30, L, D))
+    source = objective.source_masks(7, L, 0.4, rng)
+    expected = [int(np.argmin([((x[i] - p) ** 2)[source[i]].sum() for p in pool])) for i in range(7)]
+    assert metrics.nearest_on_source(x, source, pool).tolist() == expected
+    assert (metrics.nearest_on_source(pool[:5], np.ones((5, L), dtype=bool), pool) == np.arange(5)).all()
+
+
 def test_source_masks_and_splits():
     rng = np.random.default_rng()
     for ratio in (0.0, 0.3, 1.0):
