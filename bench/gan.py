@@ -25,6 +25,7 @@ Fig. 13 in shape: S-ratio 0 to 0.9 left to right, one noise per row, the real x 
     python bench/gan.py --out runs/gan --json runs/gan/metrics.json
     python bench/gan.py --quick                          # about 30 s: checks the script works
     python bench/gan.py --arms biglearn_gan train.steps=500 train.r1_weight=1   # any key of the schema
+    python bench/gan.py --chimera-probe 500   # only: can a fresh discriminator tell real images from chimeras?
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ QUICK = ["model.d_model=32", "model.n_heads=2", "model.generator_layers=1", "mod
          "eval.curve_samples=100", "eval.completion_images=100", "eval.diversity_images=10", "eval.classifier_hidden=32"]
 FIGURE_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)  # the paper's Fig. 13 columns
 GRID_ROWS, GRID_COLS = 8, 10
+PROBE_RATIO = 0.5  # --chimera-probe: the S-ratio of the completion goal
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -187,6 +189,23 @@ def draw_curves(curves: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def probe(train_x: torch.Tensor, experiment: GANExperiment, args) -> None:
+    """--chimera-probe: the discriminator's loss against chimeras, printed and optionally as JSON."""
+    start, load_start = time.time(), os.getloadavg()[0]
+    points = gan_train.chimera_probe(train_x, experiment, args.chimera_probe, PROBE_RATIO)
+    t = experiment.train
+    print(f"\ndiscriminator alone, real images vs chimeras at S-ratio {PROBE_RATIO} (lr {t.discriminator_lr}, "
+          f"betas ({t.beta1}, {t.beta2}), R1 {t.r1_weight}); chance = log 4 = 1.386\n\n| step | D loss (window mean) |\n|---|---|")
+    for p in points:
+        print(f"| {p['step']} | {p['d_loss']:.3f} |")
+    wall, load_end = time.time() - start, os.getloadavg()[0]
+    print(f"\nwall {wall:.0f} s; load average {load_start:.2f} at start, {load_end:.2f} at end")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"chimera_probe": points, "ratio": PROBE_RATIO, "overrides": args.overrides,
+                                         "wall_seconds": wall, "load_average": [load_start, load_end]}, indent=1))
+
+
 def parse_args(argv):
     parser = OneLineParser(prog="bench/gan.py", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -199,6 +218,10 @@ def parse_args(argv):
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the metrics here as JSON")
     parser.add_argument("--out", type=Path, default=Path("runs/gan"), help=f"PNG figures go here {d}")
     parser.add_argument("--no-figures", dest="figures", action="store_false")
+    parser.add_argument("--chimera-probe", type=int, default=0, metavar="STEPS",
+                        help="train no arm: train a fresh discriminator for STEPS steps on real images against chimeras "
+                             "(x_S of one image, x_T pasted from another, S-ratio 0.5) and print its loss "
+                             "(pretrain.experiments.gan.train.chimera_probe) " + d)
     parser.add_argument("--threads", type=int, default=1, help=f"torch CPU threads (more only on an idle machine) {d}")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
@@ -207,6 +230,8 @@ def parse_args(argv):
     if unknown or not arms:
         parser.error(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}" if unknown else "--arms is empty")
     args.arms = [a for a in ARMS if a in arms]
+    if args.chimera_probe < 0:
+        parser.error(f"--chimera-probe must be >= 0, got {args.chimera_probe}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     return args
@@ -218,6 +243,8 @@ def main(argv=None) -> None:
     start, load_start = time.time(), os.getloadavg()[0]
     try:  # the config and the data are the user's input: their errors are one line
         experiment = load([*(QUICK if args.quick else []), *args.overrides], cls=GANExperiment, config_name="gan_digits")
+        if args.chimera_probe:
+            return probe(load_data(experiment, args.quick)[0], experiment, args)
         bench = Bench(experiment, args.quick)
     except ValueError as err:
         raise UserError(err) from None

@@ -36,6 +36,15 @@ def test_quick_run_writes_every_key(tmp_path):
     assert "| BigLearn-GAN (universal, eq. 8) |" in done.stdout
 
 
+def test_chimera_probe_trains_only_a_discriminator(tmp_path):
+    out = tmp_path / "probe.json"
+    done = run("--quick", "--chimera-probe", "12", "--json", str(out), "train.r1_every=2", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    points = json.loads(out.read_text())["chimera_probe"]
+    assert [p["step"] for p in points] == [12] and all(0 < p["d_loss"] < 10 for p in points)
+    assert "| 12 |" in done.stdout and "BigLearn-GAN" not in done.stdout
+
+
 def test_a_negative_penalty_is_one_line_and_exit_2():
     done = run("--no-figures", "train.r1_weight=-1", timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
@@ -46,6 +55,7 @@ def test_a_negative_penalty_is_one_line_and_exit_2():
     (["eval.completion_ratios=[0.5,1.5]"], "eval.completion_ratios must be S-ratios in [0, 1]"),
     (["--arms", "gan,wgan"], "--arms: unknown arm 'wgan'; choose from gan, biglearn_gan"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--chimera-probe", "-1"], "--chimera-probe must be >= 0, got -1"),
     (["train.no_such_key=1"], "no_such_key"),
 ])
 def test_bad_configuration_is_one_line_and_exit_2(bench_script, capsys, args, message):

@@ -122,6 +122,41 @@ def fit(arm: str, train_x: torch.Tensor, experiment: GANExperiment,
     return evaluated(generator, average), discriminator.eval(), curve
 
 
+def chimera_probe(train_x: torch.Tensor, experiment: GANExperiment, steps: int, ratio: float,
+                  every: int = 50, progress: bool = True) -> list[dict]:
+    """Can a fresh discriminator (the config's model, optimiser and R1) learn the check the
+    BigLearn-GAN needs for completions: (x_S, x_T) of one image (real) against x_S of one training
+    image with x_T pasted from another (fake, every patch realistic, only their fit wrong)? S holds
+    round(ratio x L) random patches, T the rest. Returns {"step", "d_loss"} window means every
+    `every` steps (log 4 = 1.386: chance)."""
+    t = experiment.train
+    torch.manual_seed(t.seed)
+    rng = np.random.default_rng([t.seed, 2])
+    n_images, n_patches, patch_dim = train_x.shape
+    discriminator = Discriminator(experiment.model, n_patches, patch_dim)
+    d_opt = torch.optim.AdamW(discriminator.parameters(), lr=t.discriminator_lr, betas=(t.beta1, t.beta2),
+                              weight_decay=t.weight_decay)
+    points, window = [], []
+    step_range = range(1, steps + 1)
+    if progress:
+        from tqdm import tqdm
+        step_range = tqdm(step_range, desc="chimera probe", unit="step", mininterval=2, file=sys.stderr)
+    for step in step_range:
+        real, other = (train_x[torch.from_numpy(rng.integers(n_images, size=t.batch_size))] for _ in range(2))
+        source = objective.source_masks(t.batch_size, n_patches, ratio, rng)
+        chimera = torch.where(torch.from_numpy(source)[..., None], real, other)
+        lazy_r1 = t.r1_weight * t.r1_every if step % t.r1_every == 0 else 0.0
+        loss, stats = objective.discriminator_loss(discriminator, real, chimera, objective.source_splits(source), lazy_r1)
+        d_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        d_opt.step()
+        window.append(stats["d_loss"].item())
+        if step % every == 0 or step == steps:
+            points.append({"step": step, "d_loss": float(np.mean(window))})
+            window = []
+    return points
+
+
 def evaluated(generator: Generator, average) -> Generator:
     """The generator to sample from: the weight average's copy if there is one, in eval mode."""
     return (generator if average is None else average.module).eval()
