@@ -185,7 +185,8 @@ def test_joint_fraction_mixes_the_joint_task_into_the_biglearn_splits():
     rng = np.random.default_rng()
     n = 4000
     for fraction in (0.0, 0.3, 1.0):
-        experiment = load_experiment([f"objective.joint_fraction={fraction}"])
+        experiment = load_experiment([f"objective.joint_fraction={fraction}", "objective.source_alpha=0.5",
+                                      "objective.source_beta=3"])  # the paper's S-ratio Beta
         roles = _roles(train.splits("biglearn_gan", L, n, rng, experiment))
         joint = np.array([len(s) == 0 and len(t) == L for s, t, _ in roles])
         # Drawn splits are the joint task on their own with probability P(S = {}) P(T = all | S = {}):
@@ -275,8 +276,9 @@ def test_bad_configuration_is_a_one_line_error_naming_the_key(override, message)
     assert "\n" not in str(err.value)
 
 
-def test_the_entry_config_holds_the_papers_ratio_distributions():
+def test_the_entry_config_holds_the_documented_task_distribution():
     experiment = load_experiment([])
     o = experiment.objective
-    assert (o.source_alpha, o.source_beta, o.target_alpha, o.target_beta) == (0.5, 3.0, 3.0, 0.5)
+    assert (o.source_alpha, o.source_beta, o.target_alpha, o.target_beta) == (1.0, 1.0, 3.0, 0.5)
+    assert (o.joint_fraction, o.communication_weight) == (0.5, 0.0)
     assert experiment.train.r1_weight >= 0 and experiment.eval.completion_ratios == [0.1, 0.3, 0.5, 0.7, 0.9]
