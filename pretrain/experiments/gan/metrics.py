@@ -58,7 +58,7 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 def class_coverage(labels: np.ndarray, n_classes: int = 10) -> tuple[float, float]:
     """(entropy in nats of the label histogram, smallest class share); log(10) = 2.303 is uniform."""
     shares = np.bincount(labels, minlength=n_classes) / len(labels)
-    entropy = -sum(p * math.log(p) for p in shares if p > 0)
+    entropy = -sum(p * math.log(p) for p in shares if p > 0) + 0.0  # + 0.0: one class is 0.0, not -0.0
     return float(entropy), float(shares.min())
 
 
