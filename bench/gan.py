@@ -3,8 +3,9 @@
 "Big Cooperative Learning" (eq. 8, App. D) in shape, on scikit-learn's 8x8 digits cut into 2x2
 patches (16 continuous tokens of dimension 4), configured by configs/gan_digits.yaml. Arms:
     gan           the joint GAN: S = {} and T = all on every step
-    biglearn_gan  the universal BigLearn-GAN: (S, T) from the text model's sampler (S-ratio ~ Beta(0.5, 3),
-                  T-ratio of the rest ~ Beta(3, 0.5))
+    biglearn_gan  the universal BigLearn-GAN: per sample the joint task with probability objective.joint_fraction,
+                  else (S, T) from the text model's sampler (S-ratio ~ Beta(objective.source_*), T-ratio of
+                  the rest ~ Beta(objective.target_*)); optionally eq. (12) (objective.communication_weight)
 Both: the same generator and discriminator classes and sizes, seed, steps, batch, AdamW and R1.
 
 Metrics, all from one digits classifier (scikit-learn MLP) trained once on the training split:
