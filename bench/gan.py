@@ -3,8 +3,9 @@
 "Big Cooperative Learning" (eq. 8, App. D) in shape, on scikit-learn's 8x8 digits cut into 2x2
 patches (16 continuous tokens of dimension 4), configured by configs/gan_digits.yaml. Arms:
     gan           the joint GAN: S = {} and T = all on every step
-    biglearn_gan  the universal BigLearn-GAN: (S, T) from the text model's sampler (S-ratio ~ Beta(0.5, 3),
-                  T-ratio of the rest ~ Beta(3, 0.5))
+    biglearn_gan  the universal BigLearn-GAN: per sample the joint task with probability objective.joint_fraction,
+                  else (S, T) from the text model's sampler (S-ratio ~ Beta(objective.source_*), T-ratio of
+                  the rest ~ Beta(objective.target_*)); optionally eq. (12) (objective.communication_weight)
 Both: the same generator and discriminator classes and sizes, seed, steps, batch, AdamW and R1.
 
 Metrics, all from one digits classifier (scikit-learn MLP) trained once on the training split:
@@ -14,7 +15,9 @@ Metrics, all from one digits classifier (scikit-learn MLP) trained once on the t
                         joint samples; class_min_share: the rarest label's share
     class_consistency   BigLearn-GAN completions at each S-ratio (round(ratio x 16) patches of a test
                         image given): the classifier's label of the completed image = the image's label;
-                        class_consistency_reference: the same with T copied from another random test image
+                        class_consistency_reference: the same with T copied from another random test image;
+                        class_consistency_nearest: T copied from the training image nearest on x_S (a
+                        memorising model's completion: what x_S alone can tell)
     completion_diversity  mean pairwise Euclidean pixel distance of 8 completions of one x_S
 Figures under --out: gan_joint.png (joint samples of both arms), gan_completion.png (the paper's
 Fig. 13 in shape: S-ratio 0 to 0.9 left to right, one noise per row, the real x last), gan_curves.png
@@ -23,6 +26,7 @@ Fig. 13 in shape: S-ratio 0 to 0.9 left to right, one noise per row, the real x 
     python bench/gan.py --out runs/gan --json runs/gan/metrics.json
     python bench/gan.py --quick                          # about 30 s: checks the script works
     python bench/gan.py --arms biglearn_gan train.steps=500 train.r1_weight=1   # any key of the schema
+    python bench/gan.py --chimera-probe 500   # only: can a fresh discriminator tell real images from chimeras?
 """
 from __future__ import annotations
 
@@ -51,6 +55,7 @@ QUICK = ["model.d_model=32", "model.n_heads=2", "model.generator_layers=1", "mod
          "eval.curve_samples=100", "eval.completion_images=100", "eval.diversity_images=10", "eval.classifier_hidden=32"]
 FIGURE_RATIOS = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)  # the paper's Fig. 13 columns
 GRID_ROWS, GRID_COLS = 8, 10
+PROBE_RATIO = 0.5  # --chimera-probe: the S-ratio of the completion goal
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -99,6 +104,8 @@ class Bench:
         completed = self.images(gan_train.complete(generator, x, source, z, e.batch_size))
         other = x[torch.from_numpy((np.arange(n) + rng.integers(1, n, size=n)) % n)]  # never the image itself
         pasted = self.images(torch.where(torch.from_numpy(source)[..., None], x, other))
+        nearest = self.train_x[torch.from_numpy(metrics.nearest_on_source(x.numpy(), source, self.train_x.numpy()))]
+        memorised = self.images(torch.where(torch.from_numpy(source)[..., None], x, nearest))
         k, m = e.diversity_draws, min(e.diversity_images, n)
         repeated = x[:m].repeat_interleave(k, 0)
         draws = gan_train.complete(generator, repeated, np.repeat(source[:m], k, 0),
@@ -106,6 +113,7 @@ class Bench:
         draws = self.images(draws).reshape(m, k, -1)
         return {"consistency": float((self.classifier.predict(completed) == labels).mean()),
                 "reference": float((self.classifier.predict(pasted) == labels).mean()),
+                "nearest": float((self.classifier.predict(memorised) == labels).mean()),
                 "diversity": float(np.mean([metrics.mean_pairwise_distance(d) for d in draws]))}
 
 
@@ -182,6 +190,23 @@ def draw_curves(curves: dict, out: Path) -> None:
     plt.close(fig)
 
 
+def probe(train_x: torch.Tensor, experiment: GANExperiment, args) -> None:
+    """--chimera-probe: the discriminator's loss against chimeras, printed and optionally as JSON."""
+    start, load_start = time.time(), os.getloadavg()[0]
+    points = gan_train.chimera_probe(train_x, experiment, args.chimera_probe, PROBE_RATIO)
+    t = experiment.train
+    print(f"\ndiscriminator alone, real images vs chimeras at S-ratio {PROBE_RATIO} (lr {t.discriminator_lr}, "
+          f"betas ({t.beta1}, {t.beta2}), R1 {t.r1_weight}); chance = log 4 = 1.386\n\n| step | D loss (window mean) |\n|---|---|")
+    for p in points:
+        print(f"| {p['step']} | {p['d_loss']:.3f} |")
+    wall, load_end = time.time() - start, os.getloadavg()[0]
+    print(f"\nwall {wall:.0f} s; load average {load_start:.2f} at start, {load_end:.2f} at end")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"chimera_probe": points, "ratio": PROBE_RATIO, "overrides": args.overrides,
+                                         "wall_seconds": wall, "load_average": [load_start, load_end]}, indent=1))
+
+
 def parse_args(argv):
     parser = OneLineParser(prog="bench/gan.py", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -194,6 +219,10 @@ def parse_args(argv):
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the metrics here as JSON")
     parser.add_argument("--out", type=Path, default=Path("runs/gan"), help=f"PNG figures go here {d}")
     parser.add_argument("--no-figures", dest="figures", action="store_false")
+    parser.add_argument("--chimera-probe", type=int, default=0, metavar="STEPS",
+                        help="train no arm: train a fresh discriminator for STEPS steps on real images against chimeras "
+                             "(x_S of one image, x_T pasted from another, S-ratio 0.5) and print its loss "
+                             "(pretrain.experiments.gan.train.chimera_probe) " + d)
     parser.add_argument("--threads", type=int, default=1, help=f"torch CPU threads (more only on an idle machine) {d}")
     add_debug_flag(parser)
     args = parser.parse_args(argv)
@@ -202,6 +231,8 @@ def parse_args(argv):
     if unknown or not arms:
         parser.error(f"--arms: unknown arm {unknown[0]!r}; choose from {', '.join(ARMS)}" if unknown else "--arms is empty")
     args.arms = [a for a in ARMS if a in arms]
+    if args.chimera_probe < 0:
+        parser.error(f"--chimera-probe must be >= 0, got {args.chimera_probe}")
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     return args
@@ -213,6 +244,8 @@ def main(argv=None) -> None:
     start, load_start = time.time(), os.getloadavg()[0]
     try:  # the config and the data are the user's input: their errors are one line
         experiment = load([*(QUICK if args.quick else []), *args.overrides], cls=GANExperiment, config_name="gan_digits")
+        if args.chimera_probe:
+            return probe(load_data(experiment, args.quick)[0], experiment, args)
         bench = Bench(experiment, args.quick)
     except ValueError as err:
         raise UserError(err) from None
@@ -250,9 +283,11 @@ def main(argv=None) -> None:
               f"({r['train_cpu_seconds']:.0f}) | {r['frechet']:.2f} | {r['class_coverage']:.3f} | "
               f"{100 * r['class_min_share']:.1f}% |")
     if completion:
-        print("\n| S-ratio | class consistency | reference: T from another image | diversity (8 draws) |\n|---|---|---|---|")
+        print("\n| S-ratio | class consistency | reference: T from another image | reference: T from the nearest "
+              "training image on S | diversity (8 draws) |\n|---|---|---|---|---|")
         for ratio, c in completion.items():
-            print(f"| {ratio} | {100 * c['consistency']:.1f}% | {100 * c['reference']:.1f}% | {c['diversity']:.3f} |")
+            print(f"| {ratio} | {100 * c['consistency']:.1f}% | {100 * c['reference']:.1f}% | {100 * c['nearest']:.1f}% "
+                  f"| {c['diversity']:.3f} |")
     wall, load_end = time.time() - start, os.getloadavg()[0]
     print(f"\nwall {wall:.0f} s; load average {load_start:.2f} at start, {load_end:.2f} at end")
     if args.json:
@@ -262,6 +297,7 @@ def main(argv=None) -> None:
             "class_min_share": per_arm("class_min_share"),
             "class_consistency": {r: c["consistency"] for r, c in completion.items()},
             "class_consistency_reference": {r: c["reference"] for r, c in completion.items()},
+            "class_consistency_nearest": {r: c["nearest"] for r, c in completion.items()},
             "completion_diversity": {r: c["diversity"] for r, c in completion.items()},
             "params": {arm: results[arm]["params_generator"] + results[arm]["params_discriminator"] for arm in args.arms},
             "params_generator": per_arm("params_generator"), "params_discriminator": per_arm("params_discriminator"),

@@ -4,7 +4,7 @@ joint GAN (S always empty) it is compared with.
 
     config.py     experiment schemas (configs/gan_digits.yaml)
     model.py      Generator and Discriminator (pretrain.model blocks over patch rows)
-    objective.py  (S, T) splits, eq. (8), the R1 penalty
-    train.py      alternating training (Algorithm 1); joint sampling and completion
-    metrics.py    the digits classifier, Frechet distance, class coverage, pairwise distance
+    objective.py  (S, T) splits, eq. (8), the R1 penalty, eq. (12) "communication" (App. D.2)
+    train.py      alternating training (Algorithm 1); joint sampling and completion; the chimera probe
+    metrics.py    the digits classifier, Frechet distance, class coverage, pairwise distance, nearest image on S
 """

@@ -18,6 +18,20 @@ ARMS = ("gan", "biglearn_gan")  # the joint GAN (S always empty) and the univers
 
 
 @dataclass
+class GANObjectiveConfig(BigLearnConfig):
+    """q(S, T) of the BigLearn-GAN and the weight of the App. D.2 "communication" term.
+
+    Per sample: with probability joint_fraction the joint task (S = {}, T = all), otherwise the
+    text model's sampler with the inherited Betas (S-ratio, then T-ratio of the rest). Eq. (8)
+    holds for any q(S, T); the paper's (App. D.3) is joint_fraction 0 with Beta(0.5, 3), Beta(3, 0.5).
+    communication_weight > 0 adds eq. (12) (objective.communication_loss), weighted, to both
+    players' losses: each sample's (S, T) against ({}, S u T), the joint generation of the same patches.
+    """
+    joint_fraction: float = 0.0
+    communication_weight: float = 0.0
+
+
+@dataclass
 class GANConfig:
     d_model: int = 64
     n_heads: int = 4
@@ -67,7 +81,7 @@ class GANEvalConfig:
 @dataclass
 class GANExperiment:
     model: GANConfig = field(default_factory=GANConfig)
-    objective: BigLearnConfig = field(default_factory=BigLearnConfig)  # S- and T-ratio Betas, as for text
+    objective: GANObjectiveConfig = field(default_factory=GANObjectiveConfig)
     data: VAEDataConfig = field(default_factory=VAEDataConfig)
     train: GANTrainConfig = field(default_factory=GANTrainConfig)
     eval: GANEvalConfig = field(default_factory=GANEvalConfig)
@@ -75,7 +89,12 @@ class GANExperiment:
     def __post_init__(self):
         """UserError naming the first bad key (<section>.<key>)."""
         t, e = self.train, self.eval
-        check_ratio_betas(self.objective)
+        o = self.objective
+        check_ratio_betas(o)
+        require(0 <= o.joint_fraction <= 1, "objective.joint_fraction", "must be a probability in [0, 1]",
+                o.joint_fraction)
+        require(math.isfinite(o.communication_weight) and o.communication_weight >= 0, "objective.communication_weight",
+                "must be a number >= 0", o.communication_weight)
         for key in ("steps", "batch_size", "eval_every", "r1_every"):
             require(getattr(t, key) >= 1, f"train.{key}", "must be >= 1", getattr(t, key))
         for key in ("generator_lr", "discriminator_lr"):

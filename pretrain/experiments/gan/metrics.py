@@ -58,7 +58,7 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
 def class_coverage(labels: np.ndarray, n_classes: int = 10) -> tuple[float, float]:
     """(entropy in nats of the label histogram, smallest class share); log(10) = 2.303 is uniform."""
     shares = np.bincount(labels, minlength=n_classes) / len(labels)
-    entropy = -sum(p * math.log(p) for p in shares if p > 0)
+    entropy = -sum(p * math.log(p) for p in shares if p > 0) + 0.0  # + 0.0: one class is 0.0, not -0.0
     return float(entropy), float(shares.min())
 
 
@@ -67,3 +67,18 @@ def mean_pairwise_distance(samples: np.ndarray) -> float:
     flat = samples.reshape(len(samples), -1).astype(np.float64)
     dist = np.sqrt(((flat[:, None] - flat[None]) ** 2).sum(-1))
     return float(dist[np.triu_indices(len(flat), 1)].mean())
+
+
+def nearest_on_source(x: np.ndarray, source: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """For each x [n, L, D] the index into pool [N, L, D] of the image nearest to it on its own
+    source patches (boolean source [n, L]; squared Euclidean distance over S only): the completion
+    of a model that has memorised the training set, a reference for what x_S alone can tell."""
+    pool = pool.astype(np.float64)
+    pool_sq = (pool ** 2).sum(-1)[None]
+    out = []
+    for start in range(0, len(x), 64):  # [64, N, L] at a time
+        chunk = x[start:start + 64].astype(np.float64)
+        # ||x_l - p_l||^2 = ||x_l||^2 + ||p_l||^2 - 2 x_l . p_l, per patch l, summed over l in S.
+        per_patch = (chunk ** 2).sum(-1)[:, None] + pool_sq - 2 * np.einsum("nld,mld->nml", chunk, pool)
+        out.append((per_patch * source[start:start + 64, None]).sum(-1).argmin(1))
+    return np.concatenate(out)

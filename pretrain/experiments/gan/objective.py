@@ -10,6 +10,16 @@ Converge?" (Mescheder et al., 2018) on real data, the generator descends the usu
 form of (8) (maximise log sigma(f) of its samples instead of minimising log sigma(-f): same fixed
 point, useful gradients while D wins). With S = {} and T = all, (8) is the joint GAN.
 
+"Communication" (App. D.2, eq. 12): two splits of the same patches, (S1, T1) and (S2, T2) with
+S1 u T1 = S2 u T2, aim at the same q(x_{S u T}), so their model distributions are matched against
+each other, with the discriminator of (8) reused as f(x; S2, T2) - f(x; S1, T1):
+
+    min_theta max_phi  E[ E_{x ~ p_theta(x_T1 | x_S1) q(x_S1)} log sigma[f(x; S2, T2) - f(x; S1, T1)]
+                        + E_{x ~ p_theta(x_T2 | x_S2) q(x_S2)} log sigma[f(x; S1, T1) - f(x; S2, T2)] ]   (12)
+
+Here (S2, T2) is each sample's draw and (S1, T1) = ({}, S2 u T2), the joint generation of the
+same patches; the generator again takes the non-saturating form (the two margins' signs swapped).
+
 A TaskSplit holds one (S, T) per sample in the sorted layout (pretrain.experiments.vae.objective
 builds it on patch indices: S rows, T rows in one group, the dropped rest).
 """
@@ -50,6 +60,14 @@ class TaskSplit:
         stacked = {f.name: torch.cat([getattr(self.batch, f.name)] * times) for f in fields(self.batch)
                    if torch.is_tensor(getattr(self.batch, f.name))}
         return TaskSplit(replace(self.batch, **stacked), torch.cat([self.target_pixels] * times))
+
+
+def joint_over_union(split: TaskSplit) -> TaskSplit:
+    """({}, S u T) of each sample of `split`: eq. (12)'s partner task, joint generation of the same patches."""
+    b, n_patches = split.batch, split.target_pixels.shape[1]
+    tokens, width = b.tokens.cpu().numpy(), (b.n_source + b.n_target).tolist()
+    return TaskSplit.of(split_specs([[]] * len(width), [tokens[i, :w] for i, w in enumerate(width)], n_patches),
+                        n_patches, b.groups.device)
 
 
 def source_splits(source: np.ndarray, device=None) -> TaskSplit:
@@ -118,6 +136,25 @@ def discriminator_loss(discriminator, real: torch.Tensor, fake: torch.Tensor, sp
     loss = adversarial + 0.5 * r1_weight * penalty.mean()
     return loss, {"d_loss": adversarial.detach(), "r1": penalty.detach().mean(),
                   "d_real": torch.sigmoid(real_logits.detach()).mean()}
+
+
+def communication_margins(discriminator, joint_fake: torch.Tensor, fake: torch.Tensor, split: TaskSplit,
+                          joint: TaskSplit):
+    """The two margins of (12), [B] each: f(x1; S, T) - f(x1; {}, U) on joint_fake x1 ~ p(x_U) and
+    f(x2; {}, U) - f(x2; S, T) on fake x2 ~ p(x_T | x_S) q(x_S), for split = (S, T) and
+    joint = joint_over_union(split) = ({}, U). The discriminator raises both, the generator lowers them."""
+    both = torch.cat([joint_fake, fake])
+    under_split = discriminate(discriminator, both, split.repeat(2))
+    under_joint = discriminate(discriminator, both, joint.repeat(2))
+    margins = under_split - under_joint
+    return margins[:len(fake)], -margins[len(fake):]
+
+
+def communication_loss(discriminator, joint_fake, fake, split, joint, generator: bool = False):
+    """-(12), the discriminator's loss; with generator=True the generator's non-saturating form
+    (each margin's sign swapped, as for (8))."""
+    sign = -1.0 if generator else 1.0
+    return sum(F.softplus(-sign * m).mean() for m in communication_margins(discriminator, joint_fake, fake, split, joint))
 
 
 def generator_loss(discriminator, fake: torch.Tensor, split: TaskSplit):

@@ -1,14 +1,18 @@
 """Alternating training of a generator and a discriminator (Algorithm 1 of "Big Cooperative
 Learning", App. D.3), and sampling from a trained generator.
 
-Each step draws a batch of training images and one (S, T) per image (the BigLearn-GAN: the text
-model's sampler; the joint GAN: S = {}, T = all), then
+Each step draws a batch of training images and one (S, T) per image (the BigLearn-GAN: the joint
+task with probability objective.joint_fraction, else the text model's sampler; the joint GAN:
+S = {}, T = all), then
     1. one discriminator update on -(8) + R1 (objective.discriminator_loss), fakes from a fresh z;
     2. one generator update on the non-saturating (8) (objective.generator_loss), another fresh z,
        the same (S, T) and x_S.
+With objective.communication_weight > 0 (BigLearn-GAN only) both updates add that weight times
+eq. (12) between each (S, T) and ({}, S u T), on joint samples of S u T from one more fresh z.
 AdamW with constant learning rates for both; what is evaluated and returned is the moving average
 of the generator's weights (train.ema_decay). The same seed gives both arms the same initial weights,
-the same image batches and the same noise, so they differ only in their (S, T).
+the same image batches (their own random stream, apart from the splits') and the same noise, so
+they differ only in their (S, T).
 """
 from __future__ import annotations
 
@@ -34,9 +38,12 @@ class TrainingCurve:
 
 
 def splits(arm: str, n_patches: int, batch_size: int, rng: np.random.Generator, experiment: GANExperiment):
-    specs = biglearn_specs(n_patches, batch_size, rng, experiment.objective) if arm == "biglearn_gan" \
-        else joint_specs(n_patches, batch_size)
-    return objective.TaskSplit.of(specs, n_patches)
+    joint = joint_specs(n_patches, batch_size)
+    if arm == "biglearn_gan":
+        o = experiment.objective
+        drawn = biglearn_specs(n_patches, batch_size, rng, o)
+        joint = [j if u < o.joint_fraction else d for j, d, u in zip(joint, drawn, rng.random(batch_size))]
+    return objective.TaskSplit.of(joint, n_patches)
 
 
 def fit(arm: str, train_x: torch.Tensor, experiment: GANExperiment,
@@ -45,7 +52,8 @@ def fit(arm: str, train_x: torch.Tensor, experiment: GANExperiment,
     patches train_x [N, L, D] in [0, 1]; `evaluate` runs every train.eval_every steps and at the end."""
     t, m = experiment.train, experiment.model
     torch.manual_seed(t.seed)
-    rng = np.random.default_rng(t.seed)
+    image_rng, split_rng = (np.random.default_rng([t.seed, stream]) for stream in (0, 1))
+    communication = experiment.objective.communication_weight if arm == "biglearn_gan" else 0.0
     n_images, n_patches, patch_dim = train_x.shape
     generator, discriminator = Generator(m, n_patches, patch_dim), Discriminator(m, n_patches, patch_dim)
     g_opt = torch.optim.AdamW(generator.parameters(), lr=t.generator_lr, betas=(t.beta1, t.beta2),
@@ -62,14 +70,19 @@ def fit(arm: str, train_x: torch.Tensor, experiment: GANExperiment,
     cpu_used = 0.0
     for step in steps:
         cpu_start = time.process_time()
-        x = train_x[torch.from_numpy(rng.integers(n_images, size=t.batch_size))]
-        split = splits(arm, n_patches, t.batch_size, rng, experiment)
+        x = train_x[torch.from_numpy(image_rng.integers(n_images, size=t.batch_size))]
+        split = splits(arm, n_patches, t.batch_size, split_rng, experiment)
+        joint = objective.joint_over_union(split) if communication else None
 
         # 1. Discriminator: ascend (8) on (real, generated) pairs of the same (S, T) and x_S, R1 on the real ones.
         with torch.no_grad():
             fake = objective.generate(generator, x, split, torch.randn(t.batch_size, m.z_dim))
+            joint_fake = objective.generate(generator, x, joint, torch.randn(t.batch_size, m.z_dim)) if communication else None
         lazy_r1 = t.r1_weight * t.r1_every if step % t.r1_every == 0 else 0.0
         d_loss, stats = objective.discriminator_loss(discriminator, x, fake, split, lazy_r1)
+        if communication:
+            stats["d_communication"] = objective.communication_loss(discriminator, joint_fake, fake, split, joint)
+            d_loss = d_loss + communication * stats["d_communication"]
         d_opt.zero_grad(set_to_none=True)
         d_loss.backward()
         d_opt.step()
@@ -78,6 +91,10 @@ def fit(arm: str, train_x: torch.Tensor, experiment: GANExperiment,
         discriminator.requires_grad_(False)
         fake = objective.generate(generator, x, split, torch.randn(t.batch_size, m.z_dim))
         g_loss = objective.generator_loss(discriminator, fake, split)
+        if communication:
+            joint_fake = objective.generate(generator, x, joint, torch.randn(t.batch_size, m.z_dim))
+            g_loss = g_loss + communication * objective.communication_loss(discriminator, joint_fake, fake, split, joint,
+                                                                           generator=True)
         g_opt.zero_grad(set_to_none=True)
         g_loss.backward()
         g_opt.step()
@@ -89,12 +106,13 @@ def fit(arm: str, train_x: torch.Tensor, experiment: GANExperiment,
         if not (torch.isfinite(d_loss) and torch.isfinite(g_loss)):
             raise FloatingPointError(f"train {arm}: non-finite loss at step {step} (lower train.*_lr?)")
         window.append({"d_loss": stats["d_loss"].item(), "g_loss": g_loss.item(), "d_real": stats["d_real"].item(),
-                       **({"r1": stats["r1"].item()} if lazy_r1 else {})})
+                       **({"r1": stats["r1"].item()} if lazy_r1 else {}),
+                       **({"d_communication": stats["d_communication"].item()} if communication else {})})
         if progress:
             steps.set_postfix(d=f"{window[-1]['d_loss']:.3f}", g=f"{window[-1]['g_loss']:.3f}", refresh=False)
         if step % t.eval_every == 0 or step == t.steps:
             point = {"step": step, "cpu_seconds": cpu_used,
-                     **{key: float(np.mean(values)) for key in ("d_loss", "g_loss", "d_real", "r1")
+                     **{key: float(np.mean(values)) for key in ("d_loss", "g_loss", "d_real", "r1", "d_communication")
                         if (values := [w[key] for w in window if key in w])}}
             if evaluate is not None:
                 point.update(evaluate(evaluated(generator, average)))
@@ -102,6 +120,41 @@ def fit(arm: str, train_x: torch.Tensor, experiment: GANExperiment,
             curve.points.append(point)
             window = []
     return evaluated(generator, average), discriminator.eval(), curve
+
+
+def chimera_probe(train_x: torch.Tensor, experiment: GANExperiment, steps: int, ratio: float,
+                  every: int = 50, progress: bool = True) -> list[dict]:
+    """Can a fresh discriminator (the config's model, optimiser and R1) learn the check the
+    BigLearn-GAN needs for completions: (x_S, x_T) of one image (real) against x_S of one training
+    image with x_T pasted from another (fake, every patch realistic, only their fit wrong)? S holds
+    round(ratio x L) random patches, T the rest. Returns {"step", "d_loss"} window means every
+    `every` steps (log 4 = 1.386: chance)."""
+    t = experiment.train
+    torch.manual_seed(t.seed)
+    rng = np.random.default_rng([t.seed, 2])
+    n_images, n_patches, patch_dim = train_x.shape
+    discriminator = Discriminator(experiment.model, n_patches, patch_dim)
+    d_opt = torch.optim.AdamW(discriminator.parameters(), lr=t.discriminator_lr, betas=(t.beta1, t.beta2),
+                              weight_decay=t.weight_decay)
+    points, window = [], []
+    step_range = range(1, steps + 1)
+    if progress:
+        from tqdm import tqdm
+        step_range = tqdm(step_range, desc="chimera probe", unit="step", mininterval=2, file=sys.stderr)
+    for step in step_range:
+        real, other = (train_x[torch.from_numpy(rng.integers(n_images, size=t.batch_size))] for _ in range(2))
+        source = objective.source_masks(t.batch_size, n_patches, ratio, rng)
+        chimera = torch.where(torch.from_numpy(source)[..., None], real, other)
+        lazy_r1 = t.r1_weight * t.r1_every if step % t.r1_every == 0 else 0.0
+        loss, stats = objective.discriminator_loss(discriminator, real, chimera, objective.source_splits(source), lazy_r1)
+        d_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        d_opt.step()
+        window.append(stats["d_loss"].item())
+        if step % every == 0 or step == steps:
+            points.append({"step": step, "d_loss": float(np.mean(window))})
+            window = []
+    return points
 
 
 def evaluated(generator: Generator, average) -> Generator:

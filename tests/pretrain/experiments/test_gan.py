@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.experiments.gan import metrics, objective
+from pretrain.experiments.gan import metrics, objective, train
 from pretrain.experiments.gan.config import GANConfig, GANExperiment
 from pretrain.experiments.gan.model import Discriminator, Generator
 from pretrain.experiments.vae.objective import biglearn_specs, split_specs
@@ -152,6 +152,53 @@ def test_losses_are_eq_8_with_r1():
                                -torch.log(torch.sigmoid(f_fake)).mean(), rtol=1e-10, atol=1e-10)
 
 
+def test_communication_term_is_eq_12_against_one_sample_at_a_time():
+    """Eq. (12) with (S1, T1) = ({}, S u T) and (S2, T2) = each sample's draw, from single-sample
+    splits built from the roles read back from the layout (not from joint_over_union)."""
+    rng = np.random.default_rng()
+    _, discriminator = _models(int(rng.integers(1 << 30)), torch.float64)
+    batch = 6
+    split = objective.TaskSplit.of(biglearn_specs(L, batch, rng, WIDE), L)
+    joint = objective.joint_over_union(split)
+    joint_fake, fake = torch.rand(batch, L, D, dtype=torch.float64), torch.rand(batch, L, D, dtype=torch.float64)
+    d_terms, g_terms = [], []
+    for i, (source, target, _) in enumerate(_roles(split)):
+        def f(x, s, t):
+            one = objective.TaskSplit.of(split_specs([s], [t], L), L)
+            return objective.discriminate(discriminator, x[i:i + 1], one).item()
+        union = np.concatenate([source, target])
+        first = f(joint_fake, source, target) - f(joint_fake, [], union)  # x1 ~ p(x_U): f(x1; S2, T2) - f(x1; S1, T1)
+        second = f(fake, [], union) - f(fake, source, target)  # x2 ~ p(x_T | x_S): f(x2; S1, T1) - f(x2; S2, T2)
+        d_terms.append(-math.log(1 / (1 + math.exp(-first))) - math.log(1 / (1 + math.exp(-second))))
+        g_terms.append(-math.log(1 / (1 + math.exp(first))) - math.log(1 / (1 + math.exp(second))))
+    for source, target, _ in _roles(joint):
+        assert len(source) == 0
+    assert [sorted(t) for _, t, _ in _roles(joint)] == [sorted(np.concatenate([s, t])) for s, t, _ in _roles(split)]
+    with torch.no_grad():
+        d_loss = objective.communication_loss(discriminator, joint_fake, fake, split, joint)
+        g_loss = objective.communication_loss(discriminator, joint_fake, fake, split, joint, generator=True)
+    assert d_loss.item() == pytest.approx(np.mean(d_terms), rel=1e-9)
+    assert g_loss.item() == pytest.approx(np.mean(g_terms), rel=1e-9)
+
+
+def test_joint_fraction_mixes_the_joint_task_into_the_biglearn_splits():
+    rng = np.random.default_rng()
+    n = 4000
+    for fraction in (0.0, 0.3, 1.0):
+        experiment = load_experiment([f"objective.joint_fraction={fraction}", "objective.source_alpha=0.5",
+                                      "objective.source_beta=3"])  # the paper's S-ratio Beta
+        roles = _roles(train.splits("biglearn_gan", L, n, rng, experiment))
+        joint = np.array([len(s) == 0 and len(t) == L for s, t, _ in roles])
+        # Drawn splits are the joint task on their own with probability P(S = {}) P(T = all | S = {}):
+        # ~10% with the paper's Betas (docs/capabilities.md), estimated here from fraction 0.
+        if fraction == 0.0:
+            base = joint.mean()
+            assert 0.05 < base < 0.2
+        expected = fraction + (1 - fraction) * base
+        assert abs(joint.mean() - expected) < 4 * math.sqrt(expected * (1 - expected) / n) + 1e-9, fraction
+    assert all(len(s) == 0 and len(t) == L for s, t, _ in _roles(train.splits("gan", L, 50, rng, experiment)))
+
+
 def test_frechet_distance_against_closed_forms():
     rng = np.random.default_rng()
     k = int(rng.integers(2, 9))
@@ -181,13 +228,22 @@ def test_frechet_distance_against_closed_forms():
 def test_class_coverage_and_pairwise_distance_against_direct_definitions():
     rng = np.random.default_rng()
     assert metrics.class_coverage(np.repeat(np.arange(10), 7)) == pytest.approx((math.log(10), 0.1))
-    assert metrics.class_coverage(np.full(20, 3)) == (0.0, 0.0)
+    assert metrics.class_coverage(np.full(20, 3)) == (0.0, 0.0) and f"{metrics.class_coverage(np.full(20, 3))[0]:.3f}" == "0.000"
     labels = rng.integers(0, 4, size=50)
     shares = np.bincount(labels, minlength=10) / 50
     assert metrics.class_coverage(labels) == pytest.approx((-sum(p * math.log(p) for p in shares if p), 0.0))
     samples = rng.random((6, 8, 8))
     pairs = [np.linalg.norm(samples[i] - samples[j]) for i in range(6) for j in range(i + 1, 6)]
     assert metrics.mean_pairwise_distance(samples) == pytest.approx(np.mean(pairs))
+
+
+def test_nearest_on_source_against_a_loop():
+    rng = np.random.default_rng()
+    x, pool = rng.random((7, L, D)), rng.random((30, L, D))
+    source = objective.source_masks(7, L, 0.4, rng)
+    expected = [int(np.argmin([((x[i] - p) ** 2)[source[i]].sum() for p in pool])) for i in range(7)]
+    assert metrics.nearest_on_source(x, source, pool).tolist() == expected
+    assert (metrics.nearest_on_source(pool[:5], np.ones((5, L), dtype=bool), pool) == np.arange(5)).all()
 
 
 def test_source_masks_and_splits():
@@ -210,6 +266,9 @@ def load_experiment(overrides):
     ("eval.completion_ratios=[0.5,1.5]", r"^eval.completion_ratios must be S-ratios in \[0, 1\]"),
     ("objective.source_alpha=0", r"^objective.source_alpha must be a positive number"),
     ("model.generator_layers=0", r"^model.generator_layers must be a positive integer"),
+    ("objective.joint_fraction=1.5", r"^objective.joint_fraction must be a probability in \[0, 1\]"),
+    ("objective.communication_weight=-0.5", r"^objective.communication_weight must be a number >= 0"),
+    ("objective.communication_weight=nan", r"^objective.communication_weight must be a finite number"),
 ])
 def test_bad_configuration_is_a_one_line_error_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message) as err:
@@ -217,8 +276,9 @@ def test_bad_configuration_is_a_one_line_error_naming_the_key(override, message)
     assert "\n" not in str(err.value)
 
 
-def test_the_entry_config_holds_the_papers_ratio_distributions():
+def test_the_entry_config_holds_the_documented_task_distribution():
     experiment = load_experiment([])
     o = experiment.objective
-    assert (o.source_alpha, o.source_beta, o.target_alpha, o.target_beta) == (0.5, 3.0, 3.0, 0.5)
+    assert (o.source_alpha, o.source_beta, o.target_alpha, o.target_beta) == (1.0, 1.0, 3.0, 0.5)
+    assert (o.joint_fraction, o.communication_weight) == (0.5, 0.0)
     assert experiment.train.r1_weight >= 0 and experiment.eval.completion_ratios == [0.1, 0.3, 0.5, 0.7, 0.9]
