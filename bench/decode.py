@@ -33,6 +33,7 @@ same law must give the same mean up to that noise.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import statistics
@@ -45,6 +46,7 @@ from tqdm import tqdm
 
 from throughput import SIZES, format_table
 
+from data_pipeline.files import atomic_write
 from pretrain.infer import complete
 from pretrain.infer.decoding import SCHEDULES
 from pretrain.model import BigLearner, ModelConfig
@@ -75,9 +77,9 @@ def trained_model(args, source: MarkovSource) -> BigLearner:
                 model_config=config, progress=True)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"settings": settings, "state_dict": model.state_dict()}, tmp)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        torch.save({"settings": settings, "state_dict": model.state_dict()}, buffer)
+        atomic_write(path, buffer.getvalue())
     return model
 
 
@@ -320,7 +322,7 @@ def main(argv=None) -> list[dict]:
     rows += exact
     print("\ngoals:\n" + "\n".join(goal_lines(rows)))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        atomic_write(args.json, json.dumps(rows, indent=2))
     return rows
 
 

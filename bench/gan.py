@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipeline.errors import UserError, add_debug_flag, cli_main
+from data_pipeline.files import atomic_write
 from pretrain.experiments.gan import metrics, objective
 from pretrain.experiments.gan import train as gan_train
 from pretrain.experiments.gan.config import ARMS, GANExperiment
@@ -203,8 +204,8 @@ def probe(train_x: torch.Tensor, experiment: GANExperiment, args) -> None:
     print(f"\nwall {wall:.0f} s; load average {load_start:.2f} at start, {load_end:.2f} at end")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"chimera_probe": points, "ratio": PROBE_RATIO, "overrides": args.overrides,
-                                         "wall_seconds": wall, "load_average": [load_start, load_end]}, indent=1))
+        atomic_write(args.json, json.dumps({"chimera_probe": points, "ratio": PROBE_RATIO, "overrides": args.overrides,
+                                            "wall_seconds": wall, "load_average": [load_start, load_end]}, indent=1))
 
 
 def parse_args(argv):
@@ -307,9 +308,7 @@ def main(argv=None) -> None:
             "quick": args.quick, "overrides": args.overrides,
             "command": " ".join(["python", "bench/gan.py", *(sys.argv[1:] if argv is None else argv)])}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.json.with_name(args.json.name + ".partial")
-        partial.write_text(json.dumps(payload, indent=1))
-        partial.replace(args.json)
+        atomic_write(args.json, json.dumps(payload, indent=1))
     if args.figures:
         print(f"figures: {', '.join(str(args.out / n) for n in ('gan_joint.png', 'gan_completion.png', 'gan_curves.png'))}")
 

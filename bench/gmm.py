@@ -59,6 +59,8 @@ import sys
 import time
 from pathlib import Path
 
+from data_pipeline.files import atomic_write
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch loads OpenMP: one thread
 
 import numpy as np  # noqa: E402
@@ -591,7 +593,7 @@ def main(argv=None):
                    "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                    "command": " ".join(["python", "bench/gmm.py", *(sys.argv[1:] if argv is None else argv)])}
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=1))
+        atomic_write(args.json, json.dumps(payload, indent=1))
 
 
 if __name__ == "__main__":

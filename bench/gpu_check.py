@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from data_pipeline.files import atomic_write
+
 ROOT = Path(__file__).resolve().parents[1]
 PARTS = ("kernels", "attention", "peers", "training")
 TRAIN_SECONDS = 60
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
             report["parts"].append(run_part(part, out, args.part_timeout))
     print(format_summary(report))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        atomic_write(args.json, json.dumps(report, indent=1))
     return 1 if any(p["status"] == "failed" for p in report["parts"]) else 0
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.files import atomic_write
 from pretrain.layout import collate
 import shootout as base
 
@@ -283,7 +284,7 @@ def run_ladder(args) -> list[dict]:
     checks = [g for data in args.data for g in goals(rows, data)]
     record = {"args": vars(args), "rows": rows, "goals": checks,
               "load_average": {"start": load_at_start, "end": os.getloadavg()}}
-    (out / "ladder.json").write_text(json.dumps(record, indent=1))  # first: the tables are derived from it
+    atomic_write((out / "ladder.json"), json.dumps(record, indent=1))  # first: the tables are derived from it
     tables = [summary(rows, data) for data in args.data]
     tables += [table(rows, data, i) for data in args.data for i in range(len(args.budgets))]
     goal_lines = "\n".join(f"- {'met' if g['met'] else 'MISSED'}: {g['data']}, {g['model']}: {g['goal']}: "

@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.files import atomic_write
 from throughput import (FIRST_WORD_ID, SIZES, batch_maker, build_model, format_table, measure, measure_ours,
                         ours_runner, peak_rss_bytes, summarise, sync, train_step)
 
@@ -439,7 +440,7 @@ def main(argv=None) -> list[dict]:
     plot_path = args.plot or (args.json.with_suffix(".png") if args.json else Path("peers.png"))
     plot(peers, plot_path)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        atomic_write(args.json, json.dumps(rows, indent=1))
     print(f"\nplot: {plot_path}" + (f", rows: {args.json}" if args.json else ""))
     return rows
 

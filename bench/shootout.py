@@ -52,6 +52,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from biglearn_kernels import INVALID_GROUP  # noqa: E402
+from data_pipeline.files import atomic_write  # noqa: E402
 from pretrain.layout import IGNORE_LABEL, TaskBatch, collate  # noqa: E402
 from pretrain.model import BigLearner, ModelConfig  # noqa: E402
 from pretrain.objectives import EVAL_TASKS, ObjectiveSampler, eval_split  # noqa: E402
@@ -550,7 +551,7 @@ def main(argv=None) -> list[dict]:
     record = {"args": {k: v for k, v in vars(args).items()}, "rows": rows, "goals": checks,
               "curves": [{"data": d, "model": m, "points": p} for (d, m), p in curves.items()],
               "load_average": {"start": load_at_start, "end": os.getloadavg()}}
-    (out / "shootout.json").write_text(json.dumps(record, indent=1))
+    atomic_write((out / "shootout.json"), json.dumps(record, indent=1))
     (out / "shootout.md").write_text("\n\n".join(table(rows, d, b, markdown=True) for d in args.data for b in BUDGETS)
                                      + "\n\n" + "\n".join(f"- {'met' if g['met'] else 'MISSED'}: {g['data']}, "
                                                              f"{g['goal']}: {g['gap']:+.1%}" for g in checks) + "\n")

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_pipeline.files import atomic_write
 from pretrain.layout import collate
 from pretrain.model import BigLearner, ModelConfig
 from pretrain.objectives import ObjectiveConfig, ObjectiveSampler, PLMConfig
@@ -188,7 +189,7 @@ def main(argv=None) -> list[dict]:
           f"median of {args.steps} steps (forward + backward + AdamW)")
     print(format_table(rows, COLUMNS))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
+        atomic_write(args.json, json.dumps(rows, indent=1))
     return rows
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, add_debug_flag, cli_main
+from data_pipeline.files import atomic_write
 from pretrain.experiments.vae import objective, patches
 from pretrain.experiments.vae import train as vae_train
 from pretrain.experiments.vae.config import VAEExperiment
@@ -213,9 +214,7 @@ def main(argv=None) -> None:
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.json.with_name(args.json.name + ".partial")
-        partial.write_text(json.dumps(metrics, indent=2))
-        partial.replace(args.json)
+        atomic_write(args.json, json.dumps(metrics, indent=2))
     if args.figures:
         print(f"\nfigures: {args.out / 'vae_inference.png'}, {args.out / 'vae_inpainting.png'}, {args.out / 'vae_curves.png'}")
 

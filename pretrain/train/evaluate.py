@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, add_debug_flag, cli_main, require
+from data_pipeline.files import atomic_write
 
 from ..checkpoint.card import format_matrix
 from ..layout import TaskBatch, collate
@@ -197,7 +198,7 @@ def _main(argv: list[str], prog: str) -> int:
     print(format_matrix(matrix))
     broken = [task for task, row in matrix.items() if not math.isfinite(row["nll"])]
     if args.out:
-        Path(args.out).write_text(json.dumps(matrix, indent=2))
+        atomic_write(Path(args.out), json.dumps(matrix, indent=2))
     if args.plot:
         run_dir = Path(meta.get("run_dir", args.ckpt))
         print(f"plot: {plot_run(run_dir if run_dir.is_dir() else args.ckpt, matrix, out=Path(args.plot))}")
