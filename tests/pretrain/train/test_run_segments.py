@@ -34,7 +34,8 @@ def _run(*args):
 def test_label_slot_learned_by_pretraining_classifies_held_out_rows(tmp_path):
     import torch
 
-    from pretrain.infer import classify, load_model
+    from pretrain.checkpoint.loading import load_model
+    from pretrain.infer import classify
 
     rng = np.random.default_rng()
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(rng, 600)))
