@@ -474,9 +474,12 @@ def parse_args(argv):
     args.data = [d for d in args.data.split(",") if d]
     args.models = [m for m in args.models.split(",") if m]
     try:
-        args.causal_grid = [tuple(float(v) for v in pair.split(":")) for pair in args.causal_grid.split(",") if pair]
-        assert all(len(pair) == 2 and 0 <= pair[0] < 1 and pair[1] >= 0 for pair in args.causal_grid)
-    except (ValueError, AssertionError):
+        grid = [tuple(float(v) for v in pair.split(":")) for pair in args.causal_grid.split(",") if pair]
+    except ValueError:
+        grid = None
+    if grid is not None and all(len(pair) == 2 and 0 <= pair[0] < 1 and pair[1] >= 0 for pair in grid):
+        args.causal_grid = grid
+    else:
         parser.error(f"--causal-grid: expected dropout:weight_decay pairs such as 0.1:0.1,0.3:0.5 "
                      f"(dropout in [0, 1)); got {args.causal_grid!r}")
     if args.ladder:

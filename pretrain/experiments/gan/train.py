@@ -38,12 +38,12 @@ class TrainingCurve:
 
 
 def splits(arm: str, n_patches: int, batch_size: int, rng: np.random.Generator, experiment: GANExperiment):
-    joint = joint_specs(n_patches, batch_size)
-    if arm == "biglearn_gan":
+    specs = joint_specs(n_patches, batch_size)
+    if arm == "biglearn_gan":  # per sample: the joint task with probability joint_fraction, else a drawn one
         o = experiment.objective
         drawn = biglearn_specs(n_patches, batch_size, rng, o)
-        joint = [j if u < o.joint_fraction else d for j, d, u in zip(joint, drawn, rng.random(batch_size))]
-    return objective.TaskSplit.of(joint, n_patches)
+        specs = [joint if u < o.joint_fraction else d for joint, d, u in zip(specs, drawn, rng.random(batch_size))]
+    return objective.TaskSplit.of(specs, n_patches)
 
 
 def fit(arm: str, train_x: torch.Tensor, experiment: GANExperiment,
@@ -56,10 +56,7 @@ def fit(arm: str, train_x: torch.Tensor, experiment: GANExperiment,
     communication = experiment.objective.communication_weight if arm == "biglearn_gan" else 0.0
     n_images, n_patches, patch_dim = train_x.shape
     generator, discriminator = Generator(m, n_patches, patch_dim), Discriminator(m, n_patches, patch_dim)
-    g_opt = torch.optim.AdamW(generator.parameters(), lr=t.generator_lr, betas=(t.beta1, t.beta2),
-                              weight_decay=t.weight_decay)
-    d_opt = torch.optim.AdamW(discriminator.parameters(), lr=t.discriminator_lr, betas=(t.beta1, t.beta2),
-                              weight_decay=t.weight_decay)
+    g_opt, d_opt = _adamw(generator, t.generator_lr, t), _adamw(discriminator, t.discriminator_lr, t)
     average = torch.optim.swa_utils.AveragedModel(
         generator, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay)) if t.ema_decay else None
     curve, window = TrainingCurve(), []
@@ -134,8 +131,7 @@ def chimera_probe(train_x: torch.Tensor, experiment: GANExperiment, steps: int, 
     rng = np.random.default_rng([t.seed, 2])
     n_images, n_patches, patch_dim = train_x.shape
     discriminator = Discriminator(experiment.model, n_patches, patch_dim)
-    d_opt = torch.optim.AdamW(discriminator.parameters(), lr=t.discriminator_lr, betas=(t.beta1, t.beta2),
-                              weight_decay=t.weight_decay)
+    d_opt = _adamw(discriminator, t.discriminator_lr, t)
     points, window = [], []
     step_range = range(1, steps + 1)
     if progress:
@@ -155,6 +151,11 @@ def chimera_probe(train_x: torch.Tensor, experiment: GANExperiment, steps: int, 
             points.append({"step": step, "d_loss": float(np.mean(window))})
             window = []
     return points
+
+
+def _adamw(module, lr: float, t) -> torch.optim.AdamW:
+    """AdamW with a constant learning rate (App. D.3), the train section's betas and weight decay."""
+    return torch.optim.AdamW(module.parameters(), lr=lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay)
 
 
 def evaluated(generator: Generator, average) -> Generator:
