@@ -1,6 +1,9 @@
 import sys
 
+from .engine import leave_process_group
 from .run import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    leave_process_group()
+    sys.exit(status)

@@ -122,6 +122,16 @@ def process_group(on_cpu: bool, timeout_s: float = 1800.0, extension_wait_s: flo
                 os.environ.pop(key, None)
 
 
+def leave_process_group() -> None:
+    """Destroy this process's group, for a command's `__main__` that exits next (torchrun's and
+    torchtitan's practice): left to the interpreter's shutdown, gloo's threads were once torn down
+    mid-run and aborted a rank after a finished two-rank run ("terminate called without an active
+    exception", exit -6; 1 in ~50 runs). Not in `train()` itself: in a process that runs again,
+    DeepSpeed keeps references to the group and a second run needs it (process_group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def deepspeed_config(ds: DeepSpeedConfig, t: TrainerConfig, micro_batch: int, world_size: int, on_cpu: bool) -> dict:
     """The DeepSpeed JSON config for this run (also written to run_dir/deepspeed_config.json); the
     learning-rate schedule is build_engine's WarmupCosine."""

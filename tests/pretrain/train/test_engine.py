@@ -168,3 +168,22 @@ def test_activation_checkpointing_under_zero3_gives_the_same_losses(tmp_path, ma
         losses[flag] = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses["true"]) == 4
     np.testing.assert_allclose(losses["true"], losses["false"], rtol=1e-6)
+
+
+def test_a_command_leaves_its_process_group_before_exiting():
+    """`python -m pretrain.train` / `pretrain.finetune` destroy the group after main() returns
+    (engine.leave_process_group); a second call, and a process without a group, are no-ops."""
+    script = ("import torch.distributed as dist\n"
+              "from pretrain.train.engine import leave_process_group\n"
+              "leave_process_group()\n"
+              "dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)\n"
+              "assert dist.is_initialized()\n"
+              "leave_process_group()\n"
+              "assert not dist.is_initialized()\n"
+              "leave_process_group()\n"
+              "print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    for module in ("pretrain.train", "pretrain.finetune"):
+        main = Path(__import__(module, fromlist=["__main__"]).__file__).with_name("__main__.py").read_text()
+        assert main.index("main()") < main.index("leave_process_group()") < main.index("sys.exit")
