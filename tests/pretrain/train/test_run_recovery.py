@@ -105,8 +105,13 @@ def test_two_writers_one_run_dir(cli, tmp_path, manifest, tiny_train):
         before = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
         cli(f"biglearn train {tiny_train} data.manifest={manifest} run_dir={run} trainer.max_steps=3"
             ).refused(2, "is in use", f"process {first.pid}")
-        _wait_for_step(first, run, 12)  # the first run goes on, its rotation undisturbed
-        assert set(before) <= {p.name for p in (run / "checkpoints").glob("step_*")} | set(before[:-3])
+        _wait_for_step(first, run, 12)  # the first run goes on, its rotation undisturbed:
+        # checkpoints every 5 steps, the newest keep_last = 3 kept (4 between a save's rename and
+        # its pruning), and every one of `before` that rotation has not reached yet still there.
+        # (The first run may be far past step 12 by now: the refused command took seconds.)
+        now = sorted(int(p.name.removeprefix("step_")) for p in (run / "checkpoints").glob("step_*"))
+        assert now and len(now) <= 4 and all(b - a == 5 for a, b in zip(now, now[1:])), now
+        assert {int(name.removeprefix("step_")) for name in before} & set(range(now[0], now[-1] + 1)) <= set(now)
     finally:
         os.killpg(first.pid, signal.SIGTERM)
         out, err = first.communicate(timeout=120)
