@@ -40,13 +40,14 @@ CLS_POSITION = 0  # rotary position of the discriminator's CLS row; patch i sits
 
 
 class BlockStack(nn.Module):
-    """n_layers pretrain.model Blocks over the rows of one pass (content rows, then query rows)."""
+    """n_layers pretrain.model Blocks over the rows of one pass (content rows, then query rows),
+    initialised with GANConfig.weight_std()."""
 
     def __init__(self, config: GANConfig, n_layers: int):
         super().__init__()
         self.config = ModelConfig(vocab_size=1, bos_id=0, d_model=config.d_model, n_layers=n_layers,
                                   n_heads=config.n_heads, ffn_hidden=config.ffn_hidden,
-                                  attention_backend=config.attention_backend)
+                                  attention_backend=config.attention_backend, init_std=config.weight_std())
         self.blocks = nn.ModuleList(Block(self.config) for _ in range(n_layers))
 
     def forward(self, h, positions, groups, g=None, query_positions=None, query_groups=None):
