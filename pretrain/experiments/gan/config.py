@@ -40,12 +40,22 @@ class GANConfig:
     z_dim: int = 32  # one noise vector per image, mapped to patch-wise noise embeddings (App. D.1)
     ffn_hidden: int | None = None  # None: the SwiGLU default of pretrain.model.ModelConfig
     attention_backend: str = "auto"
-
+    # Std of both networks' weights (pretrain.model's rule: N(0, std) linears and embeddings, residual
+    # projections scaled by depth). null: d_model ** -0.5, the fan-in (variance-preserving) scale.
+    # pretrain.model's 0.02 is GPT-2's, about the fan-in scale at d_model 768 but 6x below it at 64:
+    # there the discriminator sat at chance against chimeras for 600 steps (docs/capabilities.md).
+    init_std: float | None = None
     def __post_init__(self):
         for key in ("d_model", "n_heads", "generator_layers", "discriminator_layers", "z_dim"):
             value = getattr(self, key)
             require(not isinstance(value, bool) and isinstance(value, int) and value >= 1, f"model.{key}",
                     "must be a positive integer", value)
+        require(self.init_std is None or (math.isfinite(self.init_std) and self.init_std > 0), "model.init_std",
+                "must be a positive number or null (d_model ** -0.5)", self.init_std)
+
+    def weight_std(self) -> float:
+        """The std both networks are initialised with: init_std, or d_model ** -0.5 where it is null."""
+        return self.d_model ** -0.5 if self.init_std is None else self.init_std
 
 
 @dataclass

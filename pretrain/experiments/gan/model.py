@@ -40,13 +40,14 @@ CLS_POSITION = 0  # rotary position of the discriminator's CLS row; patch i sits
 
 
 class BlockStack(nn.Module):
-    """n_layers pretrain.model Blocks over the rows of one pass (content rows, then query rows)."""
+    """n_layers pretrain.model Blocks over the rows of one pass (content rows, then query rows),
+    initialised with GANConfig.weight_std()."""
 
     def __init__(self, config: GANConfig, n_layers: int):
         super().__init__()
         self.config = ModelConfig(vocab_size=1, bos_id=0, d_model=config.d_model, n_layers=n_layers,
                                   n_heads=config.n_heads, ffn_hidden=config.ffn_hidden,
-                                  attention_backend=config.attention_backend)
+                                  attention_backend=config.attention_backend, init_std=config.weight_std())
         self.blocks = nn.ModuleList(Block(self.config) for _ in range(n_layers))
 
     def forward(self, h, positions, groups, g=None, query_positions=None, query_groups=None):
@@ -93,9 +94,9 @@ class Generator(nn.Module):
                                    nn.Linear(d, n_patches * d))
         self.head = nn.Sequential(RMSNorm(d, self.trunk.config.norm_eps), nn.Linear(d, patch_dim))
         self.trunk.init_weights(self.modules())
-        # Variance-preserving noise MLP (std fan_in^-1/2): with the blocks' small init its output
-        # would be ~1e-3 against position and mask embeddings of ~0.02, and the generator starts
-        # (and, in our runs, stayed) collapsed onto one image whatever z.
+        # Variance-preserving noise MLP (std fan_in^-1/2, output std ~0.3): at model.init_std 0.02 a
+        # noise MLP of that std gave ~1e-3 against position and mask embeddings of ~0.02, and the
+        # generator started (and, in our runs, stayed) collapsed onto one image whatever z.
         for layer in self.noise[::2]:
             nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
 

@@ -257,6 +257,15 @@ def test_source_masks_and_splits():
         objective.source_splits(np.ones((2, L), dtype=bool))
 
 
+def test_init_std_null_is_the_fan_in_scale_and_a_number_is_taken_as_is():
+    torch.manual_seed(0)
+    for init_std, std in ((None, 64 ** -0.5), (0.02, 0.02)):
+        config = GANConfig(d_model=64, n_heads=4, init_std=init_std)
+        for network in (Generator(config, L, D), Discriminator(config, L, D)):
+            weights = torch.cat([block.wq.weight.flatten() for block in network.trunk.blocks])
+            assert abs(weights.std().item() / std - 1) < 0.05, (type(network).__name__, weights.std().item(), std)
+
+
 def load_experiment(overrides):
     return load(overrides, cls=GANExperiment, config_name="gan_digits")
 
@@ -269,6 +278,8 @@ def load_experiment(overrides):
     ("objective.joint_fraction=1.5", r"^objective.joint_fraction must be a probability in \[0, 1\]"),
     ("objective.communication_weight=-0.5", r"^objective.communication_weight must be a number >= 0"),
     ("objective.communication_weight=nan", r"^objective.communication_weight must be a finite number"),
+    ("model.init_std=0", r"^model.init_std must be a positive number or null"),
+    ("model.init_std=-0.02", r"^model.init_std must be a positive number or null"),
 ])
 def test_bad_configuration_is_a_one_line_error_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message) as err:
