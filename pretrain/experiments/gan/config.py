@@ -45,12 +45,14 @@ class GANConfig:
     # pretrain.model's 0.02 is GPT-2's, about the fan-in scale at d_model 768 but 6x below it at 64:
     # there the discriminator sat at chance against chimeras for 600 steps (docs/capabilities.md).
     init_std: float | None = None
+
     def __post_init__(self):
         for key in ("d_model", "n_heads", "generator_layers", "discriminator_layers", "z_dim"):
             value = getattr(self, key)
             require(not isinstance(value, bool) and isinstance(value, int) and value >= 1, f"model.{key}",
                     "must be a positive integer", value)
-        require(self.init_std is None or (math.isfinite(self.init_std) and self.init_std > 0), "model.init_std",
+        require(self.init_std is None or (not isinstance(self.init_std, bool) and isinstance(self.init_std, (int, float))
+                                          and math.isfinite(self.init_std) and self.init_std > 0), "model.init_std",
                 "must be a positive number or null (d_model ** -0.5)", self.init_std)
 
     def weight_std(self) -> float:

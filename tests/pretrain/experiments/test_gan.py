@@ -280,6 +280,7 @@ def load_experiment(overrides):
     ("objective.communication_weight=nan", r"^objective.communication_weight must be a finite number"),
     ("model.init_std=0", r"^model.init_std must be a positive number or null"),
     ("model.init_std=-0.02", r"^model.init_std must be a positive number or null"),
+    ("model.init_std=true", r"^config key model.init_std=True: expected float or None"),
 ])
 def test_bad_configuration_is_a_one_line_error_naming_the_key(override, message):
     with pytest.raises(ValueError, match=message) as err:
