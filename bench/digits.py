@@ -291,7 +291,7 @@ def main(argv=None) -> None:
     metrics = {"accuracy": accuracy, "logistic_regression_accuracy": baseline, "train_seconds": train_s,
                "n_train": len(train_samples), "n_test": len(test_samples), "n_parameters": model.num_parameters(),
                **extra, "args": {k: str(v) for k, v in vars(args).items()}}
-    atomic_write((args.out / "metrics.json"), json.dumps(metrics, indent=2))
+    atomic_write(args.out / "metrics.json", json.dumps(metrics, indent=2))
     print(f"| method (8x8 digits, {len(test_samples)} test images, seed {args.seed}) | test accuracy |")
     print("|---|---|")
     how = f"loaded from {args.from_model}" if args.from_model else f"{args.steps} steps, {train_s / 60:.1f} min CPU"

@@ -284,13 +284,13 @@ def run_ladder(args) -> list[dict]:
     checks = [g for data in args.data for g in goals(rows, data)]
     record = {"args": vars(args), "rows": rows, "goals": checks,
               "load_average": {"start": load_at_start, "end": os.getloadavg()}}
-    atomic_write((out / "ladder.json"), json.dumps(record, indent=1))  # first: the tables are derived from it
+    atomic_write(out / "ladder.json", json.dumps(record, indent=1))  # first: the tables are derived from it
     tables = [summary(rows, data) for data in args.data]
     tables += [table(rows, data, i) for data in args.data for i in range(len(args.budgets))]
     goal_lines = "\n".join(f"- {'met' if g['met'] else 'MISSED'}: {g['data']}, {g['model']}: {g['goal']}: "
                            f"{g['gap']:+.1%}" for g in checks)
     print("\n\n".join(tables) + "\n\ngoals at the largest rung (best so far):\n" + goal_lines)
-    (out / "ladder.md").write_text("\n\n".join(tables) + "\n\n" + goal_lines + "\n")
+    atomic_write(out / "ladder.md", "\n\n".join(tables) + "\n\n" + goal_lines + "\n")
     plot(rows, args.data, out / "ladder.png")
     print(f"\nwrote {out}/ladder.json, ladder.md, ladder.png")
     return rows

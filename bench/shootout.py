@@ -554,10 +554,10 @@ def main(argv=None) -> list[dict]:
     record = {"args": {k: v for k, v in vars(args).items()}, "rows": rows, "goals": checks,
               "curves": [{"data": d, "model": m, "points": p} for (d, m), p in curves.items()],
               "load_average": {"start": load_at_start, "end": os.getloadavg()}}
-    atomic_write((out / "shootout.json"), json.dumps(record, indent=1))
-    (out / "shootout.md").write_text("\n\n".join(table(rows, d, b, markdown=True) for d in args.data for b in BUDGETS)
-                                     + "\n\n" + "\n".join(f"- {'met' if g['met'] else 'MISSED'}: {g['data']}, "
-                                                             f"{g['goal']}: {g['gap']:+.1%}" for g in checks) + "\n")
+    atomic_write(out / "shootout.json", json.dumps(record, indent=1))
+    tables = "\n\n".join(table(rows, d, b, markdown=True) for d in args.data for b in BUDGETS)
+    goal_lines = "\n".join(f"- {'met' if g['met'] else 'MISSED'}: {g['data']}, {g['goal']}: {g['gap']:+.1%}" for g in checks)
+    atomic_write(out / "shootout.md", tables + "\n\n" + goal_lines + "\n")
     print(f"\nwrote {out}/shootout.json, shootout.md, shootout.png, curves.png")
     return rows
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from data_pipeline.errors import UserError, add_debug_flag, cli_main
-from data_pipeline.files import removed_on_failure, atomic_write
+from data_pipeline.files import atomic_write, removed_on_failure
 
 from ..checkpoint import sharded as ckpt
 from ..checkpoint.export import export_model
@@ -238,7 +238,7 @@ def _run(cfg: FinetuneConfig, tokenizer, on_cpu: bool, rank: int, world_size: in
               "warmup_steps": t.warmup_steps, "seed": t.seed, "n_train": len(train_samples),
               "n_dev": len(dev_samples), **summary["eval"], "final_loss_ft": history[-1]["loss_ft"] if history else None}
     if rank == 0:
-        atomic_write((out / "result.json"), json.dumps(result, indent=2))
+        atomic_write(out / "result.json", json.dumps(result, indent=2))
         if cfg.save_model and not summary["healthy"]:
             log.warning("not exporting: the run ended in a streak of bad steps")
         elif cfg.save_model:
@@ -315,7 +315,7 @@ def _main(argv: list[str], prog: str) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "history"}))
     if cfg.sweep:
         table = summarize([r for r in results if "dev_accuracy" in r])
-        (Path(cfg.out) / "summary.md").write_text(table + "\n")
+        atomic_write(Path(cfg.out) / "summary.md", table + "\n")
         print(table)
     return 0
 
